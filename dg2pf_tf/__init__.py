@@ -1,0 +1,32 @@
+"""dg2pf_tf: DG2PF pruning (Distilled Gradual Pruning with Pruned Fine-tuning) for Keras 3.
+
+Public API:
+    prune, strip, finalize       rebuild a model with / without pruning masks
+    PruneWrapper                 the mask-holding layer wrapper (subclassed models)
+    UpdateMasks                  the `fit` callback that applies a schedule
+    update_masks                 set a sparsity level by hand (custom loops)
+    sparsity_summary             per-layer and total zero counts
+    schedules                    Linear, Polynomial, Constant
+"""
+
+from dg2pf_tf import schedules
+from dg2pf_tf.callbacks import UpdateMasks
+from dg2pf_tf.masking import update_masks
+from dg2pf_tf.prune import finalize, prune, strip
+from dg2pf_tf.summary import SparsitySummary, sparsity_summary
+from dg2pf_tf.wrapper import PruneWrapper
+
+__version__ = "0.1.0"
+
+
+__all__ = [
+    "PruneWrapper",
+    "SparsitySummary",
+    "UpdateMasks",
+    "finalize",
+    "prune",
+    "schedules",
+    "sparsity_summary",
+    "strip",
+    "update_masks",
+]

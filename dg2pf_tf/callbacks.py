@@ -1,0 +1,95 @@
+"""`UpdateMasks`: the Keras callback that applies a sparsity schedule during `fit`."""
+
+import keras
+
+from dg2pf_tf import masking, schedules
+from dg2pf_tf.criteria import check_scope
+
+
+class UpdateMasks(keras.callbacks.Callback):
+    """Recomputes the pruning masks on a schedule while a pruned model trains.
+
+    With no arguments it uses the schedule and scope given to
+    `dg2pf_tf.prune()`, which travel with the model. Masks are updated at the
+    start of every epoch of the schedule's window (or every `every_n_steps`
+    training steps, with the schedule read at the fractional epoch) and left
+    alone after it. Positions are Keras epoch indices, so resume a run with
+    `fit(..., initial_epoch=k)`. The measured sparsity over the prunable
+    weights is written into the epoch logs as `sparsity`: put this callback
+    before `CSVLogger`/`TensorBoard` in the list so they record it.
+
+    Args:
+        schedule: a `dg2pf_tf.schedules` object; defaults to the model's.
+        scope: 'global' or 'layer'; defaults to the model's.
+        every_n_steps: update every this many steps instead of per epoch.
+        verbose: 1 prints each new level.
+
+    Raises:
+        ValueError (when training starts): the model has no pruned layers, or
+            no schedule was given to it nor to the callback.
+    """
+
+    def __init__(self, schedule=None, *, scope=None, every_n_steps=None, verbose=0):
+        super().__init__()
+        if schedule is not None and not isinstance(schedule, schedules.Schedule):
+            raise TypeError(
+                f"`schedule` must be a dg2pf_tf.schedules object, got {schedule!r}."
+            )
+        if every_n_steps is not None and (
+            isinstance(every_n_steps, bool)
+            or not isinstance(every_n_steps, int)
+            or every_n_steps < 1
+        ):
+            raise ValueError(f"`every_n_steps` must be an int >= 1, got {every_n_steps!r}.")
+        self.schedule = schedule
+        self.scope = None if scope is None else check_scope(scope)
+        self.every_n_steps = every_n_steps
+        self.verbose = verbose
+        self._wrappers = []
+        self._epoch = 0
+        self._steps_per_epoch = None
+        self._batches_seen = 0
+        self.level = None
+
+    def on_train_begin(self, logs=None):
+        self._wrappers = masking.require_wrappers(self.model, "UpdateMasks")
+        first = self._wrappers[0]
+        if self.schedule is None:
+            self.schedule = first.schedule
+        if self.scope is None:
+            self.scope = first.scope
+        if self.schedule is None:
+            raise ValueError(
+                "UpdateMasks has no schedule: the model's wrappers carry none. "
+                "Pass one, e.g. UpdateMasks(dg2pf_tf.schedules.Linear(0.9, 10))."
+            )
+        self._steps_per_epoch = (self.params or {}).get("steps")
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+        if self.every_n_steps is None:
+            self._update(float(epoch))
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self.every_n_steps is None:
+            return
+        self._batches_seen = batch + 1
+        if batch % self.every_n_steps:
+            return
+        fraction = batch / self._steps_per_epoch if self._steps_per_epoch else 0.0
+        self._update(self._epoch + fraction)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self._steps_per_epoch is None and self.every_n_steps is not None:
+            # Unknown dataset length: learn it from the first epoch.
+            self._steps_per_epoch = self._batches_seen
+        if logs is not None:
+            logs["sparsity"] = masking.mask_sparsity(self._wrappers)
+
+    def _update(self, position):
+        if not self.schedule.is_active(position):
+            return
+        level = self.schedule(position)
+        self.level = masking.set_level(self._wrappers, level, self.scope)
+        if self.verbose:
+            print(f"UpdateMasks: epoch {position:.2f}, sparsity {self.level:.4f}")

@@ -1,0 +1,77 @@
+"""Mask state of a pruned model: find its wrappers, set a sparsity level, measure it."""
+
+import numpy as np
+
+from dg2pf_tf import criteria
+from dg2pf_tf.wrapper import PruneWrapper
+
+
+def find_wrappers(model):
+    """Every `PruneWrapper` inside `model` (nested models included), in layer order."""
+    if isinstance(model, PruneWrapper):
+        return [model]
+    seen, found = set(), []
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if isinstance(layer, PruneWrapper) and id(layer) not in seen:
+            seen.add(id(layer))
+            found.append(layer)
+    return found
+
+
+def require_wrappers(model, what):
+    """`find_wrappers(model)`, raising ValueError if there are none."""
+    wrappers = find_wrappers(model)
+    if not wrappers:
+        raise ValueError(
+            f"{what}: model '{model.name}' has no pruned layers. Call "
+            f"`dg2pf_tf.prune(model)` first (or wrap layers with "
+            f"`dg2pf_tf.PruneWrapper` in a subclassed model)."
+        )
+    return wrappers
+
+
+def update_masks(model, sparsity, scope="global"):
+    """Sets the masks of pruned `model` to `sparsity` by global (or per-layer)
+    magnitude, for custom training loops. Returns the realised sparsity.
+
+    Raises ValueError if `model` has no pruned layers or `sparsity` is bad.
+    """
+    return set_level(require_wrappers(model, "update_masks()"), sparsity, scope)
+
+
+def set_level(wrappers, sparsity, scope="global"):
+    """Masks the smallest-|w| fraction `sparsity` of the wrappers' kernels.
+
+    Scores are the kernels' current values, masked ones included, so weights
+    pruned earlier can return (weight recovery). Kernels of wrappers in hard
+    mode are zeroed where masked, so hard-pruned weights are exactly 0 at once.
+    Returns the realised sparsity over the prunable weights.
+    """
+    pairs = [(w, k, m) for w in wrappers for k, m in zip(w.kernels, w.masks)]
+    masks = criteria.magnitude_masks([k for _, k, _ in pairs], sparsity, scope)
+    for (wrapper, kernel, mask_var), mask in zip(pairs, masks):
+        mask_var.assign(mask)
+        if float(wrapper.hard.numpy()) == 1.0:
+            kernel.assign(kernel.numpy() * mask.astype(kernel.dtype))
+    zeros = sum(m.size - int(np.count_nonzero(m)) for m in masks)
+    return zeros / max(1, sum(m.size for m in masks))
+
+
+def set_hard(wrappers, hard=True):
+    """Switches wrappers to hard masks (masked weights zeroed) or back to recovery."""
+    for wrapper in wrappers:
+        wrapper.hard.assign(1.0 if hard else 0.0)
+        if hard:
+            for kernel, mask in zip(wrapper.kernels, wrapper.masks):
+                kernel.assign(kernel.numpy() * mask.numpy().astype(kernel.dtype))
+
+
+def mask_sparsity(wrappers):
+    """Fraction of zeros in the wrappers' masks, over all their prunable weights."""
+    total = zeros = 0
+    for wrapper in wrappers:
+        for mask in wrapper.masks:
+            values = mask.numpy()
+            total += values.size
+            zeros += values.size - int(np.count_nonzero(values))
+    return zeros / max(1, total)
