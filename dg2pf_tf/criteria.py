@@ -88,10 +88,9 @@ def _masks_global(weights, sparsity):
     for weight, shape in zip(weights, shapes):
         magnitude = _abs32(weight).ravel()
         keep = magnitude > threshold
-        if ties_to_prune > 0:
-            tied = np.flatnonzero(magnitude == threshold)
-            # Ties beyond the quota stay: the earliest positions go first.
-            keep[tied[ties_to_prune:]] = True
-            ties_to_prune = max(0, ties_to_prune - tied.size)
+        tied = np.flatnonzero(magnitude == threshold)
+        # Ties beyond the quota stay: the earliest positions go first.
+        keep[tied[ties_to_prune:]] = True
+        ties_to_prune = max(0, ties_to_prune - tied.size)
         masks.append(keep.reshape(shape).astype(np.float32))
     return masks

@@ -27,6 +27,13 @@ def require_wrappers(model, what):
             f"`dg2pf_tf.prune(model)` first (or wrap layers with "
             f"`dg2pf_tf.PruneWrapper` in a subclassed model)."
         )
+    unbuilt = [w.name for w in wrappers if not w.built]
+    if unbuilt:
+        raise ValueError(
+            f"{what}: layers {unbuilt} of model '{model.name}' are not built, "
+            f"so their masks cannot be set. Build the model first: call it on "
+            f"a batch (`model(x[:1])`) or `model.build(input_shape)`."
+        )
     return wrappers
 
 

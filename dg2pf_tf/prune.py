@@ -84,8 +84,22 @@ def _warn_hidden_layers(model):
         )
 
 
-def _clone(model, clone_function):
-    """`keras.models.clone_model`, recursive, keeping the input layers' names."""
+def _clone(model, replace):
+    """`keras.models.clone_model`, recursive, keeping input names and weights.
+
+    `replace(layer)` returns a ready replacement (weights set) or None; other
+    layers are re-created from their config and get their weights once the
+    clone has built them, which also covers layers that build in `call`.
+    """
+    copied = []
+
+    def clone_function(layer):
+        new = replace(layer)
+        if new is None:
+            new = layer.__class__.from_config(layer.get_config())
+            copied.append((layer, new))
+        return new
+
     inputs = None
     if isinstance(model, Functional):
         inputs = keras.tree.map_structure(
@@ -96,9 +110,12 @@ def _clone(model, clone_function):
             ),
             model.input,
         )
-    return keras.models.clone_model(
+    clone = keras.models.clone_model(
         model, input_tensors=inputs, clone_function=clone_function, recursive=True
     )
+    for layer, new in copied:
+        new.set_weights(layer.get_weights())
+    return clone
 
 
 def prune(
@@ -166,13 +183,12 @@ def prune(
         )
     _warn_hidden_layers(model)
 
-    def clone(layer):
-        new = copy_layer(layer)
-        if id(layer) in targets:
-            return PruneWrapper(new, recovery=recovery, schedule=schedule, scope=scope)
-        return new
+    def wrap(layer):
+        if id(layer) not in targets:
+            return None
+        return PruneWrapper(copy_layer(layer), recovery=recovery, schedule=schedule, scope=scope)
 
-    return _clone(model, clone)
+    return _clone(model, wrap)
 
 
 def strip(model):
@@ -193,10 +209,7 @@ def strip(model):
     )
     _check_rebuildable(model, "strip()", advice)
 
-    def clone(layer):
-        return layer.strip() if isinstance(layer, PruneWrapper) else copy_layer(layer)
-
-    return _clone(model, clone)
+    return _clone(model, lambda l: l.strip() if isinstance(l, PruneWrapper) else None)
 
 
 def finalize(model):

@@ -49,22 +49,19 @@ def prunable_kernel_names(layer):
 
 
 def copy_layer(layer):
-    """A new layer with `layer`'s config and, if it has weights, a copy of them.
+    """A built copy of a prunable `layer` (same config, same weights).
 
-    Raises ValueError if `layer` has weights but cannot be rebuilt from its
-    build config.
+    Raises ValueError if `layer` has not been built yet.
     """
+    build_config = layer.get_build_config()
+    if not layer.built or not build_config:
+        raise ValueError(
+            f"Layer '{layer.name}' ({type(layer).__name__}) is not built, so "
+            f"its weights cannot be copied. Call it on an input first."
+        )
     new = layer.__class__.from_config(layer.get_config())
-    if layer.weights:
-        build_config = layer.get_build_config()
-        if not build_config:
-            raise ValueError(
-                f"Layer '{layer.name}' ({type(layer).__name__}) has weights "
-                f"but no build config, so it cannot be copied. Build it by "
-                f"calling it on an input before pruning."
-            )
-        new.build_from_config(build_config)
-        new.set_weights(layer.get_weights())
+    new.build_from_config(build_config)
+    new.set_weights(layer.get_weights())
     return new
 
 

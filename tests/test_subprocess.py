@@ -1,0 +1,66 @@
+"""Checks that need a fresh interpreter: plain-Keras loading, several CPU replicas."""
+
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+
+import dg2pf_tf
+from conftest import ROOT, residual_cnn, run_python
+
+
+def test_stripped_model_loads_and_runs_without_dg2pf_tf(tmp_path, images):
+    pruned = dg2pf_tf.prune(residual_cnn())
+    dg2pf_tf.update_masks(pruned, 0.9)
+    path = tmp_path / "stripped.keras"
+    dg2pf_tf.strip(pruned).save(path)
+    np.save(tmp_path / "x.npy", images[0])
+    np.save(tmp_path / "y.npy", keras.ops.convert_to_numpy(pruned(images[0])))
+    out = run_python(textwrap.dedent(f"""
+        import sys, numpy as np, keras
+        model = keras.models.load_model({str(path)!r})
+        got = keras.ops.convert_to_numpy(model(np.load({str(tmp_path / "x.npy")!r})))
+        assert "dg2pf_tf" not in sys.modules
+        print(float(np.abs(got - np.load({str(tmp_path / "y.npy")!r})).max()))
+    """))
+    assert float(out.strip()) == 0.0
+
+
+@pytest.mark.slow
+def test_mirrored_strategy_on_two_logical_cpus_trains_to_exact_sparsity():
+    out = run_python(textwrap.dedent("""
+        import tensorflow as tf
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        import keras, numpy as np, dg2pf_tf
+        from conftest import residual_cnn
+        keras.utils.set_random_seed(0)
+        strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+        rng = np.random.default_rng(0)
+        x = rng.normal(size=(64, 8, 8, 1)).astype("float32"); y = rng.integers(0, 10, 64)
+        with strategy.scope():
+            pruned = dg2pf_tf.prune(residual_cnn(), sparsity=0.8, pruning_epochs=2)
+            pruned.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        history = pruned.fit(x, y, batch_size=16, epochs=3, verbose=0,
+                             callbacks=[dg2pf_tf.UpdateMasks()])
+        dg2pf_tf.finalize(pruned)
+        pruned.fit(x, y, batch_size=16, epochs=1, verbose=0)
+        summary = dg2pf_tf.sparsity_summary(pruned)
+        print(strategy.num_replicas_in_sync, summary.prunable_zeros,
+              summary.prunable_weights, history.history["loss"][-1])
+        # Each replica holds its own copy of masks and kernels: all must agree.
+        fc = pruned.get_layer("fc")
+        masks = [v.numpy() for v in fc.masks[0].value.values]
+        kernels = [v.numpy() for v in fc.layer.kernel.value.values]
+        print(len(masks), all((masks[0] == m).all() for m in masks),
+              all((kernels[0] == k).all() for k in kernels),
+              bool((kernels[0][masks[0] == 0] == 0).all()))
+    """), env={"PYTHONPATH": f"{ROOT}:{ROOT}/tests"})
+    first, second = out.strip().splitlines()[-2:]
+    replicas, zeros, total, loss = first.split()
+    assert int(replicas) == 2
+    assert int(zeros) == round(0.8 * int(total))
+    assert np.isfinite(float(loss))
+    assert second.split() == ["2", "True", "True", "True"]
