@@ -47,17 +47,30 @@ def magnitude_masks(weights, sparsity, scope="global"):
     """Masks that zero the smallest-magnitude fraction `sparsity` of `weights`.
 
     `weights` is a sequence of array-likes with a `.shape` (numpy arrays,
-    tensors, Keras variables), read one at a time so large networks need no
-    concatenated copy of the weights. With scope 'global' one threshold spans
-    all of them; with 'layer' each array gets `sparsity` on its own. Holds at
-    most one float32 copy of all magnitudes at a time.
+    tensors, Keras variables). With scope 'global' one threshold spans all of
+    them; with 'layer' each array gets `sparsity` on its own. Returns a list
+    of float32 masks; see `iter_magnitude_masks` to hold one at a time.
+    Raises ValueError for a bad `sparsity` or `scope`.
+    """
+    return list(iter_magnitude_masks(weights, sparsity, scope))
+
+
+def iter_magnitude_masks(weights, sparsity, scope="global"):
+    """`magnitude_masks`, yielded one mask at a time in the order of `weights`.
+
+    Weights are read one at a time, so large networks need no concatenated
+    copy: besides the masks the caller keeps, at most one float32 copy of all
+    magnitudes exists, and only while the threshold is found.
     Raises ValueError for a bad `sparsity` or `scope`.
     """
     sparsity = check_sparsity(sparsity)
     check_scope(scope)
+    weights = list(weights)
     if scope == "layer":
-        return [_masks_global([w], sparsity)[0] for w in weights]
-    return _masks_global(list(weights), sparsity)
+        for weight in weights:
+            yield from _masks_global([weight], sparsity)
+    else:
+        yield from _masks_global(weights, sparsity)
 
 
 def _abs32(weight):
@@ -70,7 +83,9 @@ def _masks_global(weights, sparsity):
     total = sum(sizes)
     k = zero_count(sparsity, total)
     if k == 0:
-        return [np.ones(s, np.float32) for s in shapes]
+        for shape in shapes:
+            yield np.ones(shape, np.float32)
+        return
 
     scores = np.empty(total, np.float32)
     offset = 0
@@ -84,7 +99,6 @@ def _masks_global(weights, sparsity):
     ties_to_prune = k - int(np.count_nonzero(scores[:k] < threshold))
     del scores
 
-    masks = []
     for weight, shape in zip(weights, shapes):
         magnitude = _abs32(weight).ravel()
         keep = magnitude > threshold
@@ -92,5 +106,4 @@ def _masks_global(weights, sparsity):
         # Ties beyond the quota stay: the earliest positions go first.
         keep[tied[ties_to_prune:]] = True
         ties_to_prune = max(0, ties_to_prune - tied.size)
-        masks.append(keep.reshape(shape).astype(np.float32))
-    return masks
+        yield keep.reshape(shape).astype(np.float32)

@@ -55,13 +55,16 @@ def set_level(wrappers, sparsity, scope="global"):
     Returns the realised sparsity over the prunable weights.
     """
     pairs = [(w, k, m) for w in wrappers for k, m in zip(w.kernels, w.masks)]
-    masks = criteria.magnitude_masks([k for _, k, _ in pairs], sparsity, scope)
+    masks = criteria.iter_magnitude_masks([k for _, k, _ in pairs], sparsity, scope)
+    zeros = total = 0
+    # One mask at a time: peak memory stays near one float32 copy of the weights.
     for (wrapper, kernel, mask_var), mask in zip(pairs, masks):
         mask_var.assign(mask)
         if float(wrapper.hard.numpy()) == 1.0:
             kernel.assign(kernel.numpy() * mask.astype(kernel.dtype))
-    zeros = sum(m.size - int(np.count_nonzero(m)) for m in masks)
-    return zeros / max(1, sum(m.size for m in masks))
+        total += mask.size
+        zeros += mask.size - int(np.count_nonzero(mask))
+    return zeros / max(1, total)
 
 
 def set_hard(wrappers, hard=True):

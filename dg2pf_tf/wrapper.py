@@ -17,6 +17,7 @@ already traced training step follows the switch):
 import inspect
 
 import keras
+import tensorflow as tf
 from keras import ops
 from keras.src import backend as keras_backend
 
@@ -74,8 +75,22 @@ class _MaskConstraint:
     def __call__(self, weight):
         if self.inner is not None:
             weight = self.inner(weight)
-        keep = self.mask + (1.0 - self.hard) * (1.0 - self.mask)
-        return weight * ops.cast(keep, weight.dtype)
+        # A branch, not arithmetic: in recovery mode this costs no tensor op.
+        return tf.cond(
+            self.hard > 0.5,
+            lambda: weight * ops.cast(self.mask, weight.dtype),
+            lambda: tf.identity(weight),
+        )
+
+
+@tf.custom_gradient
+def _masked(value, mask, hard):
+    """`value * mask`; the gradient passes to masked entries unless `hard` is 1."""
+
+    def grad(upstream):
+        return upstream * tf.maximum(mask, 1.0 - hard), None, None
+
+    return value * mask, grad
 
 
 @keras.saving.register_keras_serializable(package="dg2pf_tf")
@@ -163,12 +178,8 @@ class PruneWrapper(keras.layers.Wrapper):
 
     def effective_kernel(self, kernel, mask):
         """`kernel * mask` in value; its gradient is straight-through unless hard."""
-        value = ops.convert_to_tensor(kernel)
-        mask = ops.cast(mask, value.dtype)
-        soft = ops.cast(1.0 - self.hard, value.dtype) * (1.0 - mask)
-        # (value - stop_gradient(value)) is exactly 0 forward; backward it
-        # passes the gradient to masked weights while not hard.
-        return value * mask + (value - ops.stop_gradient(value)) * soft
+        value = tf.convert_to_tensor(kernel)  # a read, not the variable
+        return _masked(value, ops.cast(mask, value.dtype), ops.cast(self.hard, value.dtype))
 
     def call(self, inputs, training=None):
         outer = keras_backend.get_stateless_scope()

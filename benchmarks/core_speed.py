@@ -1,0 +1,180 @@
+"""Core-library speed and memory: wrapped vs dense training step, mask update.
+
+Prints a table and writes JSON (default benchmarks/results/core_speed.json):
+- train-step time of MobileNetV2 (alpha 0.35, 32x32, batch 64) pruned with
+  recovery on, and of its stripped copy, each as a ratio to the dense model,
+  with steps of the three models interleaved in one process (median of
+  `--steps` steps each);
+- the same ratio for tfmot's `prune_low_magnitude` (tf_keras, own process);
+- one global mask update on ResNet50 (25.6M parameters): time, and peak of
+  Python-heap memory (numpy) as a multiple of the weights' size.
+
+Run: python benchmarks/core_speed.py [--steps 40] [--out FILE]
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import tracemalloc
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# Runs in a tf_keras process: tfmot does not import under Keras 3.
+TFMOT_CODE = r"""
+import json, sys, time
+import numpy as np
+import tensorflow as tf
+import tf_keras as keras
+import tensorflow_model_optimization as tfmot
+steps = int(sys.argv[1])
+tf.random.set_seed(0)
+x = np.random.default_rng(0).normal(size=(64, 32, 32, 3)).astype("float32")
+y = np.random.default_rng(1).integers(0, 10, 64)
+def build():
+    return keras.applications.MobileNetV2(input_shape=(32, 32, 3), alpha=0.35, weights=None, classes=10, classifier_activation=None)
+dense = build()
+sched = tfmot.sparsity.keras.ConstantSparsity(0.9, begin_step=0, frequency=1)
+pruned = tfmot.sparsity.keras.prune_low_magnitude(build(), pruning_schedule=sched)
+step_vars = [l.pruning_step for l in pruned.layers if hasattr(l, "pruning_step")]
+times = {"dense": [], "tfmot": []}
+models = {"dense": dense, "tfmot": pruned}
+for m in models.values():
+    m.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+for v in step_vars:
+    v.assign(0)
+for name, m in models.items():
+    for _ in range(3):
+        m.train_on_batch(x, y)
+for i in range(steps):
+    for name, m in models.items():
+        t = time.perf_counter(); m.train_on_batch(x, y); times[name].append(time.perf_counter() - t)
+    for v in step_vars:
+        v.assign_add(1)  # what UpdatePruningStep does each batch
+print(json.dumps({k: float(np.median(v)) for k, v in times.items()}))
+"""
+
+
+def median(values):
+    values = sorted(values)
+    return values[len(values) // 2]
+
+
+def step_ratios(steps):
+    import keras
+    import numpy as np
+
+    import dg2pf_tf
+
+    keras.utils.set_random_seed(0)
+    x = np.random.default_rng(0).normal(size=(64, 32, 32, 3)).astype("float32")
+    y = np.random.default_rng(1).integers(0, 10, 64)
+    dense = keras.applications.MobileNetV2(
+        input_shape=(32, 32, 3), alpha=0.35, weights=None, classes=10, classifier_activation=None
+    )
+    pruned = dg2pf_tf.prune(dense, sparsity=0.9, pruning_epochs=1)
+    dg2pf_tf.update_masks(pruned, 0.9)
+    stripped = dg2pf_tf.strip(pruned)
+    models = {"dense": dense, "dg2pf_tf": pruned, "stripped": stripped}
+    for m in models.values():
+        m.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        for _ in range(3):
+            m.train_on_batch(x, y)
+    times = {name: [] for name in models}
+    for _ in range(steps):
+        for name, m in models.items():
+            start = time.perf_counter()
+            m.train_on_batch(x, y)
+            times[name].append(time.perf_counter() - start)
+    return {name: median(v) for name, v in times.items()}
+
+
+def tfmot_ratio(steps):
+    env = {**os.environ, "TF_USE_LEGACY_KERAS": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", TFMOT_CODE, str(steps)],
+        capture_output=True, text=True, env=env, timeout=1800,
+    )
+    if done.returncode != 0:
+        print(f"tfmot baseline failed:\n{done.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def mask_update():
+    import keras
+
+    import dg2pf_tf
+
+    model = keras.applications.ResNet50(input_shape=(32, 32, 3), weights=None, classes=1000)
+    params = model.count_params()
+    pruned = dg2pf_tf.prune(model, sparsity=0.9, pruning_epochs=1)
+    del model
+    prunable = sum(int(k.numpy().size) for w in dg2pf_tf.masking.find_wrappers(pruned) for k in w.kernels)
+    dg2pf_tf.update_masks(pruned, 0.5)  # warm-up
+    tracemalloc.start()
+    start = time.perf_counter()
+    realised = dg2pf_tf.update_masks(pruned, 0.9)
+    seconds = time.perf_counter() - start
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return {
+        "parameters": params,
+        "prunable_weights": prunable,
+        "seconds": seconds,
+        "sparsity": realised,
+        "peak_numpy_bytes": peak,
+        "peak_over_weight_bytes": peak / (4 * prunable),
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "core_speed.json"))
+    args = parser.parse_args()
+
+    print(f"Timing {args.steps} interleaved train steps (dense / dg2pf_tf / stripped)...", flush=True)
+    ours = step_ratios(args.steps)
+    print("Timing tfmot's prune_low_magnitude in a tf_keras process...", flush=True)
+    theirs = tfmot_ratio(args.steps)
+    print("Timing one global mask update on ResNet50...", flush=True)
+    update = mask_update()
+
+    rows = [
+        ("dg2pf_tf wrapped step / dense step (MobileNetV2 a0.35, 32x32, b64)", ours["dg2pf_tf"] / ours["dense"], "<= 1.10"),
+        ("stripped step / dense step", ours["stripped"] / ours["dense"], "~ 1.00"),
+    ]
+    if theirs:
+        rows.append(("tfmot wrapped step / dense step (tf_keras)", theirs["tfmot"] / theirs["dense"], "comparison"))
+    rows += [
+        (f"ResNet50 global mask update, seconds ({update['parameters'] / 1e6:.1f}M params)", update["seconds"], "<= 1 s"),
+        ("  peak numpy memory / prunable weight bytes", update["peak_over_weight_bytes"], "<= 1 extra copy"),
+    ]
+    width = max(len(r[0]) for r in rows)
+    print(f"\n{'measure':<{width}}  {'value':>8}  target")
+    for name, value, target in rows:
+        print(f"{name:<{width}}  {value:>8.3f}  {target}")
+
+    result = {
+        "command": "python benchmarks/core_speed.py --steps %d" % args.steps,
+        "step_seconds": ours,
+        "tfmot_step_seconds": theirs,
+        "wrapped_over_dense": ours["dg2pf_tf"] / ours["dense"],
+        "stripped_over_dense": ours["stripped"] / ours["dense"],
+        "tfmot_over_dense": theirs and theirs["tfmot"] / theirs["dense"],
+        "mask_update": update,
+    }
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
