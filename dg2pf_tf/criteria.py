@@ -43,41 +43,85 @@ def zero_count(sparsity, size):
     return int(round(sparsity * size))
 
 
-def magnitude_masks(weights, sparsity, scope="global"):
+def check_floor(floor):
+    """Returns `floor` as a float; raises ValueError unless it is in [0, 1]."""
+    try:
+        value = float(floor)
+    except (TypeError, ValueError):
+        raise TypeError(f"`floor` must be a number in [0, 1], got {floor!r}.") from None
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(
+            f"`floor` must be in [0, 1]: the share of its Erdos-Renyi-kernel "
+            f"allocation each kernel keeps whatever its magnitudes (0: pure "
+            f"global magnitude). Got {floor!r}."
+        )
+    return value
+
+
+def erk_keep_counts(shapes, keep):
+    """How many of `keep` weights each kernel gets under Erdos-Renyi-kernel
+    allocation (density proportional to sum(shape) / prod(shape), capped at 1).
+    """
+    sizes = np.array([int(np.prod(s, dtype=np.int64)) for s in shapes], np.float64)
+    raw = np.array([sum(s) for s in shapes], np.float64) / np.maximum(sizes, 1)
+    dense = np.zeros(len(shapes), bool)
+    while True:
+        budget = keep - sizes[dense].sum()
+        weight = (raw * sizes)[~dense].sum()
+        eps = budget / weight if weight > 0 else 0.0
+        density = np.where(dense, 1.0, eps * raw)
+        over = (density > 1.0) & ~dense
+        if not over.any():
+            break
+        dense |= over
+    return np.minimum(sizes, np.floor(density * sizes)).astype(np.int64)
+
+
+def magnitude_masks(weights, sparsity, scope="global", floor=0.0):
     """Masks that zero the smallest-magnitude fraction `sparsity` of `weights`.
 
     `weights` is a sequence of array-likes with a `.shape` (numpy arrays,
     tensors, Keras variables). With scope 'global' one threshold spans all of
-    them; with 'layer' each array gets `sparsity` on its own. Returns a list
-    of float32 masks; see `iter_magnitude_masks` to hold one at a time.
-    Raises ValueError for a bad `sparsity` or `scope`.
+    them; with 'layer' each array gets `sparsity` on its own. With scope
+    'global' and `floor` > 0, each array first keeps its largest weights up to
+    `floor` times its Erdos-Renyi-kernel share, so no small layer is pruned
+    away entirely at extreme sparsity; one threshold then ranks the rest.
+    Returns a list of float32 masks; see `iter_magnitude_masks` to hold one
+    at a time. Raises ValueError for a bad `sparsity`, `scope` or `floor`.
     """
-    return list(iter_magnitude_masks(weights, sparsity, scope))
+    return list(iter_magnitude_masks(weights, sparsity, scope, floor))
 
 
-def iter_magnitude_masks(weights, sparsity, scope="global"):
+def iter_magnitude_masks(weights, sparsity, scope="global", floor=0.0):
     """`magnitude_masks`, yielded one mask at a time in the order of `weights`.
 
     Weights are read one at a time, so large networks need no concatenated
     copy: besides the masks the caller keeps, at most one float32 copy of all
     magnitudes exists, and only while the threshold is found.
-    Raises ValueError for a bad `sparsity` or `scope`.
+    Raises ValueError for a bad `sparsity`, `scope` or `floor`.
     """
     sparsity = check_sparsity(sparsity)
     check_scope(scope)
+    floor = check_floor(floor)
     weights = list(weights)
     if scope == "layer":
         for weight in weights:
-            yield from _masks_global([weight], sparsity)
+            yield from _masks_global([weight], sparsity, 0.0)
     else:
-        yield from _masks_global(weights, sparsity)
+        yield from _masks_global(weights, sparsity, floor)
 
 
-def _abs32(weight):
-    return np.abs(np.asarray(weight, dtype=np.float32))
+def _magnitudes(weight, reserve):
+    """|weight| as a flat float32 array, its `reserve` largest set to +inf."""
+    values = np.abs(np.asarray(weight, dtype=np.float32).reshape(-1))
+    if reserve > 0:
+        # A stable sort makes the reserved set deterministic among ties.
+        top = np.argsort(-values, kind="stable")[:reserve]
+        values[top] = np.inf
+    return values
 
 
-def _masks_global(weights, sparsity):
+def _masks_global(weights, sparsity, floor):
     shapes = [tuple(int(d) for d in w.shape) for w in weights]
     sizes = [int(np.prod(s, dtype=np.int64)) for s in shapes]
     total = sum(sizes)
@@ -86,11 +130,14 @@ def _masks_global(weights, sparsity):
         for shape in shapes:
             yield np.ones(shape, np.float32)
         return
+    reserves = [0] * len(shapes)
+    if floor > 0:
+        reserves = [int(floor * n) for n in erk_keep_counts(shapes, total - k)]
 
     scores = np.empty(total, np.float32)
     offset = 0
-    for weight, size in zip(weights, sizes):
-        scores[offset : offset + size] = _abs32(weight).ravel()
+    for weight, size, reserve in zip(weights, sizes, reserves):
+        scores[offset : offset + size] = _magnitudes(weight, reserve)
         offset += size
     # After partition the k smallest magnitudes sit in scores[:k]; the k-th
     # is the threshold and everything strictly below it is pruned.
@@ -99,8 +146,8 @@ def _masks_global(weights, sparsity):
     ties_to_prune = k - int(np.count_nonzero(scores[:k] < threshold))
     del scores
 
-    for weight, shape in zip(weights, shapes):
-        magnitude = _abs32(weight).ravel()
+    for weight, shape, reserve in zip(weights, shapes, reserves):
+        magnitude = _magnitudes(weight, reserve)
         keep = magnitude > threshold
         tied = np.flatnonzero(magnitude == threshold)
         # Ties beyond the quota stay: the earliest positions go first.

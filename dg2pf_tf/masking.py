@@ -37,25 +37,29 @@ def require_wrappers(model, what):
     return wrappers
 
 
-def update_masks(model, sparsity, scope="global"):
+def update_masks(model, sparsity, scope=None, floor=None):
     """Sets the masks of pruned `model` to `sparsity` by global (or per-layer)
     magnitude, for custom training loops. Returns the realised sparsity.
+    `scope` and `floor` default to the ones given to `prune()`.
 
     Raises ValueError if `model` has no pruned layers or `sparsity` is bad.
     """
-    return set_level(require_wrappers(model, "update_masks()"), sparsity, scope)
+    return set_level(require_wrappers(model, "update_masks()"), sparsity, scope, floor)
 
 
-def set_level(wrappers, sparsity, scope="global"):
+def set_level(wrappers, sparsity, scope=None, floor=None):
     """Masks the smallest-|w| fraction `sparsity` of the wrappers' kernels.
 
     Scores are the kernels' current values, masked ones included, so weights
     pruned earlier can return (weight recovery). Kernels of wrappers in hard
     mode are zeroed where masked, so hard-pruned weights are exactly 0 at once.
-    Returns the realised sparsity over the prunable weights.
+    `scope`/`floor` default to the wrappers' own. Returns the realised
+    sparsity over the prunable weights.
     """
+    scope = wrappers[0].scope if scope is None else scope
+    floor = wrappers[0].floor if floor is None else floor
     pairs = [(w, k, m) for w in wrappers for k, m in zip(w.kernels, w.masks)]
-    masks = criteria.iter_magnitude_masks([k for _, k, _ in pairs], sparsity, scope)
+    masks = criteria.iter_magnitude_masks([k for _, k, _ in pairs], sparsity, scope, floor)
     zeros = total = 0
     # One mask at a time: peak memory stays near one float32 copy of the weights.
     for (wrapper, kernel, mask_var), mask in zip(pairs, masks):

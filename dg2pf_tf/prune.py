@@ -6,7 +6,7 @@ import keras
 from keras.src.models.functional import Functional
 
 from dg2pf_tf import masking, schedules
-from dg2pf_tf.criteria import check_scope, check_sparsity
+from dg2pf_tf.criteria import check_floor, check_scope, check_sparsity
 from dg2pf_tf.wrapper import PruneWrapper, copy_layer, prunable_kernel_names
 
 
@@ -127,6 +127,7 @@ def prune(
     scope="global",
     exclude=None,
     recovery=True,
+    floor=0.0,
 ):
     """Returns a copy of `model` whose prunable kernels carry pruning masks.
 
@@ -144,6 +145,10 @@ def prune(
         scope: 'global' (one magnitude threshold over every prunable weight)
             or 'layer' (each kernel pruned to the same level).
         exclude: layer names, or a predicate `fn(layer) -> bool`, to keep dense.
+        floor: with scope 'global', each kernel keeps at least this share of
+            what an Erdos-Renyi-kernel allocation would give it (guards small
+            layers against being pruned away at extreme sparsity; 0 is pure
+            global magnitude).
         recovery: simulated pruning with weight recovery (DG2PF's gradual
             phase) if True, hard pruning if False.
 
@@ -165,6 +170,7 @@ def prune(
             f"Polynomial, Constant), got {schedule!r}."
         )
     check_scope(scope)
+    check_floor(floor)
     if masking.find_wrappers(model):
         raise ValueError(
             f"Model '{model.name}' is already pruned. Prune the original model "
@@ -186,7 +192,10 @@ def prune(
     def wrap(layer):
         if id(layer) not in targets:
             return None
-        return PruneWrapper(copy_layer(layer), recovery=recovery, schedule=schedule, scope=scope)
+        return PruneWrapper(
+            copy_layer(layer), recovery=recovery, schedule=schedule, scope=scope,
+            floor=floor,
+        )
 
     return _clone(model, wrap)
 

@@ -22,7 +22,7 @@ from keras import ops
 from keras.src import backend as keras_backend
 
 from dg2pf_tf import schedules
-from dg2pf_tf.criteria import check_scope
+from dg2pf_tf.criteria import check_floor, check_scope
 
 # Layer class -> names of its prunable kernel attributes. Subclasses match too.
 PRUNABLE_KERNELS = (
@@ -110,13 +110,17 @@ class PruneWrapper(keras.layers.Wrapper):
         schedule: the `dg2pf_tf.schedules` object `UpdateMasks()` uses when
             given none; it travels with the model through `.keras` files.
         scope: 'global' or 'layer', how `UpdateMasks` allocates sparsity.
+        floor: with scope 'global', the share of its Erdos-Renyi-kernel
+            allocation each kernel keeps whatever its magnitudes (0: pure
+            global magnitude; see `criteria.magnitude_masks`).
         **kwargs: base layer arguments; `name` defaults to the layer's name.
 
     Raises:
         TypeError: `layer` has no prunable kernel or is already wrapped.
     """
 
-    def __init__(self, layer, recovery=True, schedule=None, scope="global", **kwargs):
+    def __init__(self, layer, recovery=True, schedule=None, scope="global", floor=0.0,
+                 **kwargs):
         if isinstance(layer, PruneWrapper):
             raise TypeError(f"Layer '{layer.name}' is already a PruneWrapper.")
         if not isinstance(layer, keras.layers.Layer):
@@ -135,6 +139,7 @@ class PruneWrapper(keras.layers.Wrapper):
         self.recovery = bool(recovery)
         self.schedule = schedules.deserialize(schedule)
         self.scope = check_scope(scope)
+        self.floor = check_floor(floor)
         self.supports_masking = layer.supports_masking
         self._layer_takes_training = "training" in inspect.signature(layer.call).parameters
 
@@ -219,4 +224,5 @@ class PruneWrapper(keras.layers.Wrapper):
             "recovery": self.recovery,
             "schedule": schedules.serialize(self.schedule),
             "scope": self.scope,
+            "floor": self.floor,
         }
