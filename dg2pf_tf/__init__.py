@@ -7,10 +7,17 @@ Public API:
     update_masks                 set a sparsity level by hand (custom loops)
     sparsity_summary             per-layer and total zero counts
     schedules                    Linear, Polynomial, Constant
+    Distiller                    KD training of a student on a frozen teacher
+    run, RunResult               the whole DG2PF procedure on a trained model
+    reestimate_batchnorm         refresh BatchNorm statistics after pruning
+    evaluate                     top-1 accuracy and cross-entropy of a model
 """
 
 from dg2pf_tf import schedules
+from dg2pf_tf.batchnorm import reestimate_batchnorm
 from dg2pf_tf.callbacks import UpdateMasks
+from dg2pf_tf.distill import Distiller
+from dg2pf_tf.pipeline import RunResult, evaluate, run
 from dg2pf_tf.masking import update_masks
 from dg2pf_tf.prune import finalize, prune, strip
 from dg2pf_tf.summary import SparsitySummary, sparsity_summary
@@ -20,11 +27,16 @@ __version__ = "0.1.0"
 
 
 __all__ = [
+    "Distiller",
     "PruneWrapper",
+    "RunResult",
     "SparsitySummary",
     "UpdateMasks",
+    "evaluate",
     "finalize",
     "prune",
+    "reestimate_batchnorm",
+    "run",
     "schedules",
     "sparsity_summary",
     "strip",
