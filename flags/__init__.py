@@ -1,0 +1,1 @@
+"""absl flag definitions for train.py."""

@@ -1,0 +1,57 @@
+"""Flags of train.py: `define_flags()` defines and validates them; nothing else."""
+
+import os
+
+from absl import flags
+
+from zoo.data import DATASETS
+from zoo.models import MODELS
+
+DISTRIBUTIONS = ("auto", "none", "mirrored", "multi_worker")
+
+
+def define_flags():
+    """Defines train.py's flags with validators (bad values fail before any work)."""
+    flags.DEFINE_enum("model", "small_cnn", MODELS, "Network to prune.")
+    flags.DEFINE_string(
+        "weights", None,
+        "Trained dense model: a .keras file, a .weights.h5 file for --model, or "
+        "'imagenet' (keras.applications weights, needs the internet). Default: "
+        "train --model densely first.")
+    flags.DEFINE_enum("dataset", "digits", DATASETS, "Data set.")
+    flags.DEFINE_string("data_dir", None, "tensorflow-datasets data directory.")
+    flags.DEFINE_integer("image_size", None, "ImageNet crop size (default 224).", lower_bound=32)
+    flags.DEFINE_float("sparsity", 0.95, "Target fraction of zeros over prunable weights, in [0, 1).")
+    flags.DEFINE_integer("pruning_epochs", 10, "Epochs of the linear schedule.", lower_bound=1)
+    flags.DEFINE_float("temperature", 4.0, "KD temperature.")
+    flags.DEFINE_float("alpha", 0.75, "Weight of the KD term, in [0, 1].")
+    flags.DEFINE_integer("patience", 4, "Epochs without improvement that end a phase.", lower_bound=1)
+    flags.DEFINE_integer("max_epochs", 30, "Epochs at most per plateau-ended phase.", lower_bound=1)
+    flags.DEFINE_enum("scope", "global", ("global", "layer"), "Sparsity allocation.")
+    flags.DEFINE_float("floor", 1.0, "Share of its Erdos-Renyi-kernel allocation each kernel keeps (0: pure global magnitude).")
+    flags.DEFINE_float("learning_rate", 1e-3, "AdamW learning rate of the distillation phases.")
+    flags.DEFINE_float("finetune_learning_rate", 1e-3, "SGD learning rate of pruned fine-tuning.")
+    flags.DEFINE_float("dense_learning_rate", 3e-3, "Adam learning rate of dense training.")
+    flags.DEFINE_integer("dense_epochs", 40, "Epochs of dense training when no --weights.", lower_bound=1)
+    flags.DEFINE_integer("batch_size", 32, "Global batch size.", lower_bound=1)
+    flags.DEFINE_integer("seed", 0, "Random seed.")
+    flags.DEFINE_enum("distribution", "auto", DISTRIBUTIONS,
+                      "auto: MirroredStrategy over GPUs when more than one; multi_worker reads TF_CONFIG.")
+    flags.DEFINE_bool("mixed_precision", False, "mixed_float16 policy (GPUs).")
+    flags.DEFINE_string("output_dir", "runs/default", "Where the models, report and plots go.")
+
+    flags.register_validator("sparsity", lambda v: 0.0 <= v < 1.0,
+                             message="--sparsity must be in [0, 1) (0.95 keeps 5% of the weights).")
+    flags.register_validator("alpha", lambda v: 0.0 <= v <= 1.0, message="--alpha must be in [0, 1].")
+    flags.register_validator("temperature", lambda v: v > 0, message="--temperature must be > 0.")
+    flags.register_validator("floor", lambda v: 0.0 <= v <= 1.0, message="--floor must be in [0, 1].")
+    for name in ("learning_rate", "finetune_learning_rate", "dense_learning_rate"):
+        flags.register_validator(name, lambda v: v > 0, message=f"--{name} must be > 0.")
+    flags.register_validator(
+        "weights",
+        lambda v: v is None or v == "imagenet" or os.path.isfile(v),
+        message="--weights must be 'imagenet' or an existing .keras/.weights.h5 file.")
+    flags.register_validator(
+        "distribution",
+        lambda v: v != "multi_worker" or bool(os.environ.get("TF_CONFIG")),
+        message="--distribution=multi_worker needs the TF_CONFIG environment variable.")

@@ -1,0 +1,94 @@
+"""train.py: bad flags refused fast, data pipelines on mock data, the default run end to end."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, run_python
+
+
+def _train(*args, timeout=600):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("flag, expected", [
+    ("--sparsity=1.2", "--sparsity must be in [0, 1)"),
+    ("--model=no_such_model", "--model"),
+    ("--dataset=mnist_like", "--dataset"),
+    ("--weights=/nonexistent/dense.keras", "--weights"),
+    ("--dataset=imagenet2012", "imagenet2012"),
+])
+def test_bad_flags_exit_nonzero_with_one_clear_line_and_write_nothing(flag, expected, tmp_path):
+    out = tmp_path / "out"
+    done = _train(flag, f"--output_dir={out}", "--data_dir=" + str(tmp_path / "tfds"), timeout=120)
+    assert done.returncode != 0
+    assert expected in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not out.exists() or not os.listdir(out)
+
+
+def test_weights_that_do_not_fit_the_model_are_refused(tmp_path):
+    import keras
+
+    wrong = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    path = tmp_path / "wrong.weights.h5"
+    wrong.save_weights(path)
+    done = _train(f"--weights={path}", f"--output_dir={tmp_path / 'out'}", timeout=120)
+    assert done.returncode != 0 and "does not fit --model=small_cnn" in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name, model, size", [
+    ("cifar10", "resnet18", None), ("cifar10", "vgg16", None),
+    ("imagenet2012", "mobilenet_v2", 64), ("imagenet2012", "resnet50", 64),
+])
+def test_tfds_pipelines_on_mock_data_feed_each_model(name, model, size):
+    import keras
+    import tensorflow_datasets as tfds
+
+    from zoo.data import load
+    from zoo.models import build
+
+    with tfds.testing.mock_data(num_examples=8):
+        train, val, info = load(name, 4, image_size=size, log=lambda m: None)
+        x, y = next(iter(train))
+        xv, _ = next(iter(val))
+    assert x.shape[1:] == info["input_shape"] and xv.shape[1:] == info["input_shape"]
+    net = build(model, info["input_shape"], info["classes"])
+    net.compile(keras.optimizers.SGD(0.01), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    loss = net.train_on_batch(x, y)
+    assert np.isfinite(loss)
+
+
+@pytest.mark.slow
+def test_default_run_end_to_end_and_saved_model_serves_without_dg2pf_tf(tmp_path):
+    out = tmp_path / "run"
+    done = _train(f"--output_dir={out}", timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["sparsity_prunable"] == pytest.approx(0.95, abs=1e-4)
+    assert report["pruned_val_accuracy"] > report["dense_val_accuracy"] - 0.03
+    for name in ("dense.keras", "pruned.keras", "history.csv", "plots/accuracy_sparsity.png",
+                 "plots/layer_sparsity.png"):
+        assert (out / name).exists(), name
+    assert os.listdir(out / "tensorboard")
+    served = run_python(f"""
+import sys, json, numpy as np, tensorflow as tf
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+loaded = tf.saved_model.load({str(out / 'saved_model')!r})
+fn = loaded.signatures["serving_default"]
+d = load_digits(); x = (d.images / 16.0).astype("float32")[..., None]
+_, xte, _, yte = train_test_split(x, d.target, test_size=0.25, random_state=0, stratify=d.target)
+logits = list(fn(tf.constant(xte)).values())[0].numpy()
+print(json.dumps({{"acc": float((logits.argmax(-1) == yte).mean()), "dg2pf": "dg2pf_tf" in sys.modules}}))
+""", env={"PYTHONPATH": ""})
+    result = json.loads(served.strip().splitlines()[-1])
+    assert result["dg2pf"] is False
+    assert result["acc"] == pytest.approx(report["pruned_val_accuracy"], abs=1e-6)

@@ -1,0 +1,192 @@
+"""Prunes a trained network with DG2PF from the command line.
+
+    python train.py                      # embedded default: digits, small CNN, offline, ~2 min
+    python train.py --model=resnet50 --dataset=imagenet2012 --weights=imagenet --data_dir=...
+
+Writes into --output_dir: report.json, dense.keras, pruned.keras, saved_model/
+(serving_default signature), history.csv, tensorboard/, plots/*.png.
+"""
+
+import csv
+import json
+import os
+import sys
+import time
+
+from absl import app, flags
+
+from flags.train_flags import define_flags
+
+define_flags()
+FLAGS = flags.FLAGS
+
+
+def _fail(message):
+    print(f"train.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _strategy(kind):
+    import tensorflow as tf
+
+    if kind == "multi_worker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    gpus = tf.config.list_logical_devices("GPU")
+    if kind == "mirrored" or (kind == "auto" and len(gpus) > 1):
+        return tf.distribute.MirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+def _dense_model(cfg, info, train, val, strategy, log):
+    import keras
+
+    from zoo.models import build
+
+    with strategy.scope():
+        if cfg.weights and cfg.weights.endswith(".keras"):
+            try:
+                model = keras.models.load_model(cfg.weights)
+            except Exception as error:
+                _fail(f"--weights={cfg.weights}: cannot load it ({type(error).__name__}: {error}).")
+            if tuple(model.input_shape[1:]) != tuple(info["input_shape"]):
+                _fail(f"--weights={cfg.weights}: the model takes {model.input_shape[1:]} inputs, "
+                      f"--dataset={cfg.dataset} gives {info['input_shape']}.")
+            return model, False
+        try:
+            model = build(cfg.model, info["input_shape"], info["classes"],
+                          weights="imagenet" if cfg.weights == "imagenet" else None)
+        except ValueError as error:
+            _fail(str(error))
+        except Exception as error:  # keras.applications download failures
+            _fail(f"--weights=imagenet: could not fetch the weights ({type(error).__name__}); "
+                  f"this needs the internet.")
+        if cfg.weights:
+            if cfg.weights != "imagenet":
+                try:
+                    model.load_weights(cfg.weights)
+                except Exception as error:
+                    _fail(f"--weights={cfg.weights} does not fit --model={cfg.model}: {error}")
+            return model, False
+        log(f"Training {cfg.model} densely for {cfg.dense_epochs} epochs")
+        model.compile(keras.optimizers.Adam(cfg.dense_learning_rate),
+                      keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                      metrics=["accuracy"])
+    model.fit(train, epochs=cfg.dense_epochs, verbose=2 if cfg.dataset == "digits" else 1)
+    import dg2pf_tf
+
+    # The moving BatchNorm statistics lag the last steps; the teacher needs true ones.
+    dg2pf_tf.reestimate_batchnorm(model, train)
+    return model, True
+
+
+def _plots(history, model, out):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    import dg2pf_tf
+
+    os.makedirs(os.path.join(out, "plots"), exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    epochs = [r["epoch"] for r in history]
+    ax.plot(epochs, [r["val_accuracy"] for r in history], marker=".", label="val accuracy")
+    ax.plot(epochs, [r["sparsity"] for r in history], marker=".", label="sparsity")
+    start = 0
+    for i, row in enumerate(history + [{"phase": None}]):
+        if i and row["phase"] != history[i - 1]["phase"]:
+            ax.axvspan(start + 0.5, history[i - 1]["epoch"] + 0.5, alpha=0.08 * (1 + len(ax.patches) % 2))
+            ax.text(start + 1, 0.02, history[i - 1]["phase"], fontsize=8)
+            start = history[i - 1]["epoch"]
+    ax.set_xlabel("epoch"), ax.set_ylim(0, 1.02), ax.legend(loc="center right")
+    fig.tight_layout(), fig.savefig(os.path.join(out, "plots", "accuracy_sparsity.png"), dpi=110)
+    rows = dg2pf_tf.sparsity_summary(model).rows
+    fig, ax = plt.subplots(figsize=(7, max(2.5, 0.25 * len(rows))))
+    ax.barh([f"{r.layer}/{r.kernel}" for r in rows], [r.sparsity for r in rows])
+    ax.set_xlim(0, 1), ax.set_xlabel("sparsity"), ax.invert_yaxis()
+    fig.tight_layout(), fig.savefig(os.path.join(out, "plots", "layer_sparsity.png"), dpi=110)
+    plt.close("all")
+
+
+def _size(path):
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
+def main(argv):
+    if len(argv) > 1:
+        _fail(f"unexpected arguments {argv[1:]}; all options are --flags (see --help).")
+    cfg = FLAGS
+    started = time.perf_counter()
+    log = lambda message: print(f"[train] {message}", flush=True)  # noqa: E731
+    out = cfg.output_dir
+    if os.path.isfile(os.path.join(out, "report.json")):
+        _fail(f"--output_dir={out} already holds a finished run; choose another directory.")
+
+    import keras
+    import tensorflow as tf
+
+    import dg2pf_tf
+    from zoo.data import DataUnavailable, load
+
+    keras.utils.set_random_seed(cfg.seed)
+    if cfg.mixed_precision:
+        keras.mixed_precision.set_global_policy("mixed_float16")
+    strategy = _strategy(cfg.distribution)
+    try:
+        train, val, info = load(cfg.dataset, cfg.batch_size, data_dir=cfg.data_dir,
+                                image_size=cfg.image_size, seed=cfg.seed, log=log)
+    except DataUnavailable as error:
+        _fail(str(error))
+    times = {}
+    t = time.perf_counter()
+    dense, trained = _dense_model(cfg, info, train, val, strategy, log)
+    times["dense_training"] = time.perf_counter() - t if trained else 0.0
+    os.makedirs(out, exist_ok=True)
+    dense.save(os.path.join(out, "dense.keras"))
+
+    log(f"DG2PF to {cfg.sparsity:.0%} sparsity, {cfg.pruning_epochs} pruning epochs")
+    result = dg2pf_tf.run(
+        dense, train, val, sparsity=cfg.sparsity, pruning_epochs=cfg.pruning_epochs,
+        temperature=cfg.temperature, alpha=cfg.alpha, patience=cfg.patience,
+        max_epochs=cfg.max_epochs, seed=cfg.seed, strategy=strategy, scope=cfg.scope,
+        floor=cfg.floor, learning_rate=cfg.learning_rate,
+        finetune_learning_rate=cfg.finetune_learning_rate, verbose=1,
+        callbacks=[keras.callbacks.TensorBoard(os.path.join(out, "tensorboard"))],
+    )
+    pruned = result.model
+    pruned.save(os.path.join(out, "pruned.keras"))
+    t = time.perf_counter()
+    pruned.export(os.path.join(out, "saved_model"), verbose=False)
+    times["export"] = time.perf_counter() - t
+    with open(os.path.join(out, "history.csv"), "w", newline="") as f:
+        keys = sorted({k for row in result.history for k in row}, key=lambda k: (k not in ("epoch", "phase"), k))
+        writer = csv.DictWriter(f, keys)
+        writer.writeheader()
+        writer.writerows(result.history)
+    _plots(result.history, pruned, out)
+
+    summary = dg2pf_tf.sparsity_summary(pruned)
+    sizes = {name: _size(os.path.join(out, name)) for name in ("dense.keras", "pruned.keras", "saved_model")}
+    report = {
+        "flags": {f.name: f.value for f in FLAGS.get_flags_for_module(sys.modules["flags.train_flags"])},
+        **result.report,
+        "params_dense": dense.count_params(),
+        "file_bytes": sizes,
+        "seconds": {**result.report["seconds"], **times, "total": time.perf_counter() - started},
+    }
+    with open(os.path.join(out, "report.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    print()
+    print(f"{'':<28}{'dense':>12}{'pruned':>12}")
+    print(f"{'validation accuracy':<28}{report['dense_val_accuracy']:>12.4f}{report['pruned_val_accuracy']:>12.4f}")
+    print(f"{'sparsity (prunable)':<28}{0.0:>12.2%}{summary.prunable_sparsity:>12.2%}")
+    print(f"{'nonzero parameters':<28}{dense.count_params():>12,}{report['params_nonzero']:>12,}")
+    print(f"{'.keras file (bytes)':<28}{sizes['dense.keras']:>12,}{sizes['pruned.keras']:>12,}")
+    print(f"outputs in {os.path.abspath(out)}: report.json, pruned.keras, saved_model/, "
+          f"history.csv, tensorboard/, plots/ ({time.perf_counter() - started:.0f} s)")
+
+
+if __name__ == "__main__":
+    app.run(main)

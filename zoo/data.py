@@ -1,0 +1,128 @@
+"""Data sets as batched tf.data pipelines: digits (embedded), CIFAR-10/100 and
+ImageNet through tensorflow-datasets."""
+
+import numpy as np
+import tensorflow as tf
+
+DATASETS = ("digits", "cifar10", "cifar100", "imagenet2012")
+_MEAN = {"cifar": (0.4914, 0.4822, 0.4465), "imagenet": (0.485, 0.456, 0.406)}
+_STD = {"cifar": (0.2470, 0.2435, 0.2616), "imagenet": (0.229, 0.224, 0.225)}
+
+
+class DataUnavailable(RuntimeError):
+    """The requested data set is not on this machine and cannot be fetched."""
+
+
+def digits_arrays(seed=0):
+    """scikit-learn's 1,797 8x8 digits scaled to [0, 1]: 75% train, 25% test,
+    stratified. Returns ((x_train, y_train), (x_test, y_test))."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    x = (digits.images / 16.0).astype("float32")[..., None]
+    y = digits.target.astype("int32")
+    xtr, xte, ytr, yte = train_test_split(x, y, test_size=0.25, random_state=seed, stratify=y)
+    return (xtr, ytr), (xte, yte)
+
+
+def _normalise(image, kind):
+    image = tf.cast(image, tf.float32) / 255.0
+    return (image - _MEAN[kind]) / _STD[kind]
+
+
+def cifar_preprocess(image, label, training):
+    """CIFAR: 4-pixel pad + random 32x32 crop + flip when training; normalised."""
+    if training:
+        image = tf.image.pad_to_bounding_box(image, 4, 4, 40, 40)
+        image = tf.image.random_crop(image, (32, 32, 3))
+        image = tf.image.random_flip_left_right(image)
+    return _normalise(image, "cifar"), label
+
+
+def imagenet_preprocess(image, label, training, size=224):
+    """ImageNet: random-resized-crop + flip for training; resize 256 (shorter
+    side, scaled with `size`) and center crop for evaluation."""
+    if training:
+        begin, extent, _ = tf.image.sample_distorted_bounding_box(
+            tf.shape(image), tf.zeros((1, 0, 4)), min_object_covered=0.08,
+            aspect_ratio_range=(3 / 4, 4 / 3), area_range=(0.08, 1.0),
+            max_attempts=10, use_image_if_no_bounding_boxes=True,
+        )
+        image = tf.slice(image, begin, extent)
+        image = tf.image.resize(image, (size, size))
+        image = tf.image.random_flip_left_right(image)
+    else:
+        shape = tf.cast(tf.shape(image)[:2], tf.float32)
+        scale = (size * 256.0 / 224.0) / tf.reduce_min(shape)
+        image = tf.image.resize(image, tf.cast(tf.round(shape * scale), tf.int32))
+        image = tf.image.resize_with_crop_or_pad(image, size, size)
+    return _normalise(image, "imagenet"), label
+
+
+def load(name, batch_size, *, data_dir=None, image_size=None, seed=0, log=print):
+    """Returns `(train, validation, info)`: batched, prefetched datasets of
+    `(image, label)` and a dict with `input_shape`, `classes`, `train_size`.
+
+    Raises ValueError for an unknown name and DataUnavailable when a
+    tensorflow-datasets set is neither in `data_dir` nor downloadable.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"--dataset={name!r} is not one of {', '.join(DATASETS)}.")
+    if name == "digits":
+        log("Loading scikit-learn digits (1,797 images, embedded)")
+        (xtr, ytr), (xte, yte) = digits_arrays()
+        train = (
+            tf.data.Dataset.from_tensor_slices((xtr, ytr))
+            .shuffle(len(xtr), seed=seed).batch(batch_size).prefetch(tf.data.AUTOTUNE)
+        )
+        val = tf.data.Dataset.from_tensor_slices((xte, yte)).batch(batch_size).prefetch(tf.data.AUTOTUNE)
+        return train, val, {"input_shape": (8, 8, 1), "classes": 10, "train_size": len(xtr)}
+    import tensorflow_datasets as tfds
+
+    split_val = "validation" if name == "imagenet2012" else "test"
+    log(f"Preparing {name} from tensorflow-datasets (data_dir={data_dir or 'default'})")
+    try:
+        (train, val), info = tfds.load(
+            name, split=["train", split_val], as_supervised=True, with_info=True,
+            data_dir=data_dir, shuffle_files=True,
+            # ImageNet cannot be downloaded by tfds: it must be prepared by hand.
+            download=name != "imagenet2012",
+        )
+    except Exception as error:  # tfds raises many kinds when data is missing or offline
+        hint = (
+            "Download ILSVRC2012 by hand (see tensorflow-datasets' imagenet2012 page), "
+            "run `tfds build imagenet2012 --data_dir=...`, and pass that --data_dir."
+            if name == "imagenet2012"
+            else "Put it in --data_dir or connect to the internet."
+        )
+        raise DataUnavailable(
+            f"--dataset={name}: not available in --data_dir={data_dir or 'default'} "
+            f"({type(error).__name__}). {hint}"
+        ) from None
+    classes = info.features["label"].num_classes
+    try:
+        train_size = info.splits["train"].num_examples
+    except KeyError:  # split metadata missing (mock data)
+        train_size = 10_000
+    if name == "imagenet2012":
+        size = image_size or 224
+        prep = imagenet_preprocess
+        shape = (size, size, 3)
+        train_map = lambda x, y: prep(x, y, True, size)  # noqa: E731
+        val_map = lambda x, y: prep(x, y, False, size)  # noqa: E731
+        cache = False
+    else:
+        shape = (32, 32, 3)
+        train_map = lambda x, y: cifar_preprocess(x, y, True)  # noqa: E731
+        val_map = lambda x, y: cifar_preprocess(x, y, False)  # noqa: E731
+        cache = True  # 50k 32x32 images fit in memory
+    if cache:
+        train, val = train.cache(), val.cache()
+    train = (
+        train.shuffle(min(train_size, 10_000), seed=seed)
+        .map(train_map, num_parallel_calls=tf.data.AUTOTUNE)
+        .batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    )
+    val = val.map(val_map, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    return train, val, {"input_shape": shape, "classes": classes, "train_size": train_size}
