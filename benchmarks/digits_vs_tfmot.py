@@ -1,0 +1,136 @@
+"""DG2PF vs tfmot's gradual magnitude pruning on scikit-learn digits.
+
+Trains the `small_cnn` of zoo/ dense (fixed seed), then for each sparsity and
+seed: `dg2pf_tf.run(...)` with defaults and pruning_epochs=10, and tfmot's
+`prune_low_magnitude` with `PolynomialDecay` over the same 10 epochs followed
+by fine-tuning at the final sparsity, for as many epochs in total as DG2PF
+used (own process, TF_USE_LEGACY_KERAS=1, Adam 1e-3, batch 32). Prints a
+table (mean, min, max test accuracy and the loss against dense), writes JSON
+and a PNG plot of accuracy vs sparsity.
+
+Run: python benchmarks/digits_vs_tfmot.py [--sparsities 0.9,0.95,0.98] [--seeds 3]
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+TFMOT = r"""
+import json, sys
+import numpy as np, tensorflow as tf, tf_keras as keras
+import tensorflow_model_optimization as tfmot
+sys.path.insert(0, sys.argv[1])
+from zoo.data import digits_arrays
+weights_file, sparsity, seed, epochs = sys.argv[2], float(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+(xtr, ytr), (xte, yte) = digits_arrays()
+keras.utils.set_random_seed(seed)
+i = keras.Input((8, 8, 1)); x = i
+for n, (f, pool) in enumerate(((32, False), (64, True), (64, False))):
+    x = keras.layers.Conv2D(f, 3, padding="same", use_bias=False)(x)
+    x = keras.layers.BatchNormalization()(x); x = keras.layers.ReLU()(x)
+    if pool: x = keras.layers.MaxPooling2D()(x)
+x = keras.layers.GlobalAveragePooling2D()(x); x = keras.layers.Dropout(0.3)(x)
+model = keras.Model(i, keras.layers.Dense(10)(x))
+model.set_weights(list(np.load(weights_file, allow_pickle=True)))
+steps = int(np.ceil(len(xtr) / 32))
+schedule = tfmot.sparsity.keras.PolynomialDecay(0.0, sparsity, 0, 10 * steps, frequency=steps // 4 or 1)
+pruned = tfmot.sparsity.keras.prune_low_magnitude(model, pruning_schedule=schedule)
+pruned.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+pruned.fit(xtr, ytr, batch_size=32, epochs=epochs, verbose=0, callbacks=[tfmot.sparsity.keras.UpdatePruningStep()])
+final = tfmot.sparsity.keras.strip_pruning(pruned)
+final.compile(metrics=["accuracy"], loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+print(json.dumps({"accuracy": float(final.evaluate(xte, yte, verbose=0)[1])}))
+"""
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sparsities", default="0.9,0.95,0.98")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "digits_vs_tfmot.json"))
+    args = parser.parse_args()
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    import dg2pf_tf
+    from zoo.data import digits_arrays
+    from zoo.models import small_cnn
+
+    (xtr, ytr), (xte, yte) = digits_arrays()
+    keras.utils.set_random_seed(100)
+    dense = small_cnn()
+    dense.compile(keras.optimizers.Adam(3e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"])
+    dense.fit(xtr, ytr, epochs=40, batch_size=64, verbose=0)
+    dense_acc = float(dense.evaluate(xte, yte, verbose=0)[1])
+    print(f"dense test accuracy {dense_acc:.4f}", flush=True)
+    weights_file = os.path.join(tempfile.mkdtemp(), "dense.npy")
+    np.save(weights_file, np.array(dense.get_weights(), dtype=object), allow_pickle=True)
+
+    results = []
+    for sparsity in [float(s) for s in args.sparsities.split(",")]:
+        for seed in range(args.seeds):
+            start = time.perf_counter()
+            result = dg2pf_tf.run(dense, (xtr, ytr), (xte, yte), sparsity=sparsity,
+                                  pruning_epochs=10, seed=seed, verbose=0)
+            ours = dg2pf_tf.evaluate(result.model, tf.data.Dataset.from_tensor_slices((xte, yte)).batch(256))[0]
+            epochs = sum(result.report["epochs"].values())
+            seconds = time.perf_counter() - start
+            done = subprocess.run(
+                [sys.executable, "-c", TFMOT, ROOT, weights_file, str(sparsity), str(seed), str(epochs)],
+                capture_output=True, text=True, env={**os.environ, "TF_USE_LEGACY_KERAS": "1"},
+            )
+            theirs = json.loads(done.stdout.strip().splitlines()[-1])["accuracy"] if done.returncode == 0 else None
+            if theirs is None:
+                print(done.stderr[-1500:], file=sys.stderr)
+            row = {"sparsity": sparsity, "seed": seed, "dg2pf": ours, "tfmot": theirs,
+                   "epochs": epochs, "dg2pf_seconds": seconds}
+            results.append(row)
+            print(json.dumps(row), flush=True)
+
+    print(f"\n{'sparsity':>8}  {'method':<7} {'mean':>7} {'min':>7} {'max':>7} {'mean loss (pts)':>16}")
+    summary = []
+    for sparsity in sorted({r["sparsity"] for r in results}):
+        for method in ("dg2pf", "tfmot"):
+            accs = [r[method] for r in results if r["sparsity"] == sparsity and r[method] is not None]
+            if not accs:
+                continue
+            mean = float(np.mean(accs))
+            summary.append({"sparsity": sparsity, "method": method, "mean": mean,
+                            "min": min(accs), "max": max(accs), "loss_points": 100 * (dense_acc - mean),
+                            "worst_loss_points": 100 * (dense_acc - min(accs))})
+            print(f"{sparsity:>8.2f}  {method:<7} {mean:>7.4f} {min(accs):>7.4f} {max(accs):>7.4f} "
+                  f"{100 * (dense_acc - mean):>16.2f}")
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"command": "python benchmarks/digits_vs_tfmot.py --sparsities %s --seeds %d"
+                   % (args.sparsities, args.seeds), "dense": dense_acc, "runs": results,
+                   "summary": summary}, f, indent=2)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for method in ("dg2pf", "tfmot"):
+        rows = [s for s in summary if s["method"] == method]
+        ax.errorbar([r["sparsity"] for r in rows], [r["mean"] for r in rows],
+                    yerr=[[r["mean"] - r["min"] for r in rows], [r["max"] - r["mean"] for r in rows]],
+                    marker="o", capsize=3, label=method)
+    ax.axhline(dense_acc, color="grey", linestyle="--", label="dense")
+    ax.set_xlabel("sparsity"); ax.set_ylabel("test accuracy"); ax.legend(); fig.tight_layout()
+    fig.savefig(args.out.replace(".json", ".png"), dpi=120)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
