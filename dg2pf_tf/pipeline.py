@@ -198,7 +198,7 @@ class _Run:
         ran = len(history.epoch)
         self.epoch += ran
         self.phase_epochs[phase] = self.phase_epochs.get(phase, 0) + ran
-        self.phase_seconds[phase] = time.perf_counter() - start
+        self.phase_seconds[phase] = self.phase_seconds.get(phase, 0.0) + time.perf_counter() - start
 
 
 def run(
