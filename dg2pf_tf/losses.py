@@ -39,10 +39,15 @@ def _log_probs(output, is_probability, temperature=1.0):
     return ops.log_softmax(output / temperature, axis=-1)
 
 
+def is_one_hot(y, output):
+    """True if labels `y` are one-hot rows over `output`'s classes (static shapes)."""
+    return len(y.shape) == len(output.shape) and y.shape[-1] == output.shape[-1] != 1
+
+
 def cross_entropy(y, output, is_probability):
     """Per-example cross-entropy; `y` sparse integer labels or one-hot rows."""
     log_p = _log_probs(output, is_probability)
-    if len(y.shape) == len(log_p.shape) and y.shape[-1] == log_p.shape[-1] and y.shape[-1] != 1:
+    if is_one_hot(y, log_p):
         return -ops.sum(ops.cast(y, "float32") * log_p, axis=-1)
     labels = ops.reshape(ops.cast(y, "int32"), (-1, 1))
     return -ops.take_along_axis(log_p, labels, axis=-1)[:, 0]

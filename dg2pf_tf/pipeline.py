@@ -23,6 +23,7 @@ from dg2pf_tf.batchnorm import batchnorm_layers, reestimate_batchnorm
 from dg2pf_tf.callbacks import UpdateMasks
 from dg2pf_tf.criteria import check_scope, check_sparsity
 from dg2pf_tf.distill import Distiller
+from dg2pf_tf.losses import cross_entropy, is_one_hot, output_is_probability
 from dg2pf_tf.prune import prune, strip
 from dg2pf_tf.summary import sparsity_summary
 
@@ -86,8 +87,6 @@ class Evaluator:
     """`evaluate()` for one model, its traced step reused across calls."""
 
     def __init__(self, model):
-        from dg2pf_tf.losses import cross_entropy, output_is_probability
-
         probs = output_is_probability(model)
 
         @tf.function(reduce_retracing=True)
@@ -95,7 +94,7 @@ class Evaluator:
             out = model(x, training=False)
             ce = cross_entropy(y, out, probs)
             predicted = tf.argmax(out, axis=-1, output_type=tf.int32)
-            if len(y.shape) == len(out.shape) and y.shape[-1] == out.shape[-1] != 1:
+            if is_one_hot(y, out):
                 labels = tf.argmax(y, axis=-1, output_type=tf.int32)
             else:
                 labels = tf.reshape(tf.cast(y, tf.int32), [-1])
