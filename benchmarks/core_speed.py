@@ -2,9 +2,9 @@
 
 Prints a table and writes JSON (default benchmarks/results/core_speed.json):
 - train-step time of MobileNetV2 (alpha 0.35, 32x32, batch 64) pruned with
-  recovery on, and of its stripped copy, each as a ratio to the dense model,
-  with steps of the three models interleaved in one process (median of
-  `--steps` steps each);
+  recovery on, of its stripped copy, and of DG2PF's distillation step (pruned
+  student + dense teacher), each as a ratio to the dense model, with steps of
+  the four models interleaved in one process (median of `--steps` steps each);
 - the same ratio for tfmot's `prune_low_magnitude` (tf_keras, own process);
 - one global mask update on ResNet50 (25.6M parameters): time, and peak of
   Python-heap memory (numpy) as a multiple of the weights' size.
@@ -80,9 +80,15 @@ def step_ratios(steps):
     pruned = dg2pf_tf.prune(dense, sparsity=0.9, pruning_epochs=1)
     dg2pf_tf.update_masks(pruned, 0.9)
     stripped = dg2pf_tf.strip(pruned)
-    models = {"dense": dense, "dg2pf_tf": pruned, "stripped": stripped}
-    for m in models.values():
-        m.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    # DG2PF's training step: a second pruned student, distilled from the dense teacher.
+    student = dg2pf_tf.prune(dense, sparsity=0.9, pruning_epochs=1)
+    dg2pf_tf.update_masks(student, 0.9)
+    distiller = dg2pf_tf.Distiller(student, dg2pf_tf.strip(dense))
+    distiller.compile(optimizer="adam")
+    models = {"dense": dense, "dg2pf_tf": pruned, "stripped": stripped, "distiller": distiller}
+    for name, m in models.items():
+        if name != "distiller":
+            m.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         for _ in range(3):
             m.train_on_batch(x, y)
     times = {name: [] for name in models}
@@ -139,7 +145,7 @@ def main():
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "core_speed.json"))
     args = parser.parse_args()
 
-    print(f"Timing {args.steps} interleaved train steps (dense / dg2pf_tf / stripped)...", flush=True)
+    print(f"Timing {args.steps} interleaved train steps (dense / dg2pf_tf / stripped / distiller)...", flush=True)
     ours = step_ratios(args.steps)
     print("Timing tfmot's prune_low_magnitude in a tf_keras process...", flush=True)
     theirs = tfmot_ratio(args.steps)
@@ -149,6 +155,8 @@ def main():
     rows = [
         ("dg2pf_tf wrapped step / dense step (MobileNetV2 a0.35, 32x32, b64)", ours["dg2pf_tf"] / ours["dense"], "<= 1.10"),
         ("stripped step / dense step", ours["stripped"] / ours["dense"], "~ 1.00"),
+        ("distillation step (teacher + pruned student) / dense step", ours["distiller"] / ours["dense"],
+         "<= 1.40"),
     ]
     if theirs:
         rows.append(("tfmot wrapped step / dense step (tf_keras)", theirs["tfmot"] / theirs["dense"], "comparison"))
@@ -167,6 +175,7 @@ def main():
         "tfmot_step_seconds": theirs,
         "wrapped_over_dense": ours["dg2pf_tf"] / ours["dense"],
         "stripped_over_dense": ours["stripped"] / ours["dense"],
+        "distill_over_dense": ours["distiller"] / ours["dense"],
         "tfmot_over_dense": theirs and theirs["tfmot"] / theirs["dense"],
         "mask_update": update,
     }

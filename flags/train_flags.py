@@ -29,7 +29,7 @@ def define_flags():
     flags.DEFINE_integer("max_epochs", 30, "Epochs at most per plateau-ended phase.", lower_bound=1)
     flags.DEFINE_enum("scope", "global", ("global", "layer"), "Sparsity allocation.")
     flags.DEFINE_float("floor", 1.0, "Share of its Erdos-Renyi-kernel allocation each kernel keeps (0: pure global magnitude).")
-    flags.DEFINE_float("learning_rate", 1e-3, "AdamW learning rate of the distillation phases.")
+    flags.DEFINE_float("learning_rate", 3e-3, "AdamW learning rate of the distillation phases.")
     flags.DEFINE_float("finetune_learning_rate", 1e-3, "SGD learning rate of pruned fine-tuning.")
     flags.DEFINE_float("dense_learning_rate", 3e-3, "Adam learning rate of dense training.")
     flags.DEFINE_integer("dense_epochs", 40, "Epochs of dense training when no --weights.", lower_bound=1)
