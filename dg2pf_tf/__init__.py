@@ -11,12 +11,17 @@ Public API:
     run, RunResult               the whole DG2PF procedure on a trained model
     reestimate_batchnorm         refresh BatchNorm statistics after pruning
     evaluate                     top-1 accuracy and cross-entropy of a model
+    export                       SavedModel + sparse LiteRT files, checked
+    deploy_report                can XNNPACK run this model sparse, per operator
+    presets                      which layers to prune for an engine (xnnpack)
 """
 
-from dg2pf_tf import schedules
+from dg2pf_tf import presets, schedules
 from dg2pf_tf.batchnorm import reestimate_batchnorm
 from dg2pf_tf.callbacks import UpdateMasks
+from dg2pf_tf.deploy import DeployReport, deploy_report
 from dg2pf_tf.distill import Distiller
+from dg2pf_tf.export import export
 from dg2pf_tf.pipeline import RunResult, evaluate, run
 from dg2pf_tf.masking import update_masks
 from dg2pf_tf.prune import finalize, prune, strip
@@ -27,13 +32,17 @@ __version__ = "0.1.0"
 
 
 __all__ = [
+    "DeployReport",
     "Distiller",
     "PruneWrapper",
     "RunResult",
     "SparsitySummary",
     "UpdateMasks",
+    "deploy_report",
     "evaluate",
+    "export",
     "finalize",
+    "presets",
     "prune",
     "reestimate_batchnorm",
     "run",

@@ -1,0 +1,159 @@
+"""export(), the LiteRT encodings behind it, deploy_report() and the XNNPACK preset."""
+
+import json
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+
+import dg2pf_tf
+from conftest import run_python
+from dg2pf_tf import litert
+from zoo.data import digits_arrays
+
+pytest.importorskip("ai_edge_litert")
+
+
+@pytest.fixture(scope="module")
+def digits_mlp():
+    """A trained MLP on the 64 digit pixels, pruned to 90% and stripped; and test data."""
+    (xtr, ytr), (xte, yte) = digits_arrays()
+    xtr, xte = xtr.reshape(len(xtr), 64), xte.reshape(len(xte), 64)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(256, activation="relu"),
+                              keras.layers.Dense(128, activation="relu"), keras.layers.Dense(10)])
+    pruned = dg2pf_tf.prune(model, schedule=dg2pf_tf.schedules.Constant(0.9))
+    pruned.compile(keras.optimizers.Adam(3e-3),
+                   keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    pruned.fit(xtr, ytr, epochs=6, batch_size=64, verbose=0, callbacks=[dg2pf_tf.UpdateMasks()])
+    return dg2pf_tf.strip(pruned), (xte, yte)
+
+
+def test_csr_encoding_decodes_back_to_the_array():
+    rng = np.random.default_rng(0)
+    for shape in [(7,), (5, 300), (4, 3, 3, 9), (1, 1)]:
+        array = rng.normal(size=shape).astype(np.float32) * (rng.random(shape) > 0.8)
+        params, values = litert.encode_csr(array)
+        tensor = type("Tensor", (), {"sparsity": params, "shape": shape, "type": 0})()
+        np.testing.assert_array_equal(litert.decode(tensor, values.tobytes()), array)
+
+
+def test_export_writes_smaller_files_whose_outputs_match(digits_mlp, tmp_path):
+    model, (xte, yte) = digits_mlp
+    report = dg2pf_tf.export(model, tmp_path / "out", quantize="int8",
+                             representative_data=xte[:100], verbose=0)
+    assert json.loads((tmp_path / "out" / "export.json").read_text()) == json.loads(json.dumps(report))
+    float_file = report["files"]["model.tflite"]
+    assert float_file["bytes"] < float_file["dense_equivalent_bytes"]
+    assert float_file["ratio_to_dense_float32"] <= 0.2
+    content = (tmp_path / "out" / "model.tflite").read_bytes()
+    assert len(content) == float_file["bytes"]
+    expected = model.predict(xte, verbose=0)
+    np.testing.assert_allclose(litert.predict(content, xte), expected, atol=1e-5)
+    quantized = litert.predict((tmp_path / "out" / "model_int8.tflite").read_bytes(), xte)
+    assert np.mean(quantized.argmax(-1) == expected.argmax(-1)) >= 0.99
+    assert np.mean(quantized.argmax(-1) == yte) > 0.9
+
+
+def test_int8_weights_the_interpreter_refuses_sparse_are_stored_dense(digits_mlp, tmp_path):
+    model, (xte, _) = digits_mlp
+    report = dg2pf_tf.export(model, tmp_path / "out", quantize="int8",
+                             representative_data=xte[:64], verbose=0)
+    tensors = report["files"]["model_int8.tflite"]["tensors"]
+    refused = [t for t in tensors if t["reason"].startswith("the default interpreter refused")]
+    # int8 FULLY_CONNECTED with sparse weights fails to prepare in XNNPACK (LiteRT 2.x):
+    # if this starts passing, the fallback is no longer needed for them.
+    assert refused and all(t["encoding"] == "dense" and "FULLY_CONNECTED" in t["kernels"] for t in refused)
+    litert.interpreter((tmp_path / "out" / "model_int8.tflite").read_bytes()).invoke()
+
+
+def test_each_tensor_takes_its_smallest_encoding_even_at_98_percent(tmp_path):
+    keras.utils.set_random_seed(1)
+    sizes = {}
+    for sparsity in (0.95, 0.98):
+        model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(512, activation="relu"),
+                                  keras.layers.Dense(512, activation="relu"), keras.layers.Dense(10)])
+        pruned = dg2pf_tf.prune(model)
+        dg2pf_tf.update_masks(pruned, sparsity)
+        report = dg2pf_tf.export(pruned, tmp_path / str(sparsity), verbose=0)
+        entry = report["files"]["model.tflite"]
+        assert entry["bytes"] <= entry["dense_equivalent_bytes"]
+        for tensor in entry["tensors"]:
+            assert tensor["bytes"] <= tensor["dense_bytes"]
+        sizes[sparsity] = entry["bytes"]
+    # The converter's 1x4 blocks at 98% take more bytes than its 95% file; CSR does not.
+    assert sizes[0.98] < sizes[0.95]
+
+
+def test_saved_model_serves_without_dg2pf_tf(digits_mlp, tmp_path):
+    model, (xte, _) = digits_mlp
+    dg2pf_tf.export(model, tmp_path / "out", tflite=False, verbose=0)
+    np.save(tmp_path / "x.npy", xte[:16])
+    out = run_python(textwrap.dedent(f"""
+        import sys, numpy as np, tensorflow as tf
+        fn = tf.saved_model.load({str(tmp_path / "out" / "saved_model")!r}).signatures["serving_default"]
+        y = list(fn(tf.constant(np.load({str(tmp_path / "x.npy")!r}))).values())[0].numpy()
+        np.save({str(tmp_path / "y.npy")!r}, y)
+        print("dg2pf_tf" in sys.modules)
+    """), env={"PYTHONPATH": ""})
+    assert out.strip().splitlines()[-1] == "False"
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), model.predict(xte[:16], verbose=0), atol=1e-5)
+
+
+def test_export_refuses_bad_paths_and_arguments(digits_mlp, tmp_path):
+    model, (xte, _) = digits_mlp
+    with pytest.raises(FileNotFoundError, match="parent directory"):
+        dg2pf_tf.export(model, tmp_path / "missing" / "out", verbose=0)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("x")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        dg2pf_tf.export(model, tmp_path / "full", verbose=0)
+    assert (tmp_path / "full" / "keep.txt").exists()
+    with pytest.raises(ValueError, match="representative_data"):
+        dg2pf_tf.export(model, tmp_path / "a", quantize="int8", verbose=0)
+    with pytest.raises(ValueError, match="quantize"):
+        dg2pf_tf.export(model, tmp_path / "b", quantize="int4", verbose=0)
+    dg2pf_tf.export(model, tmp_path / "full", tflite=False, overwrite=True, verbose=0)
+    assert not (tmp_path / "full" / "keep.txt").exists()
+    assert (tmp_path / "full" / "saved_model").is_dir()
+
+
+def _mobilenet(size):
+    return keras.applications.MobileNetV2(input_shape=(size, size, 3), alpha=0.35, weights=None,
+                                          classes=10, classifier_activation=None)
+
+
+def test_xnnpack_preset_prunes_only_pointwise_convolutions():
+    model = _mobilenet(32)
+    pruned = dg2pf_tf.prune(model, exclude=dg2pf_tf.presets.xnnpack)
+    kernels = [w.layer for w in dg2pf_tf.masking.find_wrappers(pruned)]
+    assert kernels and all(isinstance(k, keras.layers.Conv2D) and k.kernel_size == (1, 1)
+                           and not isinstance(k, keras.layers.DepthwiseConv2D) for k in kernels)
+    pointwise = [l for l in model.layers if type(l) is keras.layers.Conv2D and l.kernel_size == (1, 1)]
+    assert len(kernels) == len(pointwise)
+
+
+def test_deploy_report_finds_the_sparse_path_only_with_symmetric_explicit_padding(tmp_path):
+    for size, explicit, expected in [(97, True, True), (97, False, False), (96, True, False)]:
+        pruned = dg2pf_tf.prune(_mobilenet(size), exclude=dg2pf_tf.presets.xnnpack)
+        dg2pf_tf.update_masks(pruned, 0.9)
+        report = dg2pf_tf.deploy_report(pruned, explicit_padding=explicit)
+        assert report.sparse_path is expected, (size, explicit, report.verdict)
+        pointwise = [r for r in report.rows if r.op == "CONV_2D" and r.weight_shape[1:3] == (1, 1)]
+        assert all(r.sparse_path is expected for r in pointwise)
+        if not expected:
+            assert any("padding" in r.reason for r in report.rows if not r.sparse_path)
+    # The exported file says the same as the model, and its padding rewrite keeps the outputs.
+    x = np.random.default_rng(0).normal(size=(4, 97, 97, 3)).astype(np.float32)
+    model = dg2pf_tf.strip(dg2pf_tf.prune(_mobilenet(97), exclude=dg2pf_tf.presets.xnnpack))
+    dg2pf_tf.export(model, tmp_path / "e", explicit_padding=True, representative_data=x, verbose=0)
+    content = (tmp_path / "e" / "model.tflite").read_bytes()
+    ops = [litert.op_name(litert.read(content), op) for op in litert.read(content).subgraphs[0].operators]
+    assert "PAD" in ops
+    np.testing.assert_allclose(litert.predict(content, x), model.predict(x, verbose=0), atol=1e-4)
+
+
+def test_deploy_report_refuses_what_it_cannot_read():
+    with pytest.raises(ValueError, match="Keras model"):
+        dg2pf_tf.deploy_report(42)
