@@ -3,8 +3,9 @@
     python train.py                      # embedded default: digits, small CNN, offline, ~2 min
     python train.py --model=resnet50 --dataset=imagenet2012 --weights=imagenet --data_dir=...
 
-Writes into --output_dir: report.json, dense.keras, pruned.keras, saved_model/
-(serving_default signature), history.csv, tensorboard/, plots/*.png.
+Writes into --output_dir: report.json, dense.keras, pruned.keras, export/
+(saved_model/ with a serving_default signature, model.tflite with sparse
+weights, export.json), history.csv, tensorboard/, plots/*.png.
 """
 
 import csv
@@ -158,7 +159,11 @@ def main(argv):
     pruned = result.model
     pruned.save(os.path.join(out, "pruned.keras"))
     t = time.perf_counter()
-    pruned.export(os.path.join(out, "saved_model"), verbose=False)
+    log("Exporting the SavedModel" + (" and LiteRT files" if cfg.tflite else ""))
+    exported = dg2pf_tf.export(
+        pruned, os.path.join(out, "export"), tflite=cfg.tflite,
+        quantize=None if cfg.quantize == "none" else cfg.quantize,
+        representative_data=train.take(max(1, 128 // cfg.batch_size)), overwrite=True)
     times["export"] = time.perf_counter() - t
     with open(os.path.join(out, "history.csv"), "w", newline="") as f:
         keys = sorted({k for row in result.history for k in row}, key=lambda k: (k not in ("epoch", "phase"), k))
@@ -168,7 +173,8 @@ def main(argv):
     _plots(result.history, pruned, out)
 
     summary = dg2pf_tf.sparsity_summary(pruned)
-    sizes = {name: _size(os.path.join(out, name)) for name in ("dense.keras", "pruned.keras", "saved_model")}
+    sizes = {name: _size(os.path.join(out, name)) for name in ("dense.keras", "pruned.keras")}
+    sizes.update({f"export/{name}": entry["bytes"] for name, entry in exported["files"].items()})
     report = {
         "flags": {f.name: f.value for f in FLAGS.get_flags_for_module(sys.modules["flags.train_flags"])},
         **result.report,
@@ -184,8 +190,11 @@ def main(argv):
     print(f"{'sparsity (prunable)':<28}{0.0:>12.2%}{summary.prunable_sparsity:>12.2%}")
     print(f"{'nonzero parameters':<28}{dense.count_params():>12,}{report['params_nonzero']:>12,}")
     print(f"{'.keras file (bytes)':<28}{sizes['dense.keras']:>12,}{sizes['pruned.keras']:>12,}")
-    print(f"outputs in {os.path.abspath(out)}: report.json, pruned.keras, saved_model/, "
-          f"history.csv, tensorboard/, plots/ ({time.perf_counter() - started:.0f} s)")
+    if "model.tflite" in exported["files"]:
+        tfl = exported["files"]["model.tflite"]
+        print(f"{'.tflite file (bytes)':<28}{tfl['dense_equivalent_bytes']:>12,}{tfl['bytes']:>12,}")
+    print(f"outputs in {os.path.abspath(out)}: report.json, pruned.keras, export/ (saved_model/, "
+          f"model.tflite), history.csv, tensorboard/, plots/ ({time.perf_counter() - started:.0f} s)")
 
 
 if __name__ == "__main__":

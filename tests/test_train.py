@@ -75,14 +75,16 @@ def test_default_run_end_to_end_and_saved_model_serves_without_dg2pf_tf(tmp_path
     assert report["sparsity_prunable"] == pytest.approx(0.95, abs=1e-4)
     assert report["pruned_val_accuracy"] > report["dense_val_accuracy"] - 0.03
     for name in ("dense.keras", "pruned.keras", "history.csv", "plots/accuracy_sparsity.png",
-                 "plots/layer_sparsity.png"):
+                 "plots/layer_sparsity.png", "export/model.tflite", "export/export.json"):
         assert (out / name).exists(), name
     assert os.listdir(out / "tensorboard")
+    exported = json.loads((out / "export" / "export.json").read_text())["files"]["model.tflite"]
+    assert exported["bytes"] < 0.5 * exported["dense_equivalent_bytes"]
     served = run_python(f"""
 import sys, json, numpy as np, tensorflow as tf
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
-loaded = tf.saved_model.load({str(out / 'saved_model')!r})
+loaded = tf.saved_model.load({str(out / 'export' / 'saved_model')!r})
 fn = loaded.signatures["serving_default"]
 d = load_digits(); x = (d.images / 16.0).astype("float32")[..., None]
 _, xte, _, yte = train_test_split(x, d.target, test_size=0.25, random_state=0, stratify=d.target)
