@@ -11,7 +11,9 @@ weights, export.json), history.csv, tensorboard/, plots/*.png.
 import csv
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 
 from absl import app, flags
@@ -109,6 +111,13 @@ def _plots(history, model, out):
     plt.close("all")
 
 
+def _save_keras(model, path):
+    """`model.save(path)` through a temporary file, so a kill never leaves half a file."""
+    tmp = os.path.join(os.path.dirname(path), ".tmp-" + os.path.basename(path))
+    model.save(tmp)
+    os.replace(tmp, path)
+
+
 def _size(path):
     if os.path.isfile(path):
         return os.path.getsize(path)
@@ -122,19 +131,30 @@ def main(argv):
     started = time.perf_counter()
     log = lambda message: print(f"[train] {message}", flush=True)  # noqa: E731
     out = cfg.output_dir
+    if cfg.overwrite and os.path.isdir(out):
+        log(f"--overwrite: clearing {out}")
+        shutil.rmtree(out)
     if os.path.isfile(os.path.join(out, "report.json")):
-        _fail(f"--output_dir={out} already holds a finished run; choose another directory.")
-
+        print(f"train.py: --output_dir={out} holds a finished run (report.json); nothing to do. "
+              f"Pass --overwrite to run it again, or choose another --output_dir.")
+        return
     import keras
     import tensorflow as tf
 
     import dg2pf_tf
+    from dg2pf_tf import checkpoint
     from zoo.data import DataUnavailable, load
 
     keras.utils.set_random_seed(cfg.seed)
     if cfg.mixed_precision:
         keras.mixed_precision.set_global_policy("mixed_float16")
     strategy = _strategy(cfg.distribution)
+    backup = os.path.join(out, "backup")
+    if not getattr(strategy.extended, "should_checkpoint", True):
+        # A non-chief worker: it reads the chief's checkpoints (shared storage),
+        # and writes its own copies of the outputs where they do not collide.
+        out = tempfile.mkdtemp(prefix="dg2pf-worker-")
+        log(f"non-chief worker: outputs go to {out}")
     try:
         train, val, info = load(cfg.dataset, cfg.batch_size, data_dir=cfg.data_dir,
                                 image_size=cfg.image_size, seed=cfg.seed, log=log)
@@ -142,22 +162,29 @@ def main(argv):
         _fail(str(error))
     times = {}
     t = time.perf_counter()
-    dense, trained = _dense_model(cfg, info, train, val, strategy, log)
-    times["dense_training"] = time.perf_counter() - t if trained else 0.0
-    os.makedirs(out, exist_ok=True)
-    dense.save(os.path.join(out, "dense.keras"))
+    saved_dense = os.path.join(cfg.output_dir, "dense.keras")  # the chief's, on every worker
+    if os.path.isfile(saved_dense) and os.path.isdir(backup):
+        log(f"Resuming the run in {out}: dense model from {saved_dense}")
+        with strategy.scope():
+            dense = keras.models.load_model(saved_dense)
+    else:
+        dense, trained = _dense_model(cfg, info, train, val, strategy, log)
+        times["dense_training"] = time.perf_counter() - t if trained else 0.0
+        os.makedirs(out, exist_ok=True)
+        _save_keras(dense, os.path.join(out, "dense.keras"))
 
     log(f"DG2PF to {cfg.sparsity:.0%} sparsity, {cfg.pruning_epochs} pruning epochs")
     result = dg2pf_tf.run(
-        dense, train, val, sparsity=cfg.sparsity, pruning_epochs=cfg.pruning_epochs,
+        dense, info["train_for_epoch"], val, sparsity=cfg.sparsity, pruning_epochs=cfg.pruning_epochs,
         temperature=cfg.temperature, alpha=cfg.alpha, patience=cfg.patience,
         max_epochs=cfg.max_epochs, seed=cfg.seed, strategy=strategy, scope=cfg.scope,
+        backup_dir=backup,
         floor=cfg.floor, learning_rate=cfg.learning_rate,
         finetune_learning_rate=cfg.finetune_learning_rate, verbose=1,
         callbacks=[keras.callbacks.TensorBoard(os.path.join(out, "tensorboard"))],
     )
     pruned = result.model
-    pruned.save(os.path.join(out, "pruned.keras"))
+    _save_keras(pruned, os.path.join(out, "pruned.keras"))
     t = time.perf_counter()
     log("Exporting the SavedModel" + (" and LiteRT files" if cfg.tflite else ""))
     exported = dg2pf_tf.export(
@@ -182,8 +209,9 @@ def main(argv):
         "file_bytes": sizes,
         "seconds": {**result.report["seconds"], **times, "total": time.perf_counter() - started},
     }
-    with open(os.path.join(out, "report.json"), "w") as f:
-        json.dump(report, f, indent=2)
+    # Written last and atomically: its presence means the run is complete.
+    checkpoint.write_atomic(os.path.join(out, "report.json"),
+                            lambda f: f.write(json.dumps(report, indent=2).encode()))
     print()
     print(f"{'':<28}{'dense':>12}{'pruned':>12}")
     print(f"{'validation accuracy':<28}{report['dense_val_accuracy']:>12.4f}{report['pruned_val_accuracy']:>12.4f}")

@@ -27,7 +27,7 @@ def reestimate_batchnorm(model, data, max_batches=50):
     layers = batchnorm_layers(model)
     if not layers:
         return 0
-    saved = [layer.momentum for layer in layers]
+    saved = [(layer.momentum, layer.synchronized) for layer in layers]
     used = 0
     try:
         for batch in data:
@@ -38,11 +38,12 @@ def reestimate_batchnorm(model, data, max_batches=50):
             # mean of the batch statistics seen so far.
             for layer in layers:
                 layer.momentum = used / (used + 1.0)
+                layer.synchronized = False  # a whole local batch, no replica context
             model(x, training=True)
             used += 1
     finally:
-        for layer, momentum in zip(layers, saved):
-            layer.momentum = momentum
+        for layer, (momentum, synchronized) in zip(layers, saved):
+            layer.momentum, layer.synchronized = momentum, synchronized
     if used == 0:
         raise ValueError("reestimate_batchnorm(): `data` yielded no batch.")
     return used

@@ -203,6 +203,7 @@ def export(model, path, *, tflite=True, quantize=None, representative_data=None,
     try:
         saved_model = os.path.join(staging, "saved_model")
         plain.export(saved_model, format="tf_saved_model", verbose=False)
+        _check_saved_zeros(saved_model, summary.total_zeros)
         report = {
             "sparsity_prunable": summary.prunable_sparsity,
             "sparsity_all_params": summary.total_sparsity,
@@ -255,6 +256,16 @@ def export(model, path, *, tflite=True, quantize=None, representative_data=None,
                  if "ratio_to_dense_float32" in entry else "")
         say(f"[export] {os.path.join(path, name)}: {entry['bytes']:,} bytes{extra}")
     return report
+
+
+def _check_saved_zeros(saved_model, expected):
+    """Raises RuntimeError unless the SavedModel, loaded back, holds `expected` zeros."""
+    loaded = tf.saved_model.load(saved_model)
+    zeros = sum(int(np.size(v) - np.count_nonzero(v.numpy())) for v in loaded.variables)
+    if zeros < expected:
+        raise RuntimeError(
+            f"export(): the SavedModel holds {zeros} zero weights, the model {expected}: "
+            f"pruned weights did not survive the export.")
 
 
 def _tree_bytes(path):

@@ -89,3 +89,25 @@ def mask_sparsity(wrappers):
             total += values.size
             zeros += values.size - int(np.count_nonzero(values))
     return zeros / max(1, total)
+
+
+def check_invariant(wrappers, sparsity, source="the model"):
+    """Raises ValueError unless the masked weights of hard-masked `wrappers`
+    are exactly 0 and the masks hold exactly `round(sparsity * n)` zeros."""
+    masks = [m.numpy() for w in wrappers for m in w.masks]
+    total = sum(m.size for m in masks)
+    zeros = total - sum(int(np.count_nonzero(m)) for m in masks)
+    expected = criteria.zero_count(sparsity, total)
+    if zeros != expected:
+        raise ValueError(
+            f"Sparsity invariant broken in {source}: the masks hold {zeros} zeros, "
+            f"the target {sparsity} needs {expected} of {total}.")
+    for wrapper in wrappers:
+        if float(wrapper.hard.numpy()) != 1.0:
+            continue
+        for kernel, mask in zip(wrapper.kernels, wrapper.masks):
+            leaked = int(np.count_nonzero(kernel.numpy()[mask.numpy() == 0]))
+            if leaked:
+                raise ValueError(
+                    f"Sparsity invariant broken in {source}: {leaked} pruned weights of "
+                    f"'{wrapper.name}' are not zero.")

@@ -12,17 +12,21 @@ The best weights (and their masks) seen at the target sparsity win.
 """
 
 import dataclasses
+import hashlib
+import json
+import os
 import time
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from dg2pf_tf import masking, schedules
+from dg2pf_tf import checkpoint, masking, schedules
 from dg2pf_tf.batchnorm import batchnorm_layers, reestimate_batchnorm
 from dg2pf_tf.callbacks import UpdateMasks
 from dg2pf_tf.criteria import check_scope, check_sparsity
 from dg2pf_tf.distill import Distiller
+from dg2pf_tf.loop import EpochLoop, steps_in
 from dg2pf_tf.losses import cross_entropy, is_one_hot, output_is_probability
 from dg2pf_tf.prune import prune, strip
 from dg2pf_tf.summary import sparsity_summary
@@ -135,69 +139,95 @@ class _Tracker:
             model.set_weights(self.weights)
 
 
-class _PhaseMonitor(keras.callbacks.Callback):
-    """Per epoch: re-estimates BatchNorm, scores the student on validation
-    data, writes `val_accuracy`/`val_loss`/`sparsity` into the logs, keeps the
-    best state and stops the phase after `patience` epochs without a new best.
-    """
-
-    def __init__(self, run, phase, tracker=None, patience=None):
-        super().__init__()
-        self.run, self.phase, self.tracker, self.patience = run, phase, tracker, patience
-        self.wait = 0
-        self.plateau = False
-
-    def on_epoch_end(self, epoch, logs=None):
-        logs = logs if logs is not None else {}
-        run = self.run
-        if run.recalibrate_bn:
-            reestimate_batchnorm(run.student, run.train, run.bn_batches)
-        accuracy, loss = run.evaluate(run.val)
-        logs["val_accuracy"], logs["val_loss"] = accuracy, loss
-        logs["sparsity"] = masking.mask_sparsity(run.wrappers)
-        run.rows.append({"epoch": epoch + 1, "phase": self.phase, **_floats(logs)})
-        if self.tracker is None:
-            return
-        # Accuracy first; the loss breaks ties (small validation sets tie often).
-        if self.tracker.offer((accuracy, -loss), run.student, epoch + 1, self.phase):
-            self.wait = 0
-        else:
-            self.wait += 1
-            if self.wait >= self.patience:
-                self.plateau = True
-                self.model.stop_training = True
-
-
 def _floats(logs):
     return {k: float(v) for k, v in logs.items() if np.ndim(v) == 0}
 
 
-class _Run:
-    """State shared by the phases of one `run()` call."""
+class TrainData:
+    """Training batches for each epoch.
 
-    def __init__(self, **kwargs):
-        self.__dict__.update(kwargs)
-        self.rows = []
-        self.epoch = 0
-        self.phase_epochs = {}
-        self.phase_seconds = {}
+    `(x, y)` arrays are shuffled with a generator seeded by `(seed, epoch)`,
+    so epoch k sees the same order in a resumed run as in an uninterrupted
+    one. A function `epoch -> tf.data.Dataset` is called each epoch; a
+    `tf.data.Dataset` is used as given every epoch.
+    """
 
-    def fit(self, distiller, phase, epochs, callbacks):
-        start = time.perf_counter()
-        if self.verbose:
-            print(f"[dg2pf] phase {phase}: up to {epochs} epochs from epoch {self.epoch + 1}")
-        history = distiller.fit(
-            self.train,
-            epochs=self.epoch + epochs,
-            initial_epoch=self.epoch,
-            callbacks=callbacks + list(self.user_callbacks),
-            verbose=self.fit_verbose,
-            shuffle=False,  # numpy data is shuffled by as_dataset; datasets as given
-        )
-        ran = len(history.epoch)
-        self.epoch += ran
-        self.phase_epochs[phase] = self.phase_epochs.get(phase, 0) + ran
-        self.phase_seconds[phase] = self.phase_seconds.get(phase, 0.0) + time.perf_counter() - start
+    def __init__(self, data, batch_size, seed, name="train_data"):
+        self.seed = 0 if seed is None else int(seed)
+        self.batch_size = batch_size
+        self.function = None
+        if callable(data) and not isinstance(data, tf.data.Dataset):
+            self.arrays, self.dataset, self.function = None, None, data
+        elif isinstance(data, tf.data.Dataset):
+            self.arrays, self.dataset = None, data
+        else:
+            self.dataset = None
+            as_dataset(data, batch_size, name=name)  # the same checks as elsewhere
+            x, y = np.asarray(data[0]), np.asarray(data[1])
+            self.arrays = (x.astype(np.float32) if x.dtype == np.float64 else x, y)
+
+    def for_epoch(self, epoch):
+        if self.function is not None:
+            dataset = self.function(epoch)
+            if not isinstance(dataset, tf.data.Dataset):
+                raise TypeError(f"`train_data({epoch})` returned {type(dataset).__name__}, "
+                                f"not a batched tf.data.Dataset.")
+            return dataset
+        if self.dataset is not None:
+            return self.dataset
+        x, y = self.arrays
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(x))
+        return (tf.data.Dataset.from_tensor_slices((x[order], y[order]))
+                .batch(self.batch_size).prefetch(tf.data.AUTOTUNE))
+
+
+def check_data(model, data, name):
+    """Refuses data that cannot train `model`: no example, inputs of the wrong
+    shape, labels outside the model's classes, non-finite inputs.
+
+    Raises ValueError naming `name` and what to change.
+    """
+    classes = model.output_shape[-1]
+    expected = tuple(model.input_shape[1:])
+    if isinstance(data, TrainData) and data.arrays is not None:
+        x, y = data.arrays
+        batches = [(x, y)]
+    else:
+        dataset = data.for_epoch(0) if isinstance(data, TrainData) else data
+        batches = [tuple(np.asarray(t) for t in batch[:2]) for batch in dataset.take(1)]
+        if not batches:
+            raise ValueError(f"`{name}` is empty: it yielded no batch.")
+    x, y = batches[0]
+    got = tuple(x.shape[1:])
+    if len(got) != len(expected) or any(e is not None and e != g for e, g in zip(expected, got)):
+        raise ValueError(
+            f"`{name}`: examples have shape {got} but model '{model.name}' takes "
+            f"{tuple(expected)}. Resize or reshape the inputs (and batch a dataset).")
+    if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
+        bad = int(np.size(x) - np.count_nonzero(np.isfinite(x)))
+        raise ValueError(f"`{name}`: {bad} input values are NaN or infinite.")
+    one_hot = y.ndim == 2 and y.shape[-1] == classes and classes != 1
+    labels = y.argmax(-1) if one_hot else y.reshape(-1)
+    if labels.size and (labels.min() < 0 or labels.max() >= classes):
+        raise ValueError(
+            f"`{name}`: labels range over [{labels.min()}, {labels.max()}] but model "
+            f"'{model.name}' has {classes} outputs, so labels must be in [0, {classes - 1}].")
+
+
+@dataclasses.dataclass
+class _Phase:
+    name: str
+    epochs: int
+    teacher: bool
+    optimizer: str
+    monitored: bool
+
+
+def _fingerprint(model, **settings):
+    """What a checkpoint must agree with: the model's weights' names and shapes, the settings."""
+    layout = json.dumps([(w.path, list(w.shape)) for w in model.weights])
+    return {"model": hashlib.sha1(layout.encode()).hexdigest()[:16], "model_name": model.name,
+            **{k: v for k, v in settings.items()}}
 
 
 def run(
@@ -229,20 +259,23 @@ def run(
     mask_update_steps=1,
     recalibrate_bn="auto",
     bn_batches=50,
+    backup_dir=None,
 ):
     """Prunes a trained classifier with DG2PF and returns a `RunResult`.
 
-    The whole procedure of `../DG2PF.md` on `model` (never modified):
-    distilled gradual pruning to `sparsity` over `pruning_epochs` epochs,
-    distillation until the validation accuracy plateaus (twice: with, then
-    without the teacher), then pruned fine-tuning until it plateaus again; the
-    best state at the target sparsity is kept.
+    The whole procedure of DG2PF on `model` (never modified): distilled
+    gradual pruning to `sparsity` over `pruning_epochs` epochs, distillation
+    until the validation accuracy plateaus (twice: with, then without the
+    teacher), then pruned fine-tuning until it plateaus again; the best state
+    at the target sparsity is kept. Training runs in a loop of our own
+    (`dg2pf_tf.loop`) under `strategy`, including `MultiWorkerMirroredStrategy`.
 
     Args:
         model: a trained Sequential/Functional classifier (logits or softmax).
         train_data, validation_data: batched `tf.data.Dataset`s of `(x, y)`
             or `(x, y)` numpy tuples (batched here by `batch_size`, training
-            data shuffled); labels sparse integers or one-hot.
+            data shuffled anew each epoch); labels sparse integers or one-hot.
+            `train_data` may also be a function `epoch -> Dataset`.
         sparsity, pruning_epochs, scope, exclude: as in `dg2pf_tf.prune`.
         floor: as in `dg2pf_tf.prune`. The default 1.0 gives each kernel its
             Erdos-Renyi-kernel share of the surviving weights (magnitude
@@ -256,7 +289,7 @@ def run(
             gradual one.
         seed: makes the run repeatable (weights, shuffling, dropout) on CPU.
         strategy: a `tf.distribute.Strategy`; default the surrounding one.
-        callbacks: Keras callbacks added to every phase's `fit`.
+        callbacks: Keras callbacks added to every phase.
         verbose: 0 silent, 1 progress bars and a line per phase, 2 a line per
             epoch; 'auto' is 1.
         batch_size: batch size for numpy data (global, over all replicas).
@@ -273,10 +306,20 @@ def run(
         recalibrate_bn: re-estimate BatchNorm statistics from `bn_batches`
             training batches before each validation; 'auto': when the model
             has BatchNorm layers.
+        backup_dir: a directory where the run's state is saved after every
+            epoch (atomically; by the chief worker only). Calling `run` again
+            with the same arguments resumes from it, and ends with the result
+            an uninterrupted run gives (for numpy data with a `seed`; a
+            dataset must yield the same order each epoch). A finished run's
+            directory returns its result without training.
 
     Raises:
-        ValueError/TypeError: bad arguments or data (see `prune` and
-            `Distiller`), `max_epochs < 1` or `patience < 1`.
+        ValueError/TypeError: bad arguments or data (see `prune`, `Distiller`
+            and `check_data`), `max_epochs < 1` or `patience < 1`.
+        checkpoint.CheckpointError: `backup_dir` holds a corrupt checkpoint,
+            one of another run, or one whose sparsity invariant is broken.
+        loop.NonFiniteLoss: the loss became NaN or infinite (the last good
+            checkpoint in `backup_dir` is kept).
     """
     started = time.perf_counter()
     check_sparsity(sparsity)
@@ -293,8 +336,11 @@ def run(
         keras.utils.set_random_seed(seed)
     strategy = strategy or tf.distribute.get_strategy()
     verbose = 1 if verbose == "auto" else int(verbose)
-    train = as_dataset(train_data, batch_size, shuffle=True, seed=seed, name="train_data")
+    say = print if verbose else (lambda *a, **k: None)
+    train = TrainData(train_data, batch_size, seed)
     val = as_dataset(validation_data, batch_size, name="validation_data")
+    check_data(model, train, "train_data")
+    check_data(model, val, "validation_data")
     schedule = schedules.Linear(sparsity, pruning_epochs)
 
     with strategy.scope():
@@ -303,66 +349,145 @@ def run(
             recovery=recovery, floor=floor,
         )
         teacher = strip(model) if teacher is None else teacher
+        optimizers = {
+            "adamw": keras.optimizers.AdamW(
+                learning_rate=learning_rate, weight_decay=weight_decay, clipnorm=clipnorm),
+            "sgd": keras.optimizers.SGD(learning_rate=finetune_learning_rate, momentum=0.9),
+        }
+        for optimizer in optimizers.values():
+            optimizer.build(student.trainable_variables)
     wrappers = masking.find_wrappers(student)
+    norms = batchnorm_layers(student)
     if recalibrate_bn == "auto":
-        recalibrate_bn = bool(batchnorm_layers(student))
-    state = _Run(
-        student=student, wrappers=wrappers, train=train, val=val,
-        recalibrate_bn=bool(recalibrate_bn), bn_batches=bn_batches,
-        user_callbacks=list(callbacks or []), verbose=verbose,
-        evaluate=Evaluator(student),
-        fit_verbose={0: 0, 1: 1, 2: 2}.get(verbose, 1),
-    )
-    dense_accuracy, _ = evaluate(teacher, val)
-    if verbose:
-        print(f"[dg2pf] dense validation accuracy {dense_accuracy:.4f}; "
-              f"pruning {len(wrappers)} layers to {sparsity:.1%} ({scope})")
-
-    def distiller(with_teacher, optimizer):
-        with strategy.scope():
-            d = Distiller(
-                student, teacher if with_teacher else None,
-                temperature=temperature, alpha=alpha,
-            )
-            d.compile(optimizer=optimizer, metrics=["accuracy"])
-        return d
-
-    with strategy.scope():
-        adamw = keras.optimizers.AdamW(
-            learning_rate=learning_rate, weight_decay=weight_decay, clipnorm=clipnorm
-        )
+        recalibrate_bn = bool(norms)
+    # Batch statistics over the global batch, not each replica's share: the
+    # run then computes what one device would (and workers stay identical).
+    synchronized = [layer.synchronized for layer in norms]
+    for layer in norms:
+        layer.synchronized = layer.synchronized or strategy.num_replicas_in_sync > 1
     distill_on = teacher is not None and alpha > 0
-
-    # 1. Distilled gradual pruning.
-    update = UpdateMasks(schedule, scope=scope, every_n_steps=mask_update_steps)
-    state.fit(
-        distiller(distill_on, adamw), "gradual", pruning_epochs,
-        [update, _PhaseMonitor(state, "gradual")],
-    )
-    # The mask at the target level, from the latest weights, becomes final.
-    masking.set_level(wrappers, sparsity)
-    masking.set_hard(wrappers, True)
-
-    tracker = _Tracker()
-    monitor = _PhaseMonitor(state, "distill", tracker, patience)
-    # 2./3. Distillation until a plateau, then the same without the teacher.
+    phases = [_Phase("gradual", pruning_epochs, distill_on, "adamw", False)]
     if distill_on:
-        state.fit(distiller(True, adamw), "distill", max_epochs, [monitor])
-    if not distill_on or monitor.plateau:
-        monitor = _PhaseMonitor(state, "detached", tracker, patience)
-        state.fit(distiller(False, adamw), "detached", max_epochs, [monitor])
-    tracker.restore(student)
-
-    # 4. Pruned fine-tuning.
+        phases.append(_Phase("distill", max_epochs, True, "adamw", True))
+    phases.append(_Phase("detached", max_epochs, False, "adamw", True))
     if finetune:
-        with strategy.scope():
-            sgd = keras.optimizers.SGD(learning_rate=finetune_learning_rate, momentum=0.9)
-        monitor = _PhaseMonitor(state, "finetune", tracker, patience)
-        state.fit(distiller(False, sgd), "finetune", max_epochs, [monitor])
-        tracker.restore(student)
+        phases.append(_Phase("finetune", max_epochs, False, "sgd", True))
 
-    if state.recalibrate_bn:
-        reestimate_batchnorm(student, train, bn_batches)
+    state = {"phase": 0, "phase_epoch": 0, "epoch": 0, "wait": 0, "plateaus": [],
+             "rows": [], "phase_epochs": {}, "phase_seconds": {}}
+    tracker = _Tracker()
+    variables = {"student": student.variables, "teacher": teacher.variables,
+                 **{name: opt.variables for name, opt in optimizers.items()}}
+    fingerprint = _fingerprint(
+        student, sparsity=float(sparsity), pruning_epochs=pruning_epochs, scope=scope,
+        floor=float(floor), alpha=float(alpha), temperature=float(temperature),
+        patience=patience, max_epochs=max_epochs, seed=seed, batch_size=batch_size,
+        learning_rate=float(learning_rate), finetune_learning_rate=float(finetune_learning_rate),
+        finetune=bool(finetune), recovery=bool(recovery), replicas=strategy.num_replicas_in_sync)
+    chief = getattr(strategy.extended, "should_checkpoint", True)
+    if backup_dir is not None:
+        os.makedirs(backup_dir, exist_ok=True)
+        restored = checkpoint.load(backup_dir, fingerprint)
+        if restored is not None:
+            header, arrays = restored
+            for group, values in variables.items():
+                for i, variable in enumerate(values):
+                    variable.assign(arrays[f"{group}/{i}"])
+            state.update(header["state"])
+            if header["tracker"] is not None:
+                tracker.score = tuple(header["tracker"]["score"])
+                tracker.epoch, tracker.phase = header["tracker"]["epoch"], header["tracker"]["phase"]
+                tracker.weights = [arrays[f"best/{i}"] for i in range(header["tracker"]["count"])]
+            if state["phase"] > 0:
+                try:
+                    masking.check_invariant(wrappers, sparsity, source=f"the checkpoint in {backup_dir}")
+                except ValueError as error:
+                    raise checkpoint.CheckpointError(str(error)) from None
+            say(f"[dg2pf] resuming from {backup_dir}: epoch {state['epoch']}, phase "
+                f"{phases[min(state['phase'], len(phases) - 1)].name}")
+
+    def save():
+        if backup_dir is None or not chief:
+            return
+        arrays = {f"{group}/{i}": np.asarray(v) for group, values in variables.items()
+                  for i, v in enumerate(values)}
+        best = None
+        if tracker.weights is not None:
+            arrays.update({f"best/{i}": w for i, w in enumerate(tracker.weights)})
+            best = {"score": list(tracker.score), "epoch": tracker.epoch, "phase": tracker.phase,
+                    "count": len(tracker.weights)}
+        checkpoint.save(backup_dir, {"fingerprint": fingerprint, "state": state, "tracker": best},
+                        arrays)
+
+    evaluator = Evaluator(student)
+    epochs = EpochLoop(strategy)
+    dense_accuracy, _ = evaluate(teacher, val)
+    say(f"[dg2pf] dense validation accuracy {dense_accuracy:.4f}; "
+        f"pruning {len(wrappers)} layers to {sparsity:.1%} ({scope})")
+
+    distillers = {}
+    for index in range(state["phase"], len(phases)):
+        phase = phases[index]
+        if phase.name == "detached" and distill_on and "distill" not in state["plateaus"]:
+            continue  # distillation never plateaued: nothing left for the detached phase
+        key = (phase.teacher, phase.optimizer)
+        if key not in distillers:
+            with strategy.scope():
+                distillers[key] = Distiller(student, teacher if phase.teacher else None,
+                                            temperature=temperature, alpha=alpha)
+                distillers[key].compile(optimizer=optimizers[phase.optimizer], metrics=["accuracy"])
+        distiller = distillers[key]
+        extra = []
+        if phase.name == "gradual":
+            extra.append(UpdateMasks(schedule, scope=scope, every_n_steps=mask_update_steps))
+        calls = epochs.callbacks(distiller, extra + list(callbacks or []),
+                                 epochs=state["epoch"] + phase.epochs - state["phase_epoch"],
+                                 steps=steps_in(train.for_epoch(0)), verbose={0: 0, 2: 2}.get(verbose, 1))
+        say(f"[dg2pf] phase {phase.name}: up to {phase.epochs - state['phase_epoch']} epochs "
+            f"from epoch {state['epoch'] + 1}")
+        calls.on_train_begin()
+        while True:
+            tick = time.perf_counter()
+            data = train.for_epoch(state["epoch"])
+            logs = epochs.run_epoch(distiller, data, state["epoch"], calls)
+            if recalibrate_bn:
+                reestimate_batchnorm(student, data, bn_batches)
+            accuracy, loss = evaluator(val)
+            logs.update(val_accuracy=accuracy, val_loss=loss, sparsity=masking.mask_sparsity(wrappers))
+            state["epoch"] += 1
+            state["phase_epoch"] += 1
+            state["rows"].append({"epoch": state["epoch"], "phase": phase.name, **_floats(logs)})
+            state["phase_epochs"][phase.name] = state["phase_epochs"].get(phase.name, 0) + 1
+            state["phase_seconds"][phase.name] = (
+                state["phase_seconds"].get(phase.name, 0.0) + time.perf_counter() - tick)
+            plateau = False
+            if phase.monitored:
+                # Accuracy first; the loss breaks ties (small validation sets tie often).
+                if tracker.offer((accuracy, -loss), student, state["epoch"], phase.name):
+                    state["wait"] = 0
+                else:
+                    state["wait"] += 1
+                    plateau = state["wait"] >= patience
+            if verbose == 2:
+                print(f"[dg2pf] epoch {state['epoch']} {phase.name}: " + ", ".join(
+                    f"{k} {v:.4f}" for k, v in logs.items()))
+            finished = plateau or state["phase_epoch"] >= phase.epochs
+            if finished:
+                if plateau:
+                    state["plateaus"].append(phase.name)
+                _end_phase(phase, plateau, wrappers, sparsity, tracker, student)
+                state.update(phase=index + 1, phase_epoch=0, wait=0)
+            save()
+            if finished:
+                break
+        calls.on_train_end()
+
+    tracker.restore(student)
+    if recalibrate_bn:
+        reestimate_batchnorm(student, train.for_epoch(state["epoch"]), bn_batches)
+    masking.check_invariant(wrappers, sparsity, source="the pruned model")
+    for layer, flag in zip(norms, synchronized):
+        layer.synchronized = flag
     final = strip(student)
     final_accuracy, final_loss = evaluate(final, val)
     summary = sparsity_summary(final)
@@ -377,12 +502,24 @@ def run(
         "params_nonzero": summary.total_params - summary.total_zeros,
         "best_epoch": tracker.epoch,
         "best_phase": tracker.phase,
-        "epochs": dict(state.phase_epochs),
-        "seconds": {**state.phase_seconds, "total": time.perf_counter() - started},
+        "epochs": dict(state["phase_epochs"]),
+        "seconds": {**state["phase_seconds"], "total": time.perf_counter() - started},
         "replicas": strategy.num_replicas_in_sync,
     }
-    if verbose:
-        print(f"[dg2pf] done: accuracy {dense_accuracy:.4f} -> {final_accuracy:.4f} at "
-              f"{summary.prunable_sparsity:.2%} sparsity (best: epoch {tracker.epoch}, "
-              f"{tracker.phase})")
-    return RunResult(model=final, history=state.rows, report=report)
+    if backup_dir is not None and chief:
+        checkpoint.mark_done(backup_dir, report)
+    say(f"[dg2pf] done: accuracy {dense_accuracy:.4f} -> {final_accuracy:.4f} at "
+        f"{summary.prunable_sparsity:.2%} sparsity (best: epoch {tracker.epoch}, {tracker.phase})")
+    return RunResult(model=final, history=state["rows"], report=report)
+
+
+def _end_phase(phase, plateau, wrappers, sparsity, tracker, student):
+    """What happens between phases: the mask becomes final after the gradual
+    phase (from the latest weights); the best state returns before fine-tuning
+    (after the detached phase, or after distillation when it never plateaued
+    and so no detached phase follows)."""
+    if phase.name == "gradual":
+        masking.set_level(wrappers, sparsity)
+        masking.set_hard(wrappers, True)
+    elif phase.name == "detached" or (phase.name == "distill" and not plateau):
+        tracker.restore(student)

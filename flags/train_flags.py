@@ -39,6 +39,9 @@ def define_flags():
                       "auto: MirroredStrategy over GPUs when more than one; multi_worker reads TF_CONFIG.")
     flags.DEFINE_bool("mixed_precision", False, "mixed_float16 policy (GPUs).")
     flags.DEFINE_string("output_dir", "runs/default", "Where the models, report and plots go.")
+    flags.DEFINE_bool("overwrite", False,
+                      "Start over in --output_dir (by default an unfinished run there resumes "
+                      "and a finished one is left as it is).")
     flags.DEFINE_bool("tflite", True, "Also export a LiteRT .tflite file with sparse weights.")
     flags.DEFINE_enum("quantize", "none", ("none", "dynamic", "int8"),
                       "Also export an int8 .tflite (int8: full-integer, calibrated on training batches).")

@@ -64,3 +64,43 @@ def test_mirrored_strategy_on_two_logical_cpus_trains_to_exact_sparsity():
     assert int(zeros) == round(0.8 * int(total))
     assert np.isfinite(float(loss))
     assert second.split() == ["2", "True", "True", "True"]
+
+
+@pytest.mark.slow
+def test_distillation_steps_and_mask_updates_agree_on_every_replica():
+    out = run_python(textwrap.dedent("""
+        import tensorflow as tf
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        import keras, numpy as np, dg2pf_tf
+        from dg2pf_tf.loop import EpochLoop
+        from conftest import residual_cnn
+        keras.utils.set_random_seed(0)
+        strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+        rng = np.random.default_rng(0)
+        x = rng.normal(size=(96, 8, 8, 1)).astype("float32"); y = rng.integers(0, 10, 96)
+        data = tf.data.Dataset.from_tensor_slices((x, y)).batch(32)
+        with strategy.scope():
+            teacher = residual_cnn()
+            student = dg2pf_tf.prune(teacher, sparsity=0.8, pruning_epochs=2)
+            distiller = dg2pf_tf.Distiller(student, teacher)
+            distiller.compile(optimizer=keras.optimizers.AdamW(1e-2, clipnorm=0.5))
+        loop = EpochLoop(strategy)
+        calls = loop.callbacks(distiller, [dg2pf_tf.UpdateMasks(every_n_steps=1)],
+                               epochs=2, steps=3, verbose=0)
+        calls.on_train_begin()
+        for epoch in range(2):
+            loop.run_epoch(distiller, data, epoch, calls)
+        rows = []
+        for wrapper in dg2pf_tf.masking.find_wrappers(student):
+            for mask, kernel in zip(wrapper.masks, wrapper.kernels):
+                masks = [v.numpy() for v in mask.value.values]
+                kernels = [v.numpy() for v in kernel.value.values]
+                rows.append(len(masks) == 2 and all((masks[0] == m).all() for m in masks)
+                            and all(np.array_equal(kernels[0], k) for k in kernels))
+        print(all(rows), len(rows), dg2pf_tf.masking.mask_sparsity(dg2pf_tf.masking.find_wrappers(student)))
+    """), env={"PYTHONPATH": f"{ROOT}:{ROOT}/tests"})
+    agree, count, sparsity = out.strip().splitlines()[-1].split()
+    assert agree == "True" and int(count) == 5
+    assert float(sparsity) == pytest.approx(0.8, abs=1e-3)

@@ -62,7 +62,10 @@ def imagenet_preprocess(image, label, training, size=224):
 
 def load(name, batch_size, *, data_dir=None, image_size=None, seed=0, log=print):
     """Returns `(train, validation, info)`: batched, prefetched datasets of
-    `(image, label)` and a dict with `input_shape`, `classes`, `train_size`.
+    `(image, label)` and a dict with `input_shape`, `classes`, `train_size`
+    and `train_for_epoch(epoch)`, the training batches of one epoch (for
+    digits, in an order fixed by `seed` and the epoch, so a resumed run sees
+    what an uninterrupted one does).
 
     Raises ValueError for an unknown name and DataUnavailable when a
     tensorflow-datasets set is neither in `data_dir` nor downloadable.
@@ -72,12 +75,16 @@ def load(name, batch_size, *, data_dir=None, image_size=None, seed=0, log=print)
     if name == "digits":
         log("Loading scikit-learn digits (1,797 images, embedded)")
         (xtr, ytr), (xte, yte) = digits_arrays()
-        train = (
-            tf.data.Dataset.from_tensor_slices((xtr, ytr))
-            .shuffle(len(xtr), seed=seed).batch(batch_size).prefetch(tf.data.AUTOTUNE)
-        )
+        examples = tf.data.Dataset.from_tensor_slices((xtr, ytr))
+
+        def train_for_epoch(epoch):
+            return (examples.shuffle(len(xtr), seed=seed * 100_003 + epoch, reshuffle_each_iteration=False)
+                    .batch(batch_size).prefetch(tf.data.AUTOTUNE))
+
+        train = examples.shuffle(len(xtr), seed=seed).batch(batch_size).prefetch(tf.data.AUTOTUNE)
         val = tf.data.Dataset.from_tensor_slices((xte, yte)).batch(batch_size).prefetch(tf.data.AUTOTUNE)
-        return train, val, {"input_shape": (8, 8, 1), "classes": 10, "train_size": len(xtr)}
+        return train, val, {"input_shape": (8, 8, 1), "classes": 10, "train_size": len(xtr),
+                            "train_for_epoch": train_for_epoch}
     import tensorflow_datasets as tfds
 
     split_val = "validation" if name == "imagenet2012" else "test"
@@ -125,4 +132,6 @@ def load(name, batch_size, *, data_dir=None, image_size=None, seed=0, log=print)
         .batch(batch_size).prefetch(tf.data.AUTOTUNE)
     )
     val = val.map(val_map, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size).prefetch(tf.data.AUTOTUNE)
-    return train, val, {"input_shape": shape, "classes": classes, "train_size": train_size}
+    # Random crops and flips differ in a resumed run; the epoch order does not matter then.
+    return train, val, {"input_shape": shape, "classes": classes, "train_size": train_size,
+                        "train_for_epoch": lambda epoch: train}
