@@ -51,15 +51,13 @@ class RunResult:
     report: dict
 
 
-def as_dataset(data, batch_size, *, shuffle=False, seed=None, name="data"):
-    """A batched `tf.data.Dataset` from a dataset or an `(x, y)` numpy tuple.
+def _arrays(data, name):
+    """`(x, y)` numpy arrays from an `(x, y)` tuple, float64 inputs made float32.
 
     Raises:
-        TypeError: `data` is neither.
+        TypeError: `data` is not an `(x, y)` tuple (nor a dataset).
         ValueError: `x` and `y` differ in length, or the data is empty.
     """
-    if isinstance(data, tf.data.Dataset):
-        return data
     if not isinstance(data, (tuple, list)) or len(data) != 2:
         raise TypeError(
             f"`{name}` must be a batched tf.data.Dataset or an (x, y) tuple of "
@@ -70,12 +68,18 @@ def as_dataset(data, batch_size, *, shuffle=False, seed=None, name="data"):
         raise ValueError(f"`{name}`: x has {len(x)} examples but y has {len(y)}.")
     if len(x) == 0:
         raise ValueError(f"`{name}` is empty.")
-    if x.dtype == np.float64:
-        x = x.astype(np.float32)
-    dataset = tf.data.Dataset.from_tensor_slices((x, y))
-    if shuffle:
-        dataset = dataset.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)
-    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    return (x.astype(np.float32) if x.dtype == np.float64 else x), y
+
+
+def as_dataset(data, batch_size, *, name="data"):
+    """A batched `tf.data.Dataset` from a dataset or an `(x, y)` numpy tuple.
+
+    Raises TypeError or ValueError as `_arrays` does.
+    """
+    if isinstance(data, tf.data.Dataset):
+        return data
+    return tf.data.Dataset.from_tensor_slices(_arrays(data, name)).batch(batch_size).prefetch(
+        tf.data.AUTOTUNE)
 
 
 def evaluate(model, data):
@@ -155,16 +159,13 @@ class TrainData:
     def __init__(self, data, batch_size, seed, name="train_data"):
         self.seed = 0 if seed is None else int(seed)
         self.batch_size = batch_size
-        self.function = None
-        if callable(data) and not isinstance(data, tf.data.Dataset):
-            self.arrays, self.dataset, self.function = None, None, data
-        elif isinstance(data, tf.data.Dataset):
-            self.arrays, self.dataset = None, data
+        self.arrays = self.function = None
+        if isinstance(data, tf.data.Dataset):
+            self.function = lambda epoch: data
+        elif callable(data):
+            self.function = data
         else:
-            self.dataset = None
-            as_dataset(data, batch_size, name=name)  # the same checks as elsewhere
-            x, y = np.asarray(data[0]), np.asarray(data[1])
-            self.arrays = (x.astype(np.float32) if x.dtype == np.float64 else x, y)
+            self.arrays = _arrays(data, name)
 
     def for_epoch(self, epoch):
         if self.function is not None:
@@ -173,8 +174,6 @@ class TrainData:
                 raise TypeError(f"`train_data({epoch})` returned {type(dataset).__name__}, "
                                 f"not a batched tf.data.Dataset.")
             return dataset
-        if self.dataset is not None:
-            return self.dataset
         x, y = self.arrays
         order = np.random.default_rng([self.seed, epoch]).permutation(len(x))
         return (tf.data.Dataset.from_tensor_slices((x[order], y[order]))
@@ -190,8 +189,7 @@ def check_data(model, data, name):
     classes = model.output_shape[-1]
     expected = tuple(model.input_shape[1:])
     if isinstance(data, TrainData) and data.arrays is not None:
-        x, y = data.arrays
-        batches = [(x, y)]
+        batches = [data.arrays]
     else:
         dataset = data.for_epoch(0) if isinstance(data, TrainData) else data
         batches = [tuple(np.asarray(t) for t in batch[:2]) for batch in dataset.take(1)]

@@ -53,6 +53,33 @@ def images():
     return rng.normal(size=(32, 8, 8, 1)).astype("float32"), rng.integers(0, 10, 32)
 
 
+# Put first in a fresh interpreter's code: splits the CPU into two logical
+# devices (before any TensorFlow op) and makes `strategy` mirror over them.
+TWO_CPUS = """
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+"""
+
+
+def replicas_agree(wrappers):
+    """True if every replica holds the same masks and kernels, with masked weights 0
+    where the masks are hard (for the subprocesses run under `TWO_CPUS`)."""
+    for wrapper in wrappers:
+        hard = float(wrapper.hard.numpy()) == 1.0
+        for mask, kernel in zip(wrapper.masks, wrapper.kernels):
+            masks = [v.numpy() for v in mask.value.values]
+            kernels = [v.numpy() for v in kernel.value.values]
+            if len(masks) != 2 or not all(np.array_equal(masks[0], m) for m in masks):
+                return False
+            if not all(np.array_equal(kernels[0], k) for k in kernels):
+                return False
+            if hard and (kernels[0][masks[0] == 0] != 0).any():
+                return False
+    return True
+
+
 def run_python(code, env=None, timeout=300):
     """Runs `code` in a fresh interpreter (own TF runtime); returns its stdout."""
     full_env = {**os.environ, "PYTHONPATH": ROOT, **(env or {})}

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import dg2pf_tf
-from conftest import run_python
+from conftest import TWO_CPUS, run_python
 from dg2pf_tf import criteria
 from zoo.data import digits_arrays
 from zoo.models import small_cnn
@@ -97,16 +97,12 @@ def test_reestimate_batchnorm_matches_the_data_statistics(digits):
     np.testing.assert_allclose(bn.moving_variance.numpy(), activations.var(0), rtol=1e-2, atol=1e-5)
 
 
-MIRRORED_RUN = r"""
+MIRRORED_RUN = TWO_CPUS + r"""
 import json
-import tensorflow as tf
-cpu = tf.config.list_physical_devices("CPU")[0]
-tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 import keras, numpy as np, dg2pf_tf
 from zoo.data import digits_arrays
 from zoo.models import small_cnn
 (xtr, ytr), (xte, yte) = digits_arrays()
-strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 keras.utils.set_random_seed(0)
 model = small_cnn()
 model(xtr[:1])
