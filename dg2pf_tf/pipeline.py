@@ -142,6 +142,20 @@ class _Tracker:
         if self.weights is not None:
             model.set_weights(self.weights)
 
+    def dump(self):
+        """`(header, arrays)` for a checkpoint; the header is None before any offer."""
+        if self.weights is None:
+            return None, {}
+        header = {"score": list(self.score), "epoch": self.epoch, "phase": self.phase,
+                  "count": len(self.weights)}
+        return header, {f"best/{i}": w for i, w in enumerate(self.weights)}
+
+    def load(self, header, arrays):
+        """Takes back what `dump` gave."""
+        if header is not None:
+            self.score, self.epoch, self.phase = tuple(header["score"]), header["epoch"], header["phase"]
+            self.weights = [arrays[f"best/{i}"] for i in range(header["count"])]
+
 
 def _floats(logs):
     return {k: float(v) for k, v in logs.items() if np.ndim(v) == 0}
@@ -392,10 +406,7 @@ def run(
                 for i, variable in enumerate(values):
                     variable.assign(arrays[f"{group}/{i}"])
             state.update(header["state"])
-            if header["tracker"] is not None:
-                tracker.score = tuple(header["tracker"]["score"])
-                tracker.epoch, tracker.phase = header["tracker"]["epoch"], header["tracker"]["phase"]
-                tracker.weights = [arrays[f"best/{i}"] for i in range(header["tracker"]["count"])]
+            tracker.load(header["tracker"], arrays)
             if state["phase"] > 0:
                 try:
                     masking.check_invariant(wrappers, sparsity, source=f"the checkpoint in {backup_dir}")
@@ -409,13 +420,9 @@ def run(
             return
         arrays = {f"{group}/{i}": np.asarray(v) for group, values in variables.items()
                   for i, v in enumerate(values)}
-        best = None
-        if tracker.weights is not None:
-            arrays.update({f"best/{i}": w for i, w in enumerate(tracker.weights)})
-            best = {"score": list(tracker.score), "epoch": tracker.epoch, "phase": tracker.phase,
-                    "count": len(tracker.weights)}
+        best, best_arrays = tracker.dump()
         checkpoint.save(backup_dir, {"fingerprint": fingerprint, "state": state, "tracker": best},
-                        arrays)
+                        {**arrays, **best_arrays})
 
     evaluator = Evaluator(student)
     epochs = EpochLoop(strategy)
