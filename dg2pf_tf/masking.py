@@ -93,11 +93,15 @@ def mask_sparsity(wrappers):
 
 def check_invariant(wrappers, sparsity, source="the model"):
     """Raises ValueError unless the masked weights of hard-masked `wrappers`
-    are exactly 0 and the masks hold exactly `round(sparsity * n)` zeros."""
+    are exactly 0 and the masks hold exactly the zeros `set_level` gives
+    `sparsity` (`round(sparsity * n)` globally, or per kernel with scope 'layer')."""
     masks = [m.numpy() for w in wrappers for m in w.masks]
     total = sum(m.size for m in masks)
     zeros = total - sum(int(np.count_nonzero(m)) for m in masks)
-    expected = criteria.zero_count(sparsity, total)
+    if wrappers[0].scope == "layer":
+        expected = sum(criteria.zero_count(sparsity, m.size) for m in masks)
+    else:
+        expected = criteria.zero_count(sparsity, total)
     if zeros != expected:
         raise ValueError(
             f"Sparsity invariant broken in {source}: the masks hold {zeros} zeros, "

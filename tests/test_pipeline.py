@@ -122,3 +122,14 @@ def test_run_under_mirrored_strategy_on_two_logical_cpus():
     assert out["zeros"] == round(0.9 * out["weights"])
     assert np.isfinite(out["loss"])
     assert out["shapes"] == [list(w.shape) for w in small_cnn().get_weights()]
+
+
+def test_per_layer_scope_prunes_each_kernel_to_its_own_count(digits):
+    (xtr, ytr), (xte, yte) = digits
+    result = dg2pf_tf.run(_trained(digits, epochs=2), (xtr[:256], ytr[:256]), (xte, yte),
+                          sparsity=0.98, scope="layer", pruning_epochs=1, patience=1,
+                          max_epochs=1, finetune=False, seed=0, verbose=0)
+    rows = dg2pf_tf.sparsity_summary(result.model).rows
+    assert all(r.zeros == round(0.98 * r.weights) for r in rows)
+    # One global round(0.98 * n) would differ from the per-kernel sum here.
+    assert sum(r.zeros for r in rows) != round(0.98 * sum(r.weights for r in rows))
