@@ -118,12 +118,6 @@ def _save_keras(model, path):
     os.replace(tmp, path)
 
 
-def _size(path):
-    if os.path.isfile(path):
-        return os.path.getsize(path)
-    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
-
-
 def main(argv):
     if len(argv) > 1:
         _fail(f"unexpected arguments {argv[1:]}; all options are --flags (see --help).")
@@ -200,7 +194,7 @@ def main(argv):
     _plots(result.history, pruned, out)
 
     summary = dg2pf_tf.sparsity_summary(pruned)
-    sizes = {name: _size(os.path.join(out, name)) for name in ("dense.keras", "pruned.keras")}
+    sizes = {name: os.path.getsize(os.path.join(out, name)) for name in ("dense.keras", "pruned.keras")}
     sizes.update({f"export/{name}": entry["bytes"] for name, entry in exported["files"].items()})
     report = {
         "flags": {f.name: f.value for f in FLAGS.get_flags_for_module(sys.modules["flags.train_flags"])},

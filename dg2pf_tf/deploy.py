@@ -106,7 +106,7 @@ class _Graph:
         data = self.model.buffers[tensor.buffer].data
         if index in self.producer or data is None or len(data) == 0:
             return None
-        return np.frombuffer(bytes(data), litert._NUMPY_TYPES.get(tensor.type, np.uint8)).reshape(
+        return np.frombuffer(bytes(data), litert.NUMPY_TYPES.get(tensor.type, np.uint8)).reshape(
             self.shape(index))
 
     def activation_inputs(self, n):

@@ -20,7 +20,7 @@ try:
 except ImportError:  # ai-edge-litert is needed for LiteRT export only
     schema = None
 
-_NUMPY_TYPES = {0: np.float32, 1: np.float16, 2: np.int32, 3: np.uint8, 4: np.int64,
+NUMPY_TYPES = {0: np.float32, 1: np.float16, 2: np.int32, 3: np.uint8, 4: np.int64,
                 7: np.int16, 9: np.int8, 10: np.float64}
 _DENSE, _CSR = 0, 1
 FLOAT_TYPES = (0, 1)  # float32, float16
@@ -72,7 +72,7 @@ def decode(tensor, data):
     """The dense numpy array of a sparse-encoded `tensor` whose buffer holds `data`."""
     params = tensor.sparsity
     shape = [int(d) for d in tensor.shape]
-    values = np.frombuffer(bytes(data), dtype=_NUMPY_TYPES[tensor.type])
+    values = np.frombuffer(bytes(data), dtype=NUMPY_TYPES[tensor.type])
     order = [int(d) for d in params.traversalOrder]
     block_map = [int(d) for d in (params.blockMap if params.blockMap is not None else [])]
     rank = len(shape)
