@@ -62,12 +62,16 @@ def erk_keep_counts(shapes, keep):
     """How many of `keep` weights each kernel gets under Erdos-Renyi-kernel
     allocation (density proportional to sum(shape) / prod(shape), capped at 1).
     """
-    sizes = np.array([int(np.prod(s, dtype=np.int64)) for s in shapes], np.float64)
-    raw = np.array([sum(s) for s in shapes], np.float64) / np.maximum(sizes, 1)
+    counts = np.array([int(np.prod(s, dtype=np.int64)) for s in shapes], np.int64)
+    sums = np.array([sum(s) for s in shapes], np.int64)
+    sizes = counts.astype(np.float64)
+    raw = sums / np.maximum(sizes, 1)
     dense = np.zeros(len(shapes), bool)
     while True:
-        budget = keep - sizes[dense].sum()
-        weight = (raw * sizes)[~dense].sum()
+        # Integer sums, then one division: the device version repeats these
+        # exact float64 operations and gets the same counts.
+        budget = int(keep) - int(counts[dense].sum())
+        weight = int(sums[~dense].sum())
         eps = budget / weight if weight > 0 else 0.0
         density = np.where(dense, 1.0, eps * raw)
         over = (density > 1.0) & ~dense
@@ -86,18 +90,8 @@ def magnitude_masks(weights, sparsity, scope="global", floor=0.0):
     'global' and `floor` > 0, each array first keeps its largest weights up to
     `floor` times its Erdos-Renyi-kernel share, so no small layer is pruned
     away entirely at extreme sparsity; one threshold then ranks the rest.
-    Returns a list of float32 masks; see `iter_magnitude_masks` to hold one
-    at a time. Raises ValueError for a bad `sparsity`, `scope` or `floor`.
-    """
-    return list(iter_magnitude_masks(weights, sparsity, scope, floor))
-
-
-def iter_magnitude_masks(weights, sparsity, scope="global", floor=0.0):
-    """`magnitude_masks`, yielded one mask at a time in the order of `weights`.
-
-    Weights are read one at a time, so large networks need no concatenated
-    copy: besides the masks the caller keeps, at most one float32 copy of all
-    magnitudes exists, and only while the threshold is found.
+    Returns a list of float32 masks. This is the reference: training computes
+    the same masks on the device (`device_criteria`).
     Raises ValueError for a bad `sparsity`, `scope` or `floor`.
     """
     sparsity = check_sparsity(sparsity)
@@ -105,10 +99,8 @@ def iter_magnitude_masks(weights, sparsity, scope="global", floor=0.0):
     floor = check_floor(floor)
     weights = list(weights)
     if scope == "layer":
-        for weight in weights:
-            yield from _masks_global([weight], sparsity, 0.0)
-    else:
-        yield from _masks_global(weights, sparsity, floor)
+        return [mask for weight in weights for mask in _masks_global([weight], sparsity, 0.0)]
+    return list(_masks_global(weights, sparsity, floor))
 
 
 def _magnitudes(weight, reserve):

@@ -1,0 +1,90 @@
+"""The device criterion returns exactly the masks of the numpy reference (`criteria.py`)."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from dg2pf_tf import criteria, device_criteria
+
+SHAPES = [(3, 3, 4, 5), (7,), (31, 2), (64, 33), (5000,), (300, 20)]
+SETTINGS = [("global", 0.0), ("layer", 0.0), ("global", 1.0), ("global", 0.5)]
+LEVELS = [0.0, 0.1, 0.5, 0.9, 0.95, 0.999]
+
+
+def _weights(kind, rng):
+    weights = [rng.normal(size=shape).astype(np.float32) for shape in SHAPES]
+    if kind == "ties":  # a handful of distinct magnitudes, many weights each
+        weights = [(np.round(w * 2) / 2).astype(np.float32) for w in weights]
+    if kind == "zeros":  # hard-pruned weights: most are exactly 0
+        weights = [np.where(rng.random(w.shape) < 0.7, 0.0, w).astype(np.float32) for w in weights]
+    if kind == "dead kernel":  # a whole kernel of zeros, another of one value
+        weights[3] = np.zeros_like(weights[3])
+        weights[5] = np.full_like(weights[5], -0.25)
+    return weights
+
+
+def _mismatches(reference, masks):
+    return [int(np.sum(a != b.numpy())) for a, b in zip(reference, masks)]
+
+
+def _device_masks(scope, floor, jit_compile=False, flat=False):
+    criterion = device_criteria.DeviceCriterion(SHAPES, scope, floor, jit_compile=jit_compile, flat=flat)
+    return tf.function(criterion.masks)
+
+
+@pytest.mark.parametrize("flat,jit_compile", [(True, True), (True, False), (False, False)],
+                         ids=["radix select, XLA", "radix select", "windowed search"])
+@pytest.mark.parametrize("scope,floor", SETTINGS)
+def test_device_masks_equal_the_reference(scope, floor, flat, jit_compile):
+    masks_of = _device_masks(scope, floor, jit_compile, flat)
+    for kind in ("normal", "ties", "zeros", "dead kernel"):
+        weights = _weights(kind, np.random.default_rng(0))
+        for level in LEVELS:
+            reference = criteria.magnitude_masks(weights, level, scope, floor)
+            masks = masks_of([tf.constant(w) for w in weights], tf.constant(level, tf.float64))
+            assert _mismatches(reference, masks) == [0] * len(SHAPES), (kind, level)
+            assert all(m.dtype == tf.float32 and tuple(m.shape) == w.shape for m, w in zip(masks, weights))
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+@pytest.mark.parametrize("scope,floor", SETTINGS)
+def test_windows_carried_between_calls_stay_exact_as_weights_and_levels_move(scope, floor, jit_compile):
+    rng = np.random.default_rng(1)
+    masks_of = _device_masks(scope, floor, jit_compile)
+    weights = _weights("normal", rng)
+    reference = None
+    for step, level in enumerate([0.1, 0.1, 0.12, 0.5, 0.51, 0.9, 0.9, 0.95, 0.999, 0.3, 0.0, 0.9]):
+        weights = [(w + rng.normal(scale=0.01, size=w.shape)).astype(np.float32) for w in weights]
+        if step == 6:  # masked weights become exact zeros, as in the hard phases
+            weights = [np.where(m == 0, 0, w).astype(np.float32) for w, m in zip(weights, reference)]
+        if step == 7:  # then heavy ties
+            weights = [(np.round(w * 2) / 2).astype(np.float32) for w in weights]
+        reference = criteria.magnitude_masks(weights, level, scope, floor)
+        masks = masks_of([tf.constant(w) for w in weights], tf.constant(level, tf.float64))
+        assert _mismatches(reference, masks) == [0] * len(SHAPES), (step, level)
+
+
+@pytest.mark.parametrize("scope,floor", SETTINGS)
+def test_searches_that_start_from_a_bad_sample_still_end_exact(monkeypatch, scope, floor):
+    # Tiny samples and targets make the first window miss or overflow often,
+    # so the widening and bisecting paths of the search run.
+    monkeypatch.setattr(device_criteria, "_SAMPLE", 64)
+    monkeypatch.setattr(device_criteria, "_KERNEL_SAMPLE", 16)
+    monkeypatch.setattr(device_criteria, "_CANDIDATES", 1 << 9)
+    monkeypatch.setattr(device_criteria, "_TARGET", 16)
+    rng = np.random.default_rng(2)
+    masks_of = _device_masks(scope, floor)
+    for kind in ("normal", "ties", "zeros"):
+        weights = _weights(kind, rng)
+        weights[4] = np.sort(np.abs(weights[4]))  # sorted values defeat a strided sample
+        for level in (0.3, 0.9, 0.999):
+            reference = criteria.magnitude_masks(weights, level, scope, floor)
+            masks = masks_of([tf.constant(w) for w in weights], tf.constant(level, tf.float64))
+            assert _mismatches(reference, masks) == [0] * len(SHAPES), (kind, level)
+
+
+def test_criterion_refuses_bad_scope_and_floor():
+    with pytest.raises(ValueError, match="scope"):
+        device_criteria.DeviceCriterion(SHAPES, "channel", 0.0)
+    with pytest.raises(ValueError, match="floor"):
+        device_criteria.DeviceCriterion(SHAPES, "global", 1.5)
