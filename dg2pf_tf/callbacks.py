@@ -45,15 +45,15 @@ class UpdateMasks(keras.callbacks.Callback):
         self.scope = None if scope is None else check_scope(scope)
         self.every_n_steps = every_n_steps
         self.verbose = verbose
-        self._wrappers = []
+        self._masks = None
         self._epoch = 0
         self._steps_per_epoch = None
         self._batches_seen = 0
         self.level = None
 
     def on_train_begin(self, logs=None):
-        self._wrappers = masking.require_wrappers(self.model, "UpdateMasks")
-        first = self._wrappers[0]
+        self._masks = masking.mask_set(self.model, "UpdateMasks")
+        first = self._masks.wrappers[0]
         if self.schedule is None:
             self.schedule = first.schedule
         if self.scope is None:
@@ -84,12 +84,14 @@ class UpdateMasks(keras.callbacks.Callback):
             # Unknown dataset length: learn it from the first epoch.
             self._steps_per_epoch = self._batches_seen
         if logs is not None:
-            logs["sparsity"] = masking.mask_sparsity(self._wrappers)
+            logs["sparsity"] = self._masks.sparsity()
 
     def _update(self, position):
         if not self.schedule.is_active(position):
             return
         level = self.schedule(position)
-        self.level = masking.set_level(self._wrappers, level, self.scope)
+        # On the device, without waiting for it: the training step that follows
+        # reads the new masks.
+        self.level = self._masks.update(level, self.scope)
         if self.verbose:
             print(f"UpdateMasks: epoch {position:.2f}, sparsity {self.level:.4f}")

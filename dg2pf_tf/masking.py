@@ -1,8 +1,12 @@
-"""Mask state of a pruned model: find its wrappers, set a sparsity level, measure it."""
+"""Mask state of a pruned model: its wrappers, and setting a sparsity level on the device."""
+
+import weakref
 
 import numpy as np
+import tensorflow as tf
 
 from dg2pf_tf import criteria
+from dg2pf_tf.device_criteria import DeviceCriterion
 from dg2pf_tf.wrapper import PruneWrapper
 
 
@@ -37,38 +41,94 @@ def require_wrappers(model, what):
     return wrappers
 
 
+class MaskSet:
+    """The pruned kernels of a model, their masks, and the device code that sets them.
+
+    `assign(level)` recomputes every mask from the kernels' current values
+    (masked ones included, so pruned weights can return: weight recovery) with
+    `DeviceCriterion`, in TensorFlow ops; call it inside a compiled training
+    step. `update(level)` is the same, compiled on its own, for callbacks and
+    custom loops. Kernels of wrappers in hard mode are zeroed where masked, so
+    hard-pruned weights are exactly 0 at once.
+    """
+
+    def __init__(self, wrappers):
+        self.wrappers = list(wrappers)
+        self.scope = self.wrappers[0].scope
+        self.floor = self.wrappers[0].floor
+        self.entries = [(w, k, m) for w in self.wrappers for k, m in zip(w.kernels, w.masks)]
+        self.sizes = [int(np.prod(m.shape)) for _, _, m in self.entries]
+        self._criteria = {}
+        self._update = tf.function(self.assign)
+
+    def criterion(self, scope=None, floor=None):
+        """The `DeviceCriterion` for `scope`/`floor` (default: the wrappers' own)."""
+        key = (self.scope if scope is None else criteria.check_scope(scope),
+               self.floor if floor is None else criteria.check_floor(floor))
+        if key not in self._criteria:
+            shapes = [tuple(m.shape) for _, _, m in self.entries]
+            self._criteria[key] = DeviceCriterion(shapes, *key)
+        return self._criteria[key]
+
+    def assign(self, level, scope=None, floor=None):
+        """Sets the masks to sparsity `level` (a float64 scalar tensor), in graph code."""
+        masks = self.criterion(scope, floor).masks([k.value for _, k, _ in self.entries], level)
+        for (_, _, variable), mask in zip(self.entries, masks):
+            variable.assign(mask)
+        for (wrapper, kernel, variable), mask in zip(self.entries, masks):
+            tf.cond(wrapper.hard > 0.5,
+                    lambda kernel=kernel, mask=mask: kernel.assign(kernel.value * tf.cast(mask, kernel.dtype)),
+                    lambda kernel=kernel: tf.identity(kernel.value))
+
+    def update(self, level, scope=None, floor=None):
+        """`assign(level)` as its own compiled call; returns the realised sparsity
+        (computed from the shapes, without waiting for the device).
+
+        Raises ValueError for a bad `level`, `scope` or `floor`.
+        """
+        level = criteria.check_sparsity(level)
+        self.criterion(scope, floor)  # its variables are made here, not while tracing
+        self._update(tf.constant(level, tf.float64), scope, floor)
+        return self.realised(level, scope)
+
+    def realised(self, level, scope=None):
+        """The fraction of zeros the masks hold at `level`: exact, from the shapes."""
+        scope = self.scope if scope is None else scope
+        total = sum(self.sizes)
+        if scope == "layer":
+            return sum(criteria.zero_count(level, n) for n in self.sizes) / max(1, total)
+        return criteria.zero_count(level, total) / max(1, total)
+
+    def sparsity(self):
+        """Fraction of zeros in the masks, counted on the device."""
+        zeros = tf.add_n([tf.size(m, out_type=tf.int64) - tf.math.count_nonzero(m, dtype=tf.int64)
+                          for _, _, m in self.entries])
+        return float(zeros) / max(1, sum(self.sizes))
+
+
+_SETS = weakref.WeakKeyDictionary()
+
+
+def mask_set(model, what="update_masks()"):
+    """The `MaskSet` of pruned `model`, kept while the model lives.
+
+    Raises ValueError if `model` has no pruned layers or they are not built.
+    """
+    wrappers = require_wrappers(model, what)
+    cached = _SETS.get(model)
+    if cached is None or [id(w) for w in cached.wrappers] != [id(w) for w in wrappers]:
+        cached = _SETS[model] = MaskSet(wrappers)
+    return cached
+
+
 def update_masks(model, sparsity, scope=None, floor=None):
     """Sets the masks of pruned `model` to `sparsity` by global (or per-layer)
-    magnitude, for custom training loops. Returns the realised sparsity.
-    `scope` and `floor` default to the ones given to `prune()`.
+    magnitude, on the device, for custom training loops. Returns the realised
+    sparsity. `scope` and `floor` default to the ones given to `prune()`.
 
     Raises ValueError if `model` has no pruned layers or `sparsity` is bad.
     """
-    return set_level(require_wrappers(model, "update_masks()"), sparsity, scope, floor)
-
-
-def set_level(wrappers, sparsity, scope=None, floor=None):
-    """Masks the smallest-|w| fraction `sparsity` of the wrappers' kernels.
-
-    Scores are the kernels' current values, masked ones included, so weights
-    pruned earlier can return (weight recovery). Kernels of wrappers in hard
-    mode are zeroed where masked, so hard-pruned weights are exactly 0 at once.
-    `scope`/`floor` default to the wrappers' own. Returns the realised
-    sparsity over the prunable weights.
-    """
-    scope = wrappers[0].scope if scope is None else scope
-    floor = wrappers[0].floor if floor is None else floor
-    pairs = [(w, k, m) for w in wrappers for k, m in zip(w.kernels, w.masks)]
-    masks = criteria.iter_magnitude_masks([k for _, k, _ in pairs], sparsity, scope, floor)
-    zeros = total = 0
-    # One mask at a time: peak memory stays near one float32 copy of the weights.
-    for (wrapper, kernel, mask_var), mask in zip(pairs, masks):
-        mask_var.assign(mask)
-        if float(wrapper.hard.numpy()) == 1.0:
-            kernel.assign(kernel.numpy() * mask.astype(kernel.dtype))
-        total += mask.size
-        zeros += mask.size - int(np.count_nonzero(mask))
-    return zeros / max(1, total)
+    return mask_set(model).update(sparsity, scope, floor)
 
 
 def set_hard(wrappers, hard=True):
@@ -77,23 +137,17 @@ def set_hard(wrappers, hard=True):
         wrapper.hard.assign(1.0 if hard else 0.0)
         if hard:
             for kernel, mask in zip(wrapper.kernels, wrapper.masks):
-                kernel.assign(kernel.numpy() * mask.numpy().astype(kernel.dtype))
+                kernel.assign(kernel.value * tf.cast(mask.value, kernel.dtype))
 
 
 def mask_sparsity(wrappers):
     """Fraction of zeros in the wrappers' masks, over all their prunable weights."""
-    total = zeros = 0
-    for wrapper in wrappers:
-        for mask in wrapper.masks:
-            values = mask.numpy()
-            total += values.size
-            zeros += values.size - int(np.count_nonzero(values))
-    return zeros / max(1, total)
+    return MaskSet(wrappers).sparsity() if wrappers else 0.0
 
 
 def check_invariant(wrappers, sparsity, source="the model"):
     """Raises ValueError unless the masked weights of hard-masked `wrappers`
-    are exactly 0 and the masks hold exactly the zeros `set_level` gives
+    are exactly 0 and the masks hold exactly the zeros the criterion gives
     `sparsity` (`round(sparsity * n)` globally, or per kernel with scope 'layer')."""
     masks = [m.numpy() for w in wrappers for m in w.masks]
     total = sum(m.size for m in masks)

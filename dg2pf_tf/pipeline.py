@@ -23,10 +23,9 @@ import tensorflow as tf
 
 from dg2pf_tf import checkpoint, masking, schedules
 from dg2pf_tf.batchnorm import batchnorm_layers, reestimate_batchnorm
-from dg2pf_tf.callbacks import UpdateMasks
 from dg2pf_tf.criteria import check_scope, check_sparsity
 from dg2pf_tf.distill import Distiller
-from dg2pf_tf.loop import EpochLoop, steps_in
+from dg2pf_tf.loop import EpochLoop, MaskUpdates, steps_in
 from dg2pf_tf.losses import cross_entropy, is_one_hot, output_is_probability
 from dg2pf_tf.prune import prune, strip
 from dg2pf_tf.summary import sparsity_summary
@@ -272,6 +271,9 @@ def run(
     recalibrate_bn="auto",
     bn_batches=50,
     backup_dir=None,
+    steps_per_execution=1,
+    steps_per_epoch=None,
+    jit_compile=False,
 ):
     """Prunes a trained classifier with DG2PF and returns a `RunResult`.
 
@@ -318,6 +320,11 @@ def run(
         recalibrate_bn: re-estimate BatchNorm statistics from `bn_batches`
             training batches before each validation; 'auto': when the model
             has BatchNorm layers.
+        steps_per_execution: training steps per compiled call (as in Keras'
+            `compile`); the host then waits for the device once per call.
+        steps_per_epoch: train at most this many steps per epoch (smoke runs,
+            or epochs defined by steps on repeated data).
+        jit_compile: compile each training step with XLA.
         backup_dir: a directory where the run's state is saved after every
             epoch (atomically; by the chief worker only). Calling `run` again
             with the same arguments resumes from it, and ends with the result
@@ -336,9 +343,13 @@ def run(
     started = time.perf_counter()
     check_sparsity(sparsity)
     check_scope(scope)
-    for name, value in (("patience", patience), ("max_epochs", max_epochs)):
+    for name, value in (("patience", patience), ("max_epochs", max_epochs),
+                        ("steps_per_execution", steps_per_execution)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"`{name}` must be an int >= 1, got {value!r}.")
+    if steps_per_epoch is not None and (
+            isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int) or steps_per_epoch < 1):
+        raise ValueError(f"`steps_per_epoch` must be None or an int >= 1, got {steps_per_epoch!r}.")
     if validation_data is None:
         raise ValueError(
             "run() needs `validation_data`: DG2PF ends its phases when the "
@@ -369,6 +380,7 @@ def run(
         for optimizer in optimizers.values():
             optimizer.build(student.trainable_variables)
     wrappers = masking.find_wrappers(student)
+    masks = masking.MaskSet(wrappers)
     norms = batchnorm_layers(student)
     if recalibrate_bn == "auto":
         recalibrate_bn = bool(norms)
@@ -395,7 +407,10 @@ def run(
         floor=float(floor), alpha=float(alpha), temperature=float(temperature),
         patience=patience, max_epochs=max_epochs, seed=seed, batch_size=batch_size,
         learning_rate=float(learning_rate), finetune_learning_rate=float(finetune_learning_rate),
-        finetune=bool(finetune), recovery=bool(recovery), replicas=strategy.num_replicas_in_sync)
+        finetune=bool(finetune), recovery=bool(recovery), replicas=strategy.num_replicas_in_sync,
+        weight_decay=float(weight_decay), clipnorm=None if clipnorm is None else float(clipnorm),
+        mask_update_steps=mask_update_steps, recalibrate_bn=recalibrate_bn, bn_batches=bn_batches,
+        steps_per_epoch=steps_per_epoch)
     chief = getattr(strategy.extended, "should_checkpoint", True)
     if backup_dir is not None:
         os.makedirs(backup_dir, exist_ok=True)
@@ -425,7 +440,7 @@ def run(
                         {**arrays, **best_arrays})
 
     evaluator = Evaluator(student)
-    epochs = EpochLoop(strategy)
+    epochs = EpochLoop(strategy, steps_per_execution=steps_per_execution, jit_compile=jit_compile)
     dense_accuracy, _ = evaluate(teacher, val)
     say(f"[dg2pf] dense validation accuracy {dense_accuracy:.4f}; "
         f"pruning {len(wrappers)} layers to {sparsity:.1%} ({scope})")
@@ -442,23 +457,25 @@ def run(
                                             temperature=temperature, alpha=alpha)
                 distillers[key].compile(optimizer=optimizers[phase.optimizer], metrics=["accuracy"])
         distiller = distillers[key]
-        extra = []
+        updates = None
         if phase.name == "gradual":
-            extra.append(UpdateMasks(schedule, scope=scope, every_n_steps=mask_update_steps))
-        calls = epochs.callbacks(distiller, extra + list(callbacks or []),
+            updates = MaskUpdates(masks, schedule, mask_update_steps, scope)
+        calls = epochs.callbacks(distiller, list(callbacks or []),
                                  epochs=state["epoch"] + phase.epochs - state["phase_epoch"],
-                                 steps=steps_in(train.for_epoch(0)), verbose={0: 0, 2: 2}.get(verbose, 1))
+                                 steps=steps_per_epoch or steps_in(train.for_epoch(0)),
+                                 verbose={0: 0, 2: 2}.get(verbose, 1))
         say(f"[dg2pf] phase {phase.name}: up to {phase.epochs - state['phase_epoch']} epochs "
             f"from epoch {state['epoch'] + 1}")
         calls.on_train_begin()
         while True:
             tick = time.perf_counter()
             data = train.for_epoch(state["epoch"])
-            logs = epochs.run_epoch(distiller, data, state["epoch"], calls)
+            logs = epochs.run_epoch(distiller, data, state["epoch"], calls, updates=updates,
+                                    steps_per_epoch=steps_per_epoch)
             if recalibrate_bn:
                 reestimate_batchnorm(student, data, bn_batches)
             accuracy, loss = evaluator(val)
-            logs.update(val_accuracy=accuracy, val_loss=loss, sparsity=masking.mask_sparsity(wrappers))
+            logs.update(val_accuracy=accuracy, val_loss=loss, sparsity=masks.sparsity())
             state["epoch"] += 1
             state["phase_epoch"] += 1
             state["rows"].append({"epoch": state["epoch"], "phase": phase.name, **_floats(logs)})
@@ -480,7 +497,7 @@ def run(
             if finished:
                 if plateau:
                     state["plateaus"].append(phase.name)
-                _end_phase(phase, plateau, wrappers, sparsity, tracker, student)
+                _end_phase(phase, plateau, masks, sparsity, tracker, student)
                 state.update(phase=index + 1, phase_epoch=0, wait=0)
             save()
             if finished:
@@ -518,13 +535,13 @@ def run(
     return RunResult(model=final, history=state["rows"], report=report)
 
 
-def _end_phase(phase, plateau, wrappers, sparsity, tracker, student):
+def _end_phase(phase, plateau, masks, sparsity, tracker, student):
     """What happens between phases: the mask becomes final after the gradual
     phase (from the latest weights); the best state returns before fine-tuning
     (after the detached phase, or after distillation when it never plateaued
     and so no detached phase follows)."""
     if phase.name == "gradual":
-        masking.set_level(wrappers, sparsity)
-        masking.set_hard(wrappers, True)
+        masks.update(sparsity)
+        masking.set_hard(masks.wrappers, True)
     elif phase.name == "detached" or (phase.name == "distill" and not plateau):
         tracker.restore(student)

@@ -10,6 +10,7 @@ epoch, so epoch-level and step-level updates end at the same place.
 import math
 
 import keras
+import tensorflow as tf
 
 from dg2pf_tf.criteria import check_sparsity
 
@@ -58,6 +59,17 @@ class Schedule:
 
     def _level(self, progress):
         raise NotImplementedError
+
+    def is_active_tensor(self, t):
+        """`is_active` for a float64 tensor `t`, inside compiled code."""
+        return (t >= float(self.begin_epoch)) & (t < float(self.end_epoch))
+
+    def level_tensor(self, t):
+        """`self(t)` for a float64 tensor `t`: the same float64 operations, so the
+        same level as the Python call at the same position."""
+        progress = tf.minimum((t - float(self.begin_epoch) + 1.0) / float(self.epochs), 1.0)
+        level = tf.cast(self._level(progress), tf.float64)
+        return tf.where(t < float(self.begin_epoch), tf.constant(0.0, tf.float64), level)
 
     def get_config(self):
         return {
