@@ -75,10 +75,13 @@ class MaskSet:
         masks = self.criterion(scope, floor).masks([k.value for _, k, _ in self.entries], level)
         for (_, _, variable), mask in zip(self.entries, masks):
             variable.assign(mask)
+        def zero_masked(kernel, mask):
+            kernel.assign(kernel.value * tf.cast(mask, kernel.dtype))
+            return tf.constant(True)
+
         for (wrapper, kernel, variable), mask in zip(self.entries, masks):
-            tf.cond(wrapper.hard > 0.5,
-                    lambda kernel=kernel, mask=mask: kernel.assign(kernel.value * tf.cast(mask, kernel.dtype)),
-                    lambda kernel=kernel: tf.identity(kernel.value))
+            tf.cond(wrapper.hard > 0.5, lambda kernel=kernel, mask=mask: zero_masked(kernel, mask),
+                    lambda: tf.constant(False))
 
     def update(self, level, scope=None, floor=None):
         """`assign(level)` as its own compiled call; returns the realised sparsity
