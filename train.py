@@ -18,9 +18,10 @@ import time
 
 from absl import app, flags
 
-from flags.train_flags import define_flags
+from flags import train_flags
 
-define_flags()
+train_flags.define_flags()
+flags.adopt_module_key_flags(train_flags)  # so --help lists them
 FLAGS = flags.FLAGS
 
 
@@ -74,7 +75,8 @@ def _dense_model(cfg, info, train, val, strategy, log):
         model.compile(keras.optimizers.Adam(cfg.dense_learning_rate),
                       keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                       metrics=["accuracy"])
-    model.fit(train, epochs=cfg.dense_epochs, verbose=2 if cfg.dataset == "digits" else 1)
+    model.fit(train, epochs=cfg.dense_epochs, steps_per_epoch=cfg.steps_per_epoch,
+              verbose=2 if cfg.dataset == "digits" else 1)
     import dg2pf_tf
 
     # The moving BatchNorm statistics lag the last steps; the teacher needs true ones.
@@ -150,7 +152,7 @@ def main(argv):
         out = tempfile.mkdtemp(prefix="dg2pf-worker-")
         log(f"non-chief worker: outputs go to {out}")
     try:
-        train, val, info = load(cfg.dataset, cfg.batch_size, data_dir=cfg.data_dir,
+        train, val, test, info = load(cfg.dataset, cfg.batch_size, data_dir=cfg.data_dir,
                                 image_size=cfg.image_size, seed=cfg.seed, log=log)
     except DataUnavailable as error:
         _fail(str(error))
@@ -173,7 +175,8 @@ def main(argv):
         temperature=cfg.temperature, alpha=cfg.alpha, patience=cfg.patience,
         max_epochs=cfg.max_epochs, seed=cfg.seed, strategy=strategy, scope=cfg.scope,
         backup_dir=backup,
-        floor=cfg.floor, learning_rate=cfg.learning_rate,
+        floor=cfg.floor, learning_rate=cfg.learning_rate, steps_per_epoch=cfg.steps_per_epoch,
+        steps_per_execution=cfg.steps_per_execution, jit_compile=cfg.jit_compile,
         finetune_learning_rate=cfg.finetune_learning_rate, verbose=1,
         callbacks=[keras.callbacks.TensorBoard(os.path.join(out, "tensorboard"))],
     )
@@ -194,12 +197,25 @@ def main(argv):
     _plots(result.history, pruned, out)
 
     summary = dg2pf_tf.sparsity_summary(pruned)
+    # The test split never picked an epoch: it is what the pruned model is worth.
+    test_accuracy = {name: dg2pf_tf.evaluate(m, test)[0] for name, m in (("dense", dense), ("pruned", pruned))}
     sizes = {name: os.path.getsize(os.path.join(out, name)) for name in ("dense.keras", "pruned.keras")}
     sizes.update({f"export/{name}": entry["bytes"] for name, entry in exported["files"].items()})
+    # Throughput of each phase over whole epochs (validation and BatchNorm re-estimation included).
+    steps = cfg.steps_per_epoch or -(-info["train_size"] // cfg.batch_size)
+    images_per_second = {
+        phase: epochs * steps * cfg.batch_size / result.report["seconds"][phase]
+        for phase, epochs in result.report["epochs"].items() if result.report["seconds"].get(phase)}
+    if times.get("dense_training"):
+        images_per_second["dense_training"] = cfg.dense_epochs * steps * cfg.batch_size / times["dense_training"]
     report = {
-        "flags": {f.name: f.value for f in FLAGS.get_flags_for_module(sys.modules["flags.train_flags"])},
+        "flags": {f.name: f.value for f in FLAGS.get_flags_for_module(train_flags)},
         **result.report,
+        "test_split": info["test_split"],
+        "dense_test_accuracy": test_accuracy["dense"],
+        "pruned_test_accuracy": test_accuracy["pruned"],
         "params_dense": dense.count_params(),
+        "images_per_second": images_per_second,
         "file_bytes": sizes,
         "seconds": {**result.report["seconds"], **times, "total": time.perf_counter() - started},
     }
@@ -209,9 +225,12 @@ def main(argv):
     print()
     print(f"{'':<28}{'dense':>12}{'pruned':>12}")
     print(f"{'validation accuracy':<28}{report['dense_val_accuracy']:>12.4f}{report['pruned_val_accuracy']:>12.4f}")
+    print(f"{info['test_split'] + ' accuracy (held out)':<28}{test_accuracy['dense']:>12.4f}"
+          f"{test_accuracy['pruned']:>12.4f}")
     print(f"{'sparsity (prunable)':<28}{0.0:>12.2%}{summary.prunable_sparsity:>12.2%}")
     print(f"{'nonzero parameters':<28}{dense.count_params():>12,}{report['params_nonzero']:>12,}")
     print(f"{'.keras file (bytes)':<28}{sizes['dense.keras']:>12,}{sizes['pruned.keras']:>12,}")
+    print("images/s (with validation): " + ", ".join(f"{k} {v:,.1f}" for k, v in images_per_second.items()))
     if "model.tflite" in exported["files"]:
         tfl = exported["files"]["model.tflite"]
         print(f"{'.tflite file (bytes)':<28}{tfl['dense_equivalent_bytes']:>12,}{tfl['bytes']:>12,}")
@@ -220,4 +239,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    if any(arg in ("-h", "-?", "--help", "--helpshort") for arg in sys.argv[1:]):
+        # absl's own --help exits with status 1; asking for help is not an error.
+        app.usage(shorthelp=True, writeto_stdout=True, exitcode=0)
     app.run(main)

@@ -34,6 +34,13 @@ def define_flags():
     flags.DEFINE_float("dense_learning_rate", 3e-3, "Adam learning rate of dense training.")
     flags.DEFINE_integer("dense_epochs", 40, "Epochs of dense training when no --weights.", lower_bound=1)
     flags.DEFINE_integer("batch_size", 32, "Global batch size.", lower_bound=1)
+    flags.DEFINE_integer("steps_per_epoch", None,
+                         "Training steps per epoch (default: one pass over the training split); "
+                         "for smoke runs and epochs defined by steps.", lower_bound=1)
+    flags.DEFINE_integer("steps_per_execution", 1,
+                         "Training steps per compiled call, as in Keras' compile(): fewer waits "
+                         "for the device.", lower_bound=1)
+    flags.DEFINE_bool("jit_compile", False, "Compile the training steps with XLA.")
     flags.DEFINE_integer("seed", 0, "Random seed.")
     flags.DEFINE_enum("distribution", "auto", DISTRIBUTIONS,
                       "auto: MirroredStrategy over GPUs when more than one; multi_worker reads TF_CONFIG.")

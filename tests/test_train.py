@@ -33,6 +33,60 @@ def test_bad_flags_exit_nonzero_with_one_clear_line_and_write_nothing(flag, expe
     assert not out.exists() or not os.listdir(out)
 
 
+def test_help_lists_our_flags_and_exits_zero():
+    done = _train("--help", timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for flag in ("--sparsity", "--model", "--dataset", "--steps_per_epoch", "--steps_per_execution",
+                 "--[no]jit_compile"):
+        assert flag in done.stdout, flag
+
+
+def test_missing_data_names_the_real_error(monkeypatch):
+    import tensorflow_datasets as tfds
+
+    from zoo.data import DataUnavailable, load
+
+    def broken(*args, **kwargs):
+        raise ModuleNotFoundError("No module named 'importlib_resources'")
+
+    monkeypatch.setattr(tfds, "load", broken)
+    with pytest.raises(DataUnavailable, match="ModuleNotFoundError: No module named 'importlib_resources'"):
+        load("cifar10", 4, log=lambda m: None)
+
+
+def test_digits_splits_keep_validation_and_test_apart():
+    from zoo.data import digits_splits
+
+    (xtr, _), (xval, _), (xte, _) = digits_splits()
+    rows = lambda x: {r.tobytes() for r in x}  # noqa: E731
+    assert len(xtr) + len(xval) + len(xte) == 1797 and len(xval) > 200
+    # Digits holds a few duplicate images; the splits share at most those.
+    assert len(rows(xval) & rows(xte)) <= 2 and len(rows(xtr) & rows(xte)) <= 5
+
+
+@pytest.mark.slow
+def test_resnet50_on_imagenet_mock_data_runs_every_phase_and_exports(tmp_path):
+    out = tmp_path / "run"
+    code = f"""
+import runpy, sys
+import tensorflow_datasets as tfds
+sys.argv = ["train.py", "--model=resnet50", "--dataset=imagenet2012", "--image_size=224",
+            "--batch_size=4", "--steps_per_epoch=2", "--dense_epochs=1", "--pruning_epochs=1",
+            "--patience=1", "--max_epochs=1", "--sparsity=0.9", "--output_dir={out}"]
+with tfds.testing.mock_data(num_examples=16):
+    runpy.run_path("train.py", run_name="__main__")
+"""
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          timeout=1800, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["sparsity_prunable"] == pytest.approx(0.9, abs=1e-4)
+    assert report["test_split"] == "validation"
+    assert set(report["epochs"]) == {"gradual", "distill", "detached", "finetune"}
+    assert all(v > 0 for v in report["images_per_second"].values())
+    assert (out / "export" / "model.tflite").exists()
+
+
 def test_weights_that_do_not_fit_the_model_are_refused(tmp_path):
     import keras
 
@@ -55,11 +109,12 @@ def test_tfds_pipelines_on_mock_data_feed_each_model(name, model, size):
     from zoo.data import load
     from zoo.models import build
 
-    with tfds.testing.mock_data(num_examples=8):
-        train, val, info = load(name, 4, image_size=size, log=lambda m: None)
+    with tfds.testing.mock_data(num_examples=40):
+        train, val, test, info = load(name, 4, image_size=size, log=lambda m: None)
         x, y = next(iter(train))
         xv, _ = next(iter(val))
-    assert x.shape[1:] == info["input_shape"] and xv.shape[1:] == info["input_shape"]
+        xt, _ = next(iter(test))
+    assert x.shape[1:] == info["input_shape"] and xv.shape[1:] == xt.shape[1:] == info["input_shape"]
     net = build(model, info["input_shape"], info["classes"])
     net.compile(keras.optimizers.SGD(0.01), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     loss = net.train_on_batch(x, y)
@@ -93,4 +148,5 @@ print(json.dumps({{"acc": float((logits.argmax(-1) == yte).mean()), "dg2pf": "dg
 """, env={"PYTHONPATH": ""})
     result = json.loads(served.strip().splitlines()[-1])
     assert result["dg2pf"] is False
-    assert result["acc"] == pytest.approx(report["pruned_val_accuracy"], abs=1e-6)
+    assert result["acc"] == pytest.approx(report["pruned_test_accuracy"], abs=1e-6)
+    assert report["test_split"] == "test" and set(report["images_per_second"]) >= {"gradual", "finetune"}

@@ -26,6 +26,17 @@ def digits_arrays(seed=0):
     return (xtr, ytr), (xte, yte)
 
 
+def digits_splits(seed=0, validation=0.2):
+    """`digits_arrays`' training part split again into training and validation
+    (stratified, `validation` of it); the test part is left for the final
+    report. Returns ((x_train, y_train), (x_val, y_val), (x_test, y_test))."""
+    from sklearn.model_selection import train_test_split
+
+    (x, y), test = digits_arrays(seed)
+    xtr, xval, ytr, yval = train_test_split(x, y, test_size=validation, random_state=seed, stratify=y)
+    return (xtr, ytr), (xval, yval), test
+
+
 def _normalise(image, kind):
     image = tf.cast(image, tf.float32) / 255.0
     return (image - _MEAN[kind]) / _STD[kind]
@@ -61,11 +72,16 @@ def imagenet_preprocess(image, label, training, size=224):
 
 
 def load(name, batch_size, *, data_dir=None, image_size=None, seed=0, log=print):
-    """Returns `(train, validation, info)`: batched, prefetched datasets of
-    `(image, label)` and a dict with `input_shape`, `classes`, `train_size`
-    and `train_for_epoch(epoch)`, the training batches of one epoch (for
-    digits, in an order fixed by `seed` and the epoch, so a resumed run sees
-    what an uninterrupted one does).
+    """Returns `(train, validation, test, info)`: batched, prefetched datasets
+    of `(image, label)` and a dict with `input_shape`, `classes`, `train_size`,
+    `test_split` (its name) and `train_for_epoch(epoch)`, the training batches
+    of one epoch (for digits, in an order fixed by `seed` and the epoch, so a
+    resumed run sees what an uninterrupted one does).
+
+    Validation picks DG2PF's best epoch, so the test split is never used for
+    it: digits' test part is its own; CIFAR and ImageNet validate on a slice
+    held out of their training split and test on the official test
+    (CIFAR) or validation (ImageNet) split.
 
     Raises ValueError for an unknown name and DataUnavailable when a
     tensorflow-datasets set is neither in `data_dir` nor downloadable.
@@ -74,7 +90,7 @@ def load(name, batch_size, *, data_dir=None, image_size=None, seed=0, log=print)
         raise ValueError(f"--dataset={name!r} is not one of {', '.join(DATASETS)}.")
     if name == "digits":
         log("Loading scikit-learn digits (1,797 images, embedded)")
-        (xtr, ytr), (xte, yte) = digits_arrays()
+        (xtr, ytr), (xval, yval), (xte, yte) = digits_splits()
         examples = tf.data.Dataset.from_tensor_slices((xtr, ytr))
 
         def train_for_epoch(epoch):
@@ -82,16 +98,19 @@ def load(name, batch_size, *, data_dir=None, image_size=None, seed=0, log=print)
                     .batch(batch_size).prefetch(tf.data.AUTOTUNE))
 
         train = examples.shuffle(len(xtr), seed=seed).batch(batch_size).prefetch(tf.data.AUTOTUNE)
-        val = tf.data.Dataset.from_tensor_slices((xte, yte)).batch(batch_size).prefetch(tf.data.AUTOTUNE)
-        return train, val, {"input_shape": (8, 8, 1), "classes": 10, "train_size": len(xtr),
-                            "train_for_epoch": train_for_epoch}
+        val, test = (tf.data.Dataset.from_tensor_slices(arrays).batch(batch_size).prefetch(tf.data.AUTOTUNE)
+                     for arrays in ((xval, yval), (xte, yte)))
+        return train, val, test, {"input_shape": (8, 8, 1), "classes": 10, "train_size": len(xtr),
+                                  "test_split": "test", "train_for_epoch": train_for_epoch}
     import tensorflow_datasets as tfds
 
-    split_val = "validation" if name == "imagenet2012" else "test"
+    test_split = "validation" if name == "imagenet2012" else "test"
+    held_out = 1 if name == "imagenet2012" else 10  # percent of the training split, for validation
     log(f"Preparing {name} from tensorflow-datasets (data_dir={data_dir or 'default'})")
     try:
-        (train, val), info = tfds.load(
-            name, split=["train", split_val], as_supervised=True, with_info=True,
+        (train, val, test), info = tfds.load(
+            name, split=[f"train[:{100 - held_out}%]", f"train[{100 - held_out}%:]", test_split],
+            as_supervised=True, with_info=True,
             data_dir=data_dir, shuffle_files=True,
             # ImageNet cannot be downloaded by tfds: it must be prepared by hand.
             download=name != "imagenet2012",
@@ -105,11 +124,11 @@ def load(name, batch_size, *, data_dir=None, image_size=None, seed=0, log=print)
         )
         raise DataUnavailable(
             f"--dataset={name}: not available in --data_dir={data_dir or 'default'} "
-            f"({type(error).__name__}). {hint}"
+            f"({type(error).__name__}: {error}). {hint}"
         ) from None
     classes = info.features["label"].num_classes
     try:
-        train_size = info.splits["train"].num_examples
+        train_size = info.splits["train"].num_examples * (100 - held_out) // 100
     except KeyError:  # split metadata missing (mock data)
         train_size = 10_000
     if name == "imagenet2012":
@@ -125,13 +144,14 @@ def load(name, batch_size, *, data_dir=None, image_size=None, seed=0, log=print)
         val_map = lambda x, y: cifar_preprocess(x, y, False)  # noqa: E731
         cache = True  # 50k 32x32 images fit in memory
     if cache:
-        train, val = train.cache(), val.cache()
+        train, val, test = train.cache(), val.cache(), test.cache()
     train = (
         train.shuffle(min(train_size, 10_000), seed=seed)
         .map(train_map, num_parallel_calls=tf.data.AUTOTUNE)
         .batch(batch_size).prefetch(tf.data.AUTOTUNE)
     )
-    val = val.map(val_map, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    val, test = (split.map(val_map, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size)
+                 .prefetch(tf.data.AUTOTUNE) for split in (val, test))
     # Random crops and flips differ in a resumed run; the epoch order does not matter then.
-    return train, val, {"input_shape": shape, "classes": classes, "train_size": train_size,
-                        "train_for_epoch": lambda epoch: train}
+    return train, val, test, {"input_shape": shape, "classes": classes, "train_size": train_size,
+                              "test_split": test_split, "train_for_epoch": lambda epoch: train}
