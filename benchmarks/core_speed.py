@@ -5,9 +5,8 @@ Prints a table and writes JSON (default benchmarks/results/core_speed.json):
   recovery on, of its stripped copy, and of DG2PF's distillation step (pruned
   student + dense teacher), each as a ratio to the dense model, with steps of
   the four models interleaved in one process (median of `--steps` steps each);
-- the same ratio for tfmot's `prune_low_magnitude` (tf_keras, own process);
-- one global mask update on ResNet50 (25.6M parameters): time, and peak of
-  Python-heap memory (numpy) as a multiple of the weights' size.
+- the same ratio for tfmot's `prune_low_magnitude` (tf_keras, own process).
+Mask updates and the phases of `run()` at scale: benchmarks/phase_speed.py.
 
 Run: python benchmarks/core_speed.py [--steps 40] [--out FILE]
 """
@@ -18,7 +17,6 @@ import os
 import subprocess
 import sys
 import time
-import tracemalloc
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -100,11 +98,12 @@ def step_ratios(steps):
     return {name: median(v) for name, v in times.items()}
 
 
-def tfmot_ratio(steps):
-    env = {**os.environ, "TF_USE_LEGACY_KERAS": "1"}
+def run_tf_keras(code, *args, timeout=3600):
+    """The JSON that `code` prints last, run in a tf_keras process (tfmot does
+    not import under Keras 3); None, with its error printed, if it failed."""
     done = subprocess.run(
-        [sys.executable, "-c", TFMOT_CODE, str(steps)],
-        capture_output=True, text=True, env=env, timeout=1800,
+        [sys.executable, "-c", code, *map(str, args)],
+        capture_output=True, text=True, env={**os.environ, "TF_USE_LEGACY_KERAS": "1"}, timeout=timeout,
     )
     if done.returncode != 0:
         print(f"tfmot baseline failed:\n{done.stderr[-2000:]}", file=sys.stderr)
@@ -112,31 +111,8 @@ def tfmot_ratio(steps):
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def mask_update():
-    import keras
-
-    import dg2pf_tf
-
-    model = keras.applications.ResNet50(input_shape=(32, 32, 3), weights=None, classes=1000)
-    params = model.count_params()
-    pruned = dg2pf_tf.prune(model, sparsity=0.9, pruning_epochs=1)
-    del model
-    prunable = sum(int(k.numpy().size) for w in dg2pf_tf.masking.find_wrappers(pruned) for k in w.kernels)
-    dg2pf_tf.update_masks(pruned, 0.5)  # warm-up
-    tracemalloc.start()
-    start = time.perf_counter()
-    realised = dg2pf_tf.update_masks(pruned, 0.9)
-    seconds = time.perf_counter() - start
-    _, peak = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
-    return {
-        "parameters": params,
-        "prunable_weights": prunable,
-        "seconds": seconds,
-        "sparsity": realised,
-        "peak_numpy_bytes": peak,
-        "peak_over_weight_bytes": peak / (4 * prunable),
-    }
+def tfmot_ratio(steps):
+    return run_tf_keras(TFMOT_CODE, steps, timeout=1800)
 
 
 def main():
@@ -149,8 +125,6 @@ def main():
     ours = step_ratios(args.steps)
     print("Timing tfmot's prune_low_magnitude in a tf_keras process...", flush=True)
     theirs = tfmot_ratio(args.steps)
-    print("Timing one global mask update on ResNet50...", flush=True)
-    update = mask_update()
 
     rows = [
         ("dg2pf_tf wrapped step / dense step (MobileNetV2 a0.35, 32x32, b64)", ours["dg2pf_tf"] / ours["dense"], "<= 1.10"),
@@ -160,10 +134,6 @@ def main():
     ]
     if theirs:
         rows.append(("tfmot wrapped step / dense step (tf_keras)", theirs["tfmot"] / theirs["dense"], "comparison"))
-    rows += [
-        (f"ResNet50 global mask update, seconds ({update['parameters'] / 1e6:.1f}M params)", update["seconds"], "<= 1 s"),
-        ("  peak numpy memory / prunable weight bytes", update["peak_over_weight_bytes"], "<= 1 extra copy"),
-    ]
     width = max(len(r[0]) for r in rows)
     print(f"\n{'measure':<{width}}  {'value':>8}  target")
     for name, value, target in rows:
@@ -177,7 +147,6 @@ def main():
         "stripped_over_dense": ours["stripped"] / ours["dense"],
         "distill_over_dense": ours["distiller"] / ours["dense"],
         "tfmot_over_dense": theirs and theirs["tfmot"] / theirs["dense"],
-        "mask_update": update,
     }
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
