@@ -111,6 +111,14 @@ def run_tf_keras(code, *args, timeout=3600):
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def write_json(path, result):
+    """Writes a benchmark's `result` to `path` and says so."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"\nwrote {path}")
+
+
 def tfmot_ratio(steps):
     return run_tf_keras(TFMOT_CODE, steps, timeout=1800)
 
@@ -148,10 +156,7 @@ def main():
         "distill_over_dense": ours["distiller"] / ours["dense"],
         "tfmot_over_dense": theirs and theirs["tfmot"] / theirs["dense"],
     }
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"\nwrote {args.out}")
+    write_json(args.out, result)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import keras  # noqa: E402
-from core_speed import median, run_tf_keras  # noqa: E402  (benchmarks/ is on the path)
+from core_speed import median, run_tf_keras, write_json  # noqa: E402  (benchmarks/ is on the path)
 
 SETTINGS = [("global", 0.0), ("global", 1.0), ("global", 0.5), ("layer", 0.0)]
 UPDATE_MODELS = {"resnet50": "ResNet50", "resnet152": "ResNet152", "efficientnetv2l": "EfficientNetV2L"}
@@ -235,10 +235,7 @@ def main():
 
     result = {"command": "python " + " ".join(sys.argv), "batch_size": BATCH, "mask_updates": updates,
               "step_seconds": phases, "tfmot_step_seconds": baseline}
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"\nwrote {args.out}")
+    write_json(args.out, result)
 
 
 if __name__ == "__main__":
