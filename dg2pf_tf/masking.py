@@ -104,9 +104,7 @@ class MaskSet:
 
     def sparsity(self):
         """Fraction of zeros in the masks, counted on the device."""
-        zeros = tf.add_n([tf.size(m, out_type=tf.int64) - tf.math.count_nonzero(m, dtype=tf.int64)
-                          for _, _, m in self.entries])
-        return float(zeros) / max(1, sum(self.sizes))
+        return mask_sparsity(self.wrappers)
 
 
 _SETS = weakref.WeakKeyDictionary()
@@ -145,7 +143,11 @@ def set_hard(wrappers, hard=True):
 
 def mask_sparsity(wrappers):
     """Fraction of zeros in the wrappers' masks, over all their prunable weights."""
-    return MaskSet(wrappers).sparsity() if wrappers else 0.0
+    masks = [m for w in wrappers for m in w.masks]
+    if not masks:
+        return 0.0
+    zeros = tf.add_n([tf.size(m, out_type=tf.int64) - tf.math.count_nonzero(m, dtype=tf.int64) for m in masks])
+    return float(zeros) / sum(int(np.prod(m.shape)) for m in masks)
 
 
 def check_invariant(wrappers, sparsity, source="the model"):
