@@ -98,7 +98,7 @@ class _Passes:
     """The compiled passes over the weights, one function per kernel size."""
 
     def __init__(self, jit_compile):
-        options = dict(jit_compile=jit_compile, reduce_retracing=False)
+        options = dict(jit_compile=jit_compile, reduce_retracing=False, autograph=False)
         self.round = tf.function(_member_round, **options)
         self.window = tf.function(_member_window, **options)
         self.mask = tf.function(_member_mask, **options)
@@ -208,10 +208,11 @@ class _Search:
     # -- 2. counting until each window holds its answer ---------------------------
 
     def _round(self, flats, lo, hi, active, blocks):
-        lo_m, hi_m = (tf.cast(self._per_member(x), tf.int32) for x in (lo, hi))
+        lo_m, hi_m = (tf.unstack(tf.cast(self._per_member(x), tf.int32)) for x in (lo, hi))
+        active = tf.unstack(self._per_member(active))
         below, inside, found = [], [], []
         for i, flat in enumerate(flats):
-            b, c, f = tf.cond(active[self.groups[i]],
+            b, c, f = tf.cond(active[i],
                               lambda i=i, flat=flat: self.passes.round(flat, lo_m[i], hi_m[i]),
                               lambda i=i: (tf.zeros((), tf.int32), tf.zeros((), tf.int32), blocks[i]))
             below.append(b)
@@ -278,10 +279,11 @@ class _Search:
         return tf.cond(count * _BLOCK // 2 <= n, from_blocks, from_kernel)
 
     def _gather(self, flats, lo, hi, active, inside, blocks):
-        lo_m, hi_m = (tf.cast(self._per_member(x), tf.int32) for x in (lo, hi))
+        lo_m, hi_m = (tf.unstack(tf.cast(self._per_member(x), tf.int32)) for x in (lo, hi))
+        active, inside = tf.unstack(self._per_member(active)), tf.unstack(inside)
         values, owners = [], []
         for i, flat in enumerate(flats):
-            found = tf.cond(active[self.groups[i]],
+            found = tf.cond(active[i],
                             lambda i=i, flat=flat: self._inside(i, flat, lo_m[i], hi_m[i], inside[i], blocks[i]),
                             lambda: tf.zeros([0], tf.int32))
             values.append(found)
@@ -325,6 +327,7 @@ class _Search:
         order) equal to `value`: 0 when index <= 0, the kernel's size when index
         >= ties. Only kernels that split their ties run a `where`."""
         limits = []
+        value, index, ties = (tf.unstack(x) for x in (value, index, ties))
         for i, flat in enumerate(flats):
             n = int(self.sizes[i])
             split = (index[i] > 0) & (index[i] < ties[i])
@@ -508,7 +511,8 @@ class DeviceCriterion:
             raise ValueError("The device criterion handles kernels of fewer than 2**31 weights.")
         self.flat = self.total < FLAT_BELOW if flat is None else bool(flat)
         # XLA fuses the radix select's passes: 3-4x faster here, a second to compile.
-        self._flat_select = tf.function(self._flat_pruned, jit_compile=jit_compile is not False)
+        self._flat_select = tf.function(self._flat_pruned, jit_compile=jit_compile is not False,
+                                        autograph=False)
         if jit_compile is None:
             jit_compile = self.total >= XLA_FROM
         passes = _Passes(bool(jit_compile))
@@ -519,6 +523,9 @@ class DeviceCriterion:
         self._per_kernel = _Search(self.sizes, passes, per_kernel=True, sample=each)
         self._global = _Search(self.sizes, passes, per_kernel=False, sample=every)
 
+    # Python loops over kernels build the graph; autograph would only slow the
+    # tracing down (it converts every branch function anew).
+    @tf.autograph.experimental.do_not_convert
     def masks(self, kernels, sparsity):
         """Float32 masks equal to `criteria.magnitude_masks(kernels, sparsity, scope, floor)`.
 
@@ -581,6 +588,8 @@ class DeviceCriterion:
         clip = lambda x: tf.cast(tf.clip_by_value(tf.cast(x, tf.int64), -1, INT_MAX), tf.int32)  # noqa: E731
         value, reserve_value = clip(value), clip(reserve_value)
         masks = []
+        value, limit, reserve_value, reserve_limit = (
+            tf.unstack(x) for x in (value, limit, reserve_value, reserve_limit))
         for i, (kernel, flat) in enumerate(zip(kernels, flats)):
             mask = self._passes.mask(flat, value[i], tf.cast(limit[i], tf.int32),
                                      reserve_value[i], tf.cast(reserve_limit[i], tf.int32))

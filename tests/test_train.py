@@ -65,7 +65,7 @@ def test_digits_splits_keep_validation_and_test_apart():
 
 
 @pytest.mark.slow
-def test_resnet50_on_imagenet_mock_data_runs_every_phase_and_exports(tmp_path):
+def test_resnet50_on_imagenet_mock_data_runs_each_scheduled_phase_and_exports(tmp_path):
     out = tmp_path / "run"
     code = f"""
 import runpy, sys
@@ -82,7 +82,10 @@ with tfds.testing.mock_data(num_examples=16):
     report = json.loads((out / "report.json").read_text())
     assert report["sparsity_prunable"] == pytest.approx(0.9, abs=1e-4)
     assert report["test_split"] == "validation"
-    assert set(report["epochs"]) == {"gradual", "distill", "detached", "finetune"}
+    # One epoch of distillation cannot plateau, so no detached phase follows it
+    # (run() skips it by design); every other phase runs its one epoch.
+    assert report["epochs"] == {"gradual": 1, "distill": 1, "finetune": 1}
+    assert set(report["images_per_second"]) >= {"dense_training", "gradual", "distill", "finetune"}
     assert all(v > 0 for v in report["images_per_second"].values())
     assert (out / "export" / "model.tflite").exists()
 
