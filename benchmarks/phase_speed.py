@@ -98,7 +98,7 @@ def mask_updates(name, updates=6):
     pruned = dg2pf_tf.prune(model, sparsity=0.9, pruning_epochs=1)
     del model
     masks = masking.mask_set(pruned)
-    kernels = [kernel for _, kernel, _ in masks.entries]
+    kernels = [kernel for kernel, _ in masks.entries]
     prunable = sum(masks.sizes)
 
     @tf.function
@@ -122,10 +122,10 @@ def mask_updates(name, updates=6):
             level = 0.6 + 1e-4 * i  # a step of a 10-epoch schedule of ~1,000 steps an epoch
             start = time.perf_counter()
             masks.update(level, scope, floor)
-            _ = masks.entries[0][2][..., :1].numpy()  # waits for the device
+            _ = masks.entries[0][1][..., :1].numpy()  # waits for the device
             seconds.append(time.perf_counter() - start)
         peak = memory.extra_peak()
-        zeros = prunable - sum(int(np.count_nonzero(m.numpy())) for _, _, m in masks.entries)
+        zeros = prunable - sum(int(np.count_nonzero(m.numpy())) for _, m in masks.entries)
         row = {"model": name, "prunable_weights": prunable, "scope": scope, "floor": floor,
                "seconds": median(seconds), "first_call_seconds": first,
                "peak_extra_over_weight_bytes": peak / (4 * prunable),

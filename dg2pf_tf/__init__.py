@@ -2,7 +2,7 @@
 
 Public API:
     prune, strip, finalize       rebuild a model with / without pruning masks
-    PruneWrapper                 the mask-holding layer wrapper (subclassed models)
+    PrunedModel                  what prune() returns: a model read through masks
     UpdateMasks                  the `fit` callback that applies a schedule
     update_masks                 set a sparsity level by hand (custom loops)
     sparsity_summary             per-layer and total zero counts
@@ -10,23 +10,25 @@ Public API:
     Distiller                    KD training of a student on a frozen teacher
     run, RunResult               the whole DG2PF procedure on a trained model
     reestimate_batchnorm         refresh BatchNorm statistics after pruning
-    evaluate                     top-1 accuracy and cross-entropy of a model
+    evaluate                     a model's validation metric and loss, for its task
+    tasks                        Categorical, Binary, Regression: what outputs mean
     export                       SavedModel + sparse LiteRT files, checked
     deploy_report                can XNNPACK run this model sparse, per operator
     presets                      which layers to prune for an engine (xnnpack)
 """
 
-from dg2pf_tf import presets, schedules
+from dg2pf_tf import presets, schedules, tasks
 from dg2pf_tf.batchnorm import reestimate_batchnorm
 from dg2pf_tf.callbacks import UpdateMasks
 from dg2pf_tf.deploy import DeployReport, deploy_report
 from dg2pf_tf.distill import Distiller
 from dg2pf_tf.export import export
-from dg2pf_tf.pipeline import RunResult, evaluate, run
+from dg2pf_tf.evaluation import evaluate
+from dg2pf_tf.pipeline import RunResult, run
 from dg2pf_tf.masking import update_masks
 from dg2pf_tf.prune import finalize, prune, strip
 from dg2pf_tf.summary import SparsitySummary, sparsity_summary
-from dg2pf_tf.wrapper import PruneWrapper
+from dg2pf_tf.pruned_model import PrunedModel
 
 __version__ = "0.1.0"
 
@@ -34,7 +36,7 @@ __version__ = "0.1.0"
 __all__ = [
     "DeployReport",
     "Distiller",
-    "PruneWrapper",
+    "PrunedModel",
     "RunResult",
     "SparsitySummary",
     "UpdateMasks",
@@ -49,5 +51,6 @@ __all__ = [
     "schedules",
     "sparsity_summary",
     "strip",
+    "tasks",
     "update_masks",
 ]

@@ -2,11 +2,13 @@
 
 import keras
 
+from dg2pf_tf import _compat
+
 
 def batchnorm_layers(model):
     """Every BatchNormalization layer inside `model`, nested models included."""
     return [
-        layer for layer in model._flatten_layers(include_self=False, recursive=True)
+        layer for layer in _compat.sublayers(model, recursive=True)
         if isinstance(layer, keras.layers.BatchNormalization)
     ]
 

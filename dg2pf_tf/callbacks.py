@@ -53,14 +53,14 @@ class UpdateMasks(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         self._masks = masking.mask_set(self.model, "UpdateMasks")
-        first = self._masks.wrappers[0]
+        pruned = self._masks.pruned
         if self.schedule is None:
-            self.schedule = first.schedule
+            self.schedule = pruned.schedule
         if self.scope is None:
-            self.scope = first.scope
+            self.scope = pruned.scope
         if self.schedule is None:
             raise ValueError(
-                "UpdateMasks has no schedule: the model's wrappers carry none. "
+                "UpdateMasks has no schedule: the pruned model carries none. "
                 "Pass one, e.g. UpdateMasks(dg2pf_tf.schedules.Linear(0.9, 10))."
             )
         self._steps_per_epoch = (self.params or {}).get("steps")

@@ -15,6 +15,7 @@ only when the file stores some weights sparse.
 import dataclasses
 import os
 
+import keras
 import numpy as np
 
 from dg2pf_tf import litert
@@ -260,7 +261,7 @@ def deploy_report(model, *, explicit_padding=True):
     elif isinstance(model, (str, os.PathLike)):
         with open(model, "rb") as f:
             content = f.read()
-    elif hasattr(model, "inputs") and hasattr(model, "layers"):
+    elif isinstance(model, keras.Model):
         content = _convert(model, explicit_padding)
     else:
         raise ValueError(
@@ -307,10 +308,10 @@ def deploy_report(model, *, explicit_padding=True):
 def _convert(model, explicit_padding):
     import tensorflow as tf
 
-    from dg2pf_tf.masking import find_wrappers
+    from dg2pf_tf.masking import pruned_models
     from dg2pf_tf.prune import strip
 
-    plain = strip(model) if find_wrappers(model) else model
+    plain = strip(model) if pruned_models(model) else model
     converter = tf.lite.TFLiteConverter.from_keras_model(plain)
     converter.optimizations = [tf.lite.Optimize.EXPERIMENTAL_SPARSITY]
     tree = litert.read(converter.convert())

@@ -2,14 +2,16 @@
 
 Loss (Hinton et al.), with temperature T and weight alpha:
     alpha * T^2 * KL(softmax(z_t / T) || softmax(z_s / T)) + (1 - alpha) * CE(y, z_s)
-computed in float32 whatever the models' dtype policy.
+for classifiers; per-output sigmoids for binary and multi-label models, and
+mean squared errors for regression (see `tasks`). Computed in float32
+whatever the models' dtype policy.
 """
 
 import keras
 import tensorflow as tf
 from keras import ops
 
-from dg2pf_tf.losses import kd_terms, output_is_probability
+from dg2pf_tf import _compat, tasks
 
 
 @keras.saving.register_keras_serializable(package="dg2pf_tf")
@@ -32,15 +34,18 @@ class Distiller(keras.Model):
         temperature: T, softens both distributions (> 0).
         alpha: weight of the KD term, in [0, 1].
         from_logits: whether the models output logits; by default detected
-            from each model's final activation (softmax means probabilities).
+            from each model's final activation (softmax or sigmoid means
+            probabilities).
+        task: 'categorical', 'binary' or 'regression' (see `dg2pf_tf.tasks`);
+            by default binary for a sigmoid output, else categorical.
 
     Raises:
         TypeError: `student` or `teacher` is not a Keras model.
-        ValueError: bad `temperature` or `alpha`.
+        ValueError: bad `temperature`, `alpha` or `task`.
     """
 
     def __init__(self, student, teacher=None, *, temperature=4.0, alpha=0.75,
-                 from_logits=None, **kwargs):
+                 from_logits=None, task=None, **kwargs):
         kwargs.setdefault("name", "distiller")
         super().__init__(**kwargs)
         for role, model in (("student", student), ("teacher", teacher)):
@@ -59,16 +64,19 @@ class Distiller(keras.Model):
         self.temperature = float(temperature)
         self.alpha = float(alpha)
         self.from_logits = from_logits
-        self._student_probs = (
-            not from_logits if from_logits is not None else output_is_probability(student)
-        )
-        self._teacher_probs = (
-            None if teacher is None
-            else not from_logits if from_logits is not None
-            else output_is_probability(teacher)
-        )
+        activation = tasks.final_activation(student)
+        if task is None:
+            task = "binary" if activation == "sigmoid" else "categorical"
+        self.task = tasks.get(task) if isinstance(task, str) else task
+        self._student_probs = self._probabilities(student)
+        self._teacher_probs = None if teacher is None else self._probabilities(teacher)
         self.kd_loss_tracker = keras.metrics.Mean(name="kd_loss")
         self.ce_loss_tracker = keras.metrics.Mean(name="ce_loss")
+
+    def _probabilities(self, model):
+        if self.from_logits is not None:
+            return not self.from_logits
+        return tasks.final_activation(model) is not None
 
     @property
     def uses_teacher(self):
@@ -91,15 +99,13 @@ class Distiller(keras.Model):
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         if y_pred is None:
             y_pred = self(x, training=training)
-        teacher_out = None
+        student = self.task.logits(y_pred, self._student_probs)
+        ce = self.task.label_loss(y, student)
+        kd = None
         if self.uses_teacher:
-            teacher_out = ops.stop_gradient(self.teacher(x, training=False))
-        kd, ce = kd_terms(
-            y, y_pred, teacher_out,
-            temperature=self.temperature,
-            student_probs=self._student_probs,
-            teacher_probs=self._teacher_probs,
-        )
+            teacher = self.task.logits(ops.stop_gradient(self.teacher(x, training=False)),
+                                       self._teacher_probs)
+            kd = self.task.distill_loss(teacher, student, self.temperature)
         if sample_weight is not None:
             weight = ops.reshape(ops.cast(sample_weight, "float32"), ops.shape(ce))
             ce, kd = ce * weight, (kd * weight if kd is not None else None)
@@ -113,7 +119,7 @@ class Distiller(keras.Model):
         # so summed replica gradients equal the single-device gradient.
         total = total / float(tf.distribute.get_strategy().num_replicas_in_sync)
         for loss in self.student.losses:
-            total = total + self._aggregate_additional_loss(loss)
+            total = total + _compat.scaled_additional_loss(self, loss)
         return total
 
     def get_config(self):
@@ -124,6 +130,7 @@ class Distiller(keras.Model):
             "temperature": self.temperature,
             "alpha": self.alpha,
             "from_logits": self.from_logits,
+            "task": self.task.name,
         }
 
     @classmethod

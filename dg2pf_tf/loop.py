@@ -20,7 +20,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from dg2pf_tf import schedules
+from dg2pf_tf import _compat, schedules
 
 _CHECK_EVERY_STEPS = 256  # how often the host looks at the non-finite-loss flag
 
@@ -31,7 +31,7 @@ class NonFiniteLoss(FloatingPointError):
 
 def distribute(strategy, dataset):
     """`dataset` split across the strategy's replicas (and workers, by data)."""
-    if strategy.extended._in_multi_worker_mode():
+    if _compat.in_multi_worker_mode(strategy):
         options = tf.data.Options()
         options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
         dataset = dataset.with_options(options)

@@ -21,12 +21,13 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from dg2pf_tf import checkpoint, masking, schedules
+from dg2pf_tf import checkpoint, masking, schedules, tasks
 from dg2pf_tf.batchnorm import batchnorm_layers, reestimate_batchnorm
 from dg2pf_tf.criteria import check_scope, check_sparsity
+from dg2pf_tf.data import TrainData, as_dataset, check_inputs, first_batch
 from dg2pf_tf.distill import Distiller
+from dg2pf_tf.evaluation import Evaluator
 from dg2pf_tf.loop import EpochLoop, MaskUpdates, steps_in
-from dg2pf_tf.losses import cross_entropy, is_one_hot, output_is_probability
 from dg2pf_tf.prune import prune, strip
 from dg2pf_tf.summary import sparsity_summary
 
@@ -39,85 +40,18 @@ class RunResult:
 
     Attributes:
         model: the pruned model, stripped: plain Keras layers, exact zeros.
-        history: one dict per epoch (epoch, phase, sparsity, losses,
-            val_accuracy, val_loss).
-        report: JSON-serialisable summary (accuracies, sparsity, epochs per
-            phase, wall time).
+        history: one dict per epoch (epoch, phase, sparsity, losses, the
+            validation metric as `val_accuracy` or `val_mse`, `val_loss`).
+        report: JSON-serialisable summary: task and metric, dense and pruned
+            validation metric (`dense_val_accuracy`, ...), sparsity over the
+            prunable weights, over the pruned ones and over all parameters,
+            how many weights were prunable, pruned and left dense by choice,
+            weights left entirely zero, epochs and seconds per phase.
     """
 
     model: keras.Model
     history: list
     report: dict
-
-
-def _arrays(data, name):
-    """`(x, y)` numpy arrays from an `(x, y)` tuple, float64 inputs made float32.
-
-    Raises:
-        TypeError: `data` is not an `(x, y)` tuple (nor a dataset).
-        ValueError: `x` and `y` differ in length, or the data is empty.
-    """
-    if not isinstance(data, (tuple, list)) or len(data) != 2:
-        raise TypeError(
-            f"`{name}` must be a batched tf.data.Dataset or an (x, y) tuple of "
-            f"arrays, got {type(data).__name__}."
-        )
-    x, y = np.asarray(data[0]), np.asarray(data[1])
-    if len(x) != len(y):
-        raise ValueError(f"`{name}`: x has {len(x)} examples but y has {len(y)}.")
-    if len(x) == 0:
-        raise ValueError(f"`{name}` is empty.")
-    return (x.astype(np.float32) if x.dtype == np.float64 else x), y
-
-
-def as_dataset(data, batch_size, *, name="data"):
-    """A batched `tf.data.Dataset` from a dataset or an `(x, y)` numpy tuple.
-
-    Raises TypeError or ValueError as `_arrays` does.
-    """
-    if isinstance(data, tf.data.Dataset):
-        return data
-    return tf.data.Dataset.from_tensor_slices(_arrays(data, name)).batch(batch_size).prefetch(
-        tf.data.AUTOTUNE)
-
-
-def evaluate(model, data):
-    """`(top-1 accuracy, mean cross-entropy)` of `model` over batched `data`.
-
-    Works with logits or softmax outputs and sparse or one-hot labels.
-    Raises ValueError if `data` yields no example.
-    """
-    return Evaluator(model)(data)
-
-
-class Evaluator:
-    """`evaluate()` for one model, its traced step reused across calls."""
-
-    def __init__(self, model):
-        probs = output_is_probability(model)
-
-        @tf.function(reduce_retracing=True)
-        def step(x, y):
-            out = model(x, training=False)
-            ce = cross_entropy(y, out, probs)
-            predicted = tf.argmax(out, axis=-1, output_type=tf.int32)
-            if is_one_hot(y, out):
-                labels = tf.argmax(y, axis=-1, output_type=tf.int32)
-            else:
-                labels = tf.reshape(tf.cast(y, tf.int32), [-1])
-            correct = tf.reduce_sum(tf.cast(tf.equal(predicted, labels), tf.float32))
-            return correct, tf.reduce_sum(ce), tf.cast(tf.shape(labels)[0], tf.float32)
-
-        self._step = step
-
-    def __call__(self, data):
-        correct = loss = count = 0.0
-        for batch in data:
-            c, l, n = self._step(batch[0], batch[1])
-            correct, loss, count = correct + float(c), loss + float(l), count + float(n)
-        if count == 0:
-            raise ValueError("evaluate(): the validation data yielded no example.")
-        return correct / count, loss / count
 
 
 class _Tracker:
@@ -160,71 +94,6 @@ def _floats(logs):
     return {k: float(v) for k, v in logs.items() if np.ndim(v) == 0}
 
 
-class TrainData:
-    """Training batches for each epoch.
-
-    `(x, y)` arrays are shuffled with a generator seeded by `(seed, epoch)`,
-    so epoch k sees the same order in a resumed run as in an uninterrupted
-    one. A function `epoch -> tf.data.Dataset` is called each epoch; a
-    `tf.data.Dataset` is used as given every epoch.
-    """
-
-    def __init__(self, data, batch_size, seed, name="train_data"):
-        self.seed = 0 if seed is None else int(seed)
-        self.batch_size = batch_size
-        self.arrays = self.function = None
-        if isinstance(data, tf.data.Dataset):
-            self.function = lambda epoch: data
-        elif callable(data):
-            self.function = data
-        else:
-            self.arrays = _arrays(data, name)
-
-    def for_epoch(self, epoch):
-        if self.function is not None:
-            dataset = self.function(epoch)
-            if not isinstance(dataset, tf.data.Dataset):
-                raise TypeError(f"`train_data({epoch})` returned {type(dataset).__name__}, "
-                                f"not a batched tf.data.Dataset.")
-            return dataset
-        x, y = self.arrays
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(x))
-        return (tf.data.Dataset.from_tensor_slices((x[order], y[order]))
-                .batch(self.batch_size).prefetch(tf.data.AUTOTUNE))
-
-
-def check_data(model, data, name):
-    """Refuses data that cannot train `model`: no example, inputs of the wrong
-    shape, labels outside the model's classes, non-finite inputs.
-
-    Raises ValueError naming `name` and what to change.
-    """
-    classes = model.output_shape[-1]
-    expected = tuple(model.input_shape[1:])
-    if isinstance(data, TrainData) and data.arrays is not None:
-        batches = [data.arrays]
-    else:
-        dataset = data.for_epoch(0) if isinstance(data, TrainData) else data
-        batches = [tuple(np.asarray(t) for t in batch[:2]) for batch in dataset.take(1)]
-        if not batches:
-            raise ValueError(f"`{name}` is empty: it yielded no batch.")
-    x, y = batches[0]
-    got = tuple(x.shape[1:])
-    if len(got) != len(expected) or any(e is not None and e != g for e, g in zip(expected, got)):
-        raise ValueError(
-            f"`{name}`: examples have shape {got} but model '{model.name}' takes "
-            f"{tuple(expected)}. Resize or reshape the inputs (and batch a dataset).")
-    if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
-        bad = int(np.size(x) - np.count_nonzero(np.isfinite(x)))
-        raise ValueError(f"`{name}`: {bad} input values are NaN or infinite.")
-    one_hot = y.ndim == 2 and y.shape[-1] == classes and classes != 1
-    labels = y.argmax(-1) if one_hot else y.reshape(-1)
-    if labels.size and (labels.min() < 0 or labels.max() >= classes):
-        raise ValueError(
-            f"`{name}`: labels range over [{labels.min()}, {labels.max()}] but model "
-            f"'{model.name}' has {classes} outputs, so labels must be in [0, {classes - 1}].")
-
-
 @dataclasses.dataclass
 class _Phase:
     name: str
@@ -239,6 +108,29 @@ def _fingerprint(model, **settings):
     layout = json.dumps([(w.path, list(w.shape)) for w in model.weights])
     return {"model": hashlib.sha1(layout.encode()).hexdigest()[:16], "model_name": model.name,
             **{k: v for k, v in settings.items()}}
+
+
+def _task_of(model, train, val, task):
+    """`(task, probabilities)` of `model` on its data, the first batches checked.
+
+    Raises ValueError naming the data that cannot train `model`.
+    """
+    if task != "auto":
+        tasks.get(task)
+    x, y = first_batch(train, "train_data")
+    check_inputs(model, x, "train_data")
+    try:
+        outputs = model(x, training=False)
+    except Exception as error:  # whatever the model raises, say which data it was
+        raise ValueError(f"`train_data`: model '{model.name}' cannot take its first batch "
+                         f"({type(error).__name__}: {error}).") from None
+    task, probabilities = tasks.infer(model, outputs, y, task)
+    width = int(np.prod(keras.tree.flatten(outputs)[0].shape[1:]))
+    task.check_labels(y, width, "train_data")
+    xv, yv = first_batch(val, "validation_data")
+    check_inputs(model, xv, "validation_data")
+    task.check_labels(yv, width, "validation_data")
+    return task, probabilities
 
 
 def run(
@@ -274,8 +166,9 @@ def run(
     steps_per_execution=1,
     steps_per_epoch=None,
     jit_compile=False,
+    task="auto",
 ):
-    """Prunes a trained classifier with DG2PF and returns a `RunResult`.
+    """Prunes a trained model with DG2PF and returns a `RunResult`.
 
     The whole procedure of DG2PF on `model` (never modified): distilled
     gradual pruning to `sparsity` over `pruning_epochs` epochs, distillation
@@ -285,11 +178,19 @@ def run(
     (`dg2pf_tf.loop`) under `strategy`, including `MultiWorkerMirroredStrategy`.
 
     Args:
-        model: a trained Sequential/Functional classifier (logits or softmax).
-        train_data, validation_data: batched `tf.data.Dataset`s of `(x, y)`
-            or `(x, y)` numpy tuples (batched here by `batch_size`, training
-            data shuffled anew each epoch); labels sparse integers or one-hot.
-            `train_data` may also be a function `epoch -> Dataset`.
+        model: a trained single-output Keras model (Sequential, Functional or
+            subclassed; one or several inputs): a classifier (softmax or
+            logits), a binary or multi-label model (sigmoid or logits), or a
+            regression model.
+        train_data, validation_data: batched `tf.data.Dataset`s of
+            `(inputs, labels)` or `(x, y)` tuples of numpy arrays (x may be a
+            list or dict of arrays; batched here by `batch_size`, training
+            data shuffled anew each epoch). `train_data` may also be a
+            function `epoch -> Dataset`.
+        task: 'auto', 'categorical', 'binary' or 'regression' (see
+            `dg2pf_tf.tasks`). 'auto' reads it from the output activation and
+            the labels: class indices or one-hot rows are categorical, 0/1 or
+            multi-hot labels binary, other real values regression.
         sparsity, pruning_epochs, scope, exclude: as in `dg2pf_tf.prune`.
         floor: as in `dg2pf_tf.prune`. The default 1.0 gives each kernel its
             Erdos-Renyi-kernel share of the surviving weights (magnitude
@@ -334,7 +235,8 @@ def run(
 
     Raises:
         ValueError/TypeError: bad arguments or data (see `prune`, `Distiller`
-            and `check_data`), `max_epochs < 1` or `patience < 1`.
+            and `data`), a model with several outputs, `max_epochs < 1` or
+            `patience < 1`.
         checkpoint.CheckpointError: `backup_dir` holds a corrupt checkpoint,
             one of another run, or one whose sparsity invariant is broken.
         loop.NonFiniteLoss: the loss became NaN or infinite (the last good
@@ -362,8 +264,9 @@ def run(
     say = print if verbose else (lambda *a, **k: None)
     train = TrainData(train_data, batch_size, seed)
     val = as_dataset(validation_data, batch_size, name="validation_data")
-    check_data(model, train, "train_data")
-    check_data(model, val, "validation_data")
+    task, probabilities = _task_of(model, train, val, task)
+    say(f"[dg2pf] task: {task.name} ({'probabilities' if probabilities else 'logits'}); "
+        f"validation metric: {task.metric}")
     schedule = schedules.Linear(sparsity, pruning_epochs)
 
     with strategy.scope():
@@ -379,8 +282,7 @@ def run(
         }
         for optimizer in optimizers.values():
             optimizer.build(student.trainable_variables)
-    wrappers = masking.find_wrappers(student)
-    masks = masking.MaskSet(wrappers)
+    masks = masking.MaskSet(student)
     norms = batchnorm_layers(student)
     if recalibrate_bn == "auto":
         recalibrate_bn = bool(norms)
@@ -410,7 +312,7 @@ def run(
         finetune=bool(finetune), recovery=bool(recovery), replicas=strategy.num_replicas_in_sync,
         weight_decay=float(weight_decay), clipnorm=None if clipnorm is None else float(clipnorm),
         mask_update_steps=mask_update_steps, recalibrate_bn=recalibrate_bn, bn_batches=bn_batches,
-        steps_per_epoch=steps_per_epoch)
+        steps_per_epoch=steps_per_epoch, task=task.name)
     chief = getattr(strategy.extended, "should_checkpoint", True)
     if backup_dir is not None:
         os.makedirs(backup_dir, exist_ok=True)
@@ -424,7 +326,7 @@ def run(
             tracker.load(header["tracker"], arrays)
             if state["phase"] > 0:
                 try:
-                    masking.check_invariant(wrappers, sparsity, source=f"the checkpoint in {backup_dir}")
+                    masking.check_invariant(student, sparsity, source=f"the checkpoint in {backup_dir}")
                 except ValueError as error:
                     raise checkpoint.CheckpointError(str(error)) from None
             say(f"[dg2pf] resuming from {backup_dir}: epoch {state['epoch']}, phase "
@@ -439,11 +341,12 @@ def run(
         checkpoint.save(backup_dir, {"fingerprint": fingerprint, "state": state, "tracker": best},
                         {**arrays, **best_arrays})
 
-    evaluator = Evaluator(student)
+    evaluator = Evaluator(student, task, probabilities)
+    metric_key = f"val_{task.metric}"
     epochs = EpochLoop(strategy, steps_per_execution=steps_per_execution, jit_compile=jit_compile)
-    dense_accuracy, _ = evaluate(teacher, val)
-    say(f"[dg2pf] dense validation accuracy {dense_accuracy:.4f}; "
-        f"pruning {len(wrappers)} layers to {sparsity:.1%} ({scope})")
+    dense_metric, _ = Evaluator(teacher, task, probabilities)(val)
+    say(f"[dg2pf] dense validation {task.metric} {dense_metric:.4f}; "
+        f"pruning {len(masks.entries)} weights to {sparsity:.1%} ({scope})")
 
     distillers = {}
     for index in range(state["phase"], len(phases)):
@@ -454,8 +357,11 @@ def run(
         if key not in distillers:
             with strategy.scope():
                 distillers[key] = Distiller(student, teacher if phase.teacher else None,
-                                            temperature=temperature, alpha=alpha)
-                distillers[key].compile(optimizer=optimizers[phase.optimizer], metrics=["accuracy"])
+                                            temperature=temperature, alpha=alpha,
+                                            from_logits=not probabilities, task=task)
+                # Keras' "accuracy" reads argmax of the outputs: right for classes only.
+                metrics = ["accuracy"] if isinstance(task, tasks.Categorical) else None
+                distillers[key].compile(optimizer=optimizers[phase.optimizer], metrics=metrics)
         distiller = distillers[key]
         updates = None
         if phase.name == "gradual":
@@ -474,8 +380,8 @@ def run(
                                     steps_per_epoch=steps_per_epoch)
             if recalibrate_bn:
                 reestimate_batchnorm(student, data, bn_batches)
-            accuracy, loss = evaluator(val)
-            logs.update(val_accuracy=accuracy, val_loss=loss, sparsity=masks.sparsity())
+            metric, loss = evaluator(val)
+            logs.update({metric_key: metric, "val_loss": loss, "sparsity": masks.sparsity()})
             state["epoch"] += 1
             state["phase_epoch"] += 1
             state["rows"].append({"epoch": state["epoch"], "phase": phase.name, **_floats(logs)})
@@ -484,8 +390,8 @@ def run(
                 state["phase_seconds"].get(phase.name, 0.0) + time.perf_counter() - tick)
             plateau = False
             if phase.monitored:
-                # Accuracy first; the loss breaks ties (small validation sets tie often).
-                if tracker.offer((accuracy, -loss), student, state["epoch"], phase.name):
+                # The metric first; the loss breaks ties (small validation sets tie often).
+                if tracker.offer((task.score(metric), -loss), student, state["epoch"], phase.name):
                     state["wait"] = 0
                 else:
                     state["wait"] += 1
@@ -507,21 +413,19 @@ def run(
     tracker.restore(student)
     if recalibrate_bn:
         reestimate_batchnorm(student, train.for_epoch(state["epoch"]), bn_batches)
-    masking.check_invariant(wrappers, sparsity, source="the pruned model")
+    masking.check_invariant(student, sparsity, source="the pruned model")
     for layer, flag in zip(norms, synchronized):
         layer.synchronized = flag
     final = strip(student)
-    final_accuracy, final_loss = evaluate(final, val)
-    summary = sparsity_summary(final)
+    final_metric, final_loss = Evaluator(final, task, probabilities)(val)
     report = {
-        "dense_val_accuracy": dense_accuracy,
-        "pruned_val_accuracy": final_accuracy,
+        "task": task.name,
+        "metric": task.metric,
+        f"dense_val_{task.metric}": dense_metric,
+        f"pruned_val_{task.metric}": final_metric,
         "pruned_val_loss": final_loss,
         "target_sparsity": float(sparsity),
-        "sparsity_prunable": summary.prunable_sparsity,
-        "sparsity_all_params": summary.total_sparsity,
-        "params_total": summary.total_params,
-        "params_nonzero": summary.total_params - summary.total_zeros,
+        **_accounting(student, final),
         "best_epoch": tracker.epoch,
         "best_phase": tracker.phase,
         "epochs": dict(state["phase_epochs"]),
@@ -530,9 +434,27 @@ def run(
     }
     if backup_dir is not None and chief:
         checkpoint.mark_done(backup_dir, report)
-    say(f"[dg2pf] done: accuracy {dense_accuracy:.4f} -> {final_accuracy:.4f} at "
-        f"{summary.prunable_sparsity:.2%} sparsity (best: epoch {tracker.epoch}, {tracker.phase})")
+    say(f"[dg2pf] done: {task.metric} {dense_metric:.4f} -> {final_metric:.4f}; "
+        f"{report['sparsity_prunable']:.2%} of {report['params_prunable']:,} prunable weights are "
+        f"zero ({report['params_dense_by_choice']:,} left dense by choice; best: epoch "
+        f"{tracker.epoch}, {tracker.phase})")
     return RunResult(model=final, history=state["rows"], report=report)
+
+
+def _accounting(pruned, stripped):
+    """The report's sparsity figures: one definition (see `summary`), masks' share apart."""
+    masked, plain = sparsity_summary(pruned), sparsity_summary(stripped)
+    return {
+        "sparsity_prunable": plain.prunable_sparsity,
+        "sparsity_pruned": masked.pruned_sparsity,
+        "sparsity_all_params": plain.total_sparsity,
+        "params_prunable": plain.prunable_weights,
+        "params_pruned": masked.pruned_weights,
+        "params_dense_by_choice": masked.dense_by_choice,
+        "params_total": plain.total_params,
+        "params_nonzero": plain.total_params - plain.total_zeros,
+        "entirely_zero": list(plain.dead),
+    }
 
 
 def _end_phase(phase, plateau, masks, sparsity, tracker, student):
@@ -542,6 +464,6 @@ def _end_phase(phase, plateau, masks, sparsity, tracker, student):
     and so no detached phase follows)."""
     if phase.name == "gradual":
         masks.update(sparsity)
-        masking.set_hard(masks.wrappers, True)
+        masking.set_hard(masks.pruned, True)
     elif phase.name == "detached" or (phase.name == "distill" and not plateau):
         tracker.restore(student)

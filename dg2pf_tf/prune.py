@@ -1,41 +1,63 @@
-"""Rebuilding a model with pruning wrappers (`prune`) and without them (`strip`)."""
+"""Where masks go into a model (`prune`) and out again (`strip`, `finalize`).
 
+This is the one module that walks a model's layers to find its prunable
+weights (`find_prunable`); everything else receives what it found.
+"""
+
+import dataclasses
 import warnings
 
 import keras
-from keras.src.models.functional import Functional
 
-from dg2pf_tf import masking, schedules
+from dg2pf_tf import _compat, masking, registry, schedules
 from dg2pf_tf.criteria import check_floor, check_scope, check_sparsity
-from dg2pf_tf.wrapper import PruneWrapper, copy_layer, prunable_kernel_names
+from dg2pf_tf.pruned_model import PrunedModel, build_like
 
 
-def _check_rebuildable(model, what, advice):
-    if not isinstance(model, keras.Model):
-        raise TypeError(f"{what} takes a Keras model, got {type(model).__name__}.")
-    if not isinstance(model, (keras.Sequential, Functional)):
-        raise TypeError(
-            f"{what} rebuilds Sequential and Functional models; "
-            f"'{model.name}' is a subclassed model ({type(model).__name__}), "
-            f"whose layer graph it cannot see. {advice}"
-        )
-    if not model.built:
-        raise ValueError(
-            f"{what}: model '{model.name}' is not built. Build it first "
-            f"(give it an Input, or call `model.build(input_shape)`)."
-        )
+@dataclasses.dataclass(frozen=True)
+class Prunable:
+    """The prunable weights of a model: `chosen` to prune, `excluded` (dense by
+    choice), and `unknown`: weight matrices no layer offers for pruning."""
+
+    chosen: tuple
+    excluded: tuple
+    unknown: tuple
 
 
-def _all_layers(model):
-    return list(model._flatten_layers(include_self=False, recursive=True))
+def find_prunable(model, excluded=lambda layer: False):
+    """Walks `model` (and every layer inside it) for prunable weights.
 
+    A layer for which `excluded(layer)` holds keeps its whole subtree dense; a
+    layer with `get_prunable_weights()` answers for its subtree. Returns a
+    `Prunable` of `registry.PrunableWeight`s, each variable once.
+    """
+    chosen, dense, seen = [], [], set()
 
-def _is_graph(layer):
-    return isinstance(layer, (keras.Sequential, Functional))
+    def visit(layer, skip):
+        skip = skip or (layer is not model and excluded(layer))
+        for weight in registry.prunable_weights(layer):
+            if id(weight.variable) not in seen:
+                seen.add(id(weight.variable))
+                (dense if skip else chosen).append(weight)
+        if not registry.declares_prunable_weights(layer):
+            for sub in _compat.sublayers(layer):
+                visit(sub, skip)
+
+    visit(model, False)
+    # Biases are never pruned, even 2-D ones (EinsumDense, GRU).
+    biases = {id(l.bias) for l in _compat.sublayers(model, recursive=True)
+              if isinstance(getattr(l, "bias", None), keras.Variable)}
+    unknown = tuple(v for v in model.trainable_weights if len(v.shape) >= 2 and "float" in str(v.dtype)
+                    and id(v) not in seen and id(v) not in biases)
+    return Prunable(tuple(chosen), tuple(dense), unknown)
 
 
 def _exclusion(model, exclude):
-    """A predicate telling which layers `exclude` keeps dense."""
+    """A predicate telling which layers `exclude` keeps dense.
+
+    Raises TypeError for an `exclude` of the wrong type and ValueError for a
+    name that is no layer of `model` (at any depth).
+    """
     if exclude is None:
         return lambda layer: False
     if callable(exclude):
@@ -44,78 +66,104 @@ def _exclusion(model, exclude):
     if not all(isinstance(n, str) for n in names):
         raise TypeError(
             f"`exclude` takes layer names or a predicate `fn(layer) -> bool`, "
-            f"got {exclude!r}."
-        )
-    known = {layer.name for layer in _all_layers(model)}
-    unknown = sorted(set(names) - known)
+            f"got {exclude!r}.")
+    unknown = sorted(set(names) - {layer.name for layer in _compat.sublayers(model, recursive=True)})
     if unknown:
+        offered = sorted({w.layer.name for w in find_prunable(model).chosen})
+        shown = ", ".join(offered[:30]) + (", ..." if len(offered) > 30 else "")
         raise ValueError(
-            f"`exclude` names layers that are not in model '{model.name}': "
-            f"{unknown}. Layer names are listed by `model.summary()`; known "
-            f"prunable ones: {sorted(_prunable_names(model))}."
-        )
+            f"`exclude` names layers that are not in model '{model.name}': {unknown}. "
+            f"Layers holding prunable weights: {shown}.")
     names = set(names)
     return lambda layer: layer.name in names
 
 
-def _prunable_names(model):
-    return [l.name for l in _all_layers(model) if prunable_kernel_names(l)]
+def _check_model(model, what):
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"{what} takes a Keras model, got {type(model).__name__}.")
+    if not model.built:
+        raise ValueError(
+            f"{what}: model '{model.name}' is not built. Build it first (give it an "
+            f"Input, call it on a batch, or call `model.build(input_shape)`).")
 
 
-def _warn_hidden_layers(model):
-    """Warns about prunable layers inside layers `prune` cannot rebuild."""
-    hidden = []
-    for layer in model._flatten_layers(include_self=False, recursive=False):
-        if _is_graph(layer):
-            _warn_hidden_layers(layer)
-        elif not prunable_kernel_names(layer):
-            inner = [
-                l.name for l in layer._flatten_layers(include_self=False)
-                if prunable_kernel_names(l)
-            ]
-            if inner:
-                hidden.append(f"{layer.name} ({type(layer).__name__}): {inner}")
-    if hidden:
-        warnings.warn(
-            "These custom layers contain prunable layers that prune() cannot "
-            "reach and leaves dense: " + "; ".join(hidden) + ". Wrap their "
-            "sublayers with dg2pf_tf.PruneWrapper in the layer's own code.",
-            stacklevel=3,
-        )
+def copy_model(model, replace=None):
+    """A copy of built `model`: same class, config and weights, no shared state.
 
+    Sequential and Functional models are rebuilt layer by layer (nested ones
+    too); `replace(layer)` may return a ready replacement for a layer (its
+    weights set) or None. Subclassed models are rebuilt from `get_config()`.
 
-def _clone(model, replace):
-    """`keras.models.clone_model`, recursive, keeping input names and weights.
-
-    `replace(layer)` returns a ready replacement (weights set) or None; other
-    layers are re-created from their config and get their weights once the
-    clone has built them, which also covers layers that build in `call`.
+    Raises:
+        TypeError: a subclassed model without a usable `get_config()`.
+        ValueError: a subclassed model that cannot be rebuilt from its build
+            config (the weights do not line up).
     """
+    if _compat.is_graph_model(model):
+        clone = _clone_graph(model, replace or (lambda layer: None))
+        if replace is None:
+            _check_same_weights(model, clone)
+        return clone
+    try:
+        clone = model.__class__.from_config(model.get_config())
+    except NotImplementedError:
+        raise TypeError(
+            f"Model '{model.name}' ({type(model).__name__}) is subclassed and has no "
+            f"get_config(), so dg2pf_tf cannot copy it. Give it get_config() (and "
+            f"from_config() if its __init__ takes objects), as `.keras` saving needs too."
+        ) from None
+    build_like(clone, model.get_build_config())
+    _check_same_weights(model, clone)
+    for source, target in zip(model.weights, clone.weights):
+        target.assign(source)
+    return clone
+
+
+def _check_same_weights(model, clone):
+    theirs, ours = model.weights, clone.weights
+    if not clone.built or [tuple(v.shape) for v in theirs] != [tuple(v.shape) for v in ours]:
+        raise ValueError(
+            f"Model '{model.name}' ({type(model).__name__}) rebuilt from its config has other "
+            f"weights than the original ({len(ours)} against {len(theirs)}). Build it by "
+            f"calling it on a batch or with `model.build(input_shape)`.")
+
+
+def _clone_graph(model, replace):
+    """`keras.models.clone_model`, recursive, keeping input names and weights."""
     copied = []
 
     def clone_function(layer):
         new = replace(layer)
         if new is None:
             new = layer.__class__.from_config(layer.get_config())
-            copied.append((layer, new))
+            if isinstance(layer, keras.layers.Layer):  # not an op of the graph (`x + 1`)
+                copied.append((layer, new))
         return new
 
     inputs = None
-    if isinstance(model, Functional):
+    if not isinstance(model, keras.Sequential):
         inputs = keras.tree.map_structure(
-            lambda x: keras.Input(
-                batch_shape=x.shape,
-                dtype=x.dtype,
-                name=x._keras_history.operation.name,
-            ),
-            model.input,
-        )
+            lambda x: keras.Input(batch_shape=x.shape, dtype=x.dtype, name=_compat.producer(x).name),
+            model.input)
     clone = keras.models.clone_model(
-        model, input_tensors=inputs, clone_function=clone_function, recursive=True
-    )
+        model, input_tensors=inputs, clone_function=clone_function, recursive=True)
+    # After the clone is built: also covers layers that create weights in `call`.
     for layer, new in copied:
         new.set_weights(layer.get_weights())
     return clone
+
+
+def _warn_unknown(model, found):
+    if not found.unknown:
+        return
+    total = max(1, model.count_params())
+    share = sum(int(v.numpy().size) for v in found.unknown) / total
+    names = ", ".join(v.path for v in found.unknown[:8]) + (", ..." if len(found.unknown) > 8 else "")
+    warnings.warn(
+        f"prune(): {len(found.unknown)} weight matrices ({share:.1%} of the parameters) stay "
+        f"dense because no layer offers them for pruning: {names}. To prune one, give the "
+        f"layer that owns it a `get_prunable_weights()` method returning it; to keep it dense "
+        f"and silence this, exclude that layer.", stacklevel=3)
 
 
 def prune(
@@ -127,98 +175,101 @@ def prune(
     scope="global",
     exclude=None,
     recovery=True,
-    floor=0.0,
+    floor=1.0,
 ):
-    """Returns a copy of `model` whose prunable kernels carry pruning masks.
+    """Returns a `PrunedModel`: a copy of `model` whose prunable weights carry masks.
 
-    The copy has the same inputs, outputs, layer names and weights; all masks
-    start at 1, so its outputs equal the original's until `UpdateMasks` (or
-    `update_masks`) sets a level. `model` itself is not modified.
+    Works on any built Keras model: Sequential, Functional (ops in the graph
+    and nested models included) and subclassed (copied through its
+    `get_config()`). Prunable weights: the kernels of Dense, EinsumDense
+    (attention projections) and convolution layers, Embedding tables, and
+    the input and recurrent kernels of recurrent layers, at any depth; a
+    layer of your own offers weights by a `get_prunable_weights()` method.
+    All masks start at 1, so the outputs equal the original's until
+    `UpdateMasks` (or `update_masks`) sets a level. `model` is not modified.
 
     Args:
-        model: a built Sequential or Functional Keras model (nested models
-            inside it are rebuilt too).
-        sparsity: final fraction of zeros over all prunable weights, in [0, 1).
+        model: a built Keras model.
+        sparsity: final fraction of zeros over the pruned weights, in [0, 1).
         pruning_epochs: epochs of the linear schedule (`s_e` in DG2PF).
         schedule: a `dg2pf_tf.schedules` object, used instead of the linear
             schedule that `sparsity` and `pruning_epochs` describe.
-        scope: 'global' (one magnitude threshold over every prunable weight)
-            or 'layer' (each kernel pruned to the same level).
-        exclude: layer names, or a predicate `fn(layer) -> bool`, to keep dense.
-        floor: with scope 'global', each kernel keeps at least this share of
-            what an Erdos-Renyi-kernel allocation would give it (guards small
-            layers against being pruned away at extreme sparsity; 0 is pure
-            global magnitude).
+        scope: 'global' (one magnitude threshold over every pruned weight)
+            or 'layer' (each weight pruned to the same level).
+        exclude: layer names (at any depth: a layer inside
+            `MultiHeadAttention` too), or a predicate `fn(layer) -> bool`, to
+            keep dense with everything inside them.
         recovery: simulated pruning with weight recovery (DG2PF's gradual
             phase) if True, hard pruning if False.
+        floor: with scope 'global', each weight keeps at least this share of
+            what an Erdos-Renyi-kernel allocation would give it (1.0, as in
+            `run`, keeps small layers from being pruned away at high
+            sparsity; 0 is pure global magnitude).
 
     Raises:
-        TypeError: subclassed model, or `exclude` of the wrong type.
-        ValueError: bad `sparsity`, `pruning_epochs`, `scope` or `exclude`
-            name, a model already pruned, or one with nothing to prune.
+        TypeError: not a Keras model, `exclude` or `schedule` of the wrong
+            type, a subclassed model without `get_config()`.
+        ValueError: bad `sparsity`, `pruning_epochs`, `scope`, `floor` or
+            `exclude` name; an unbuilt or already pruned model; nothing left
+            to prune.
     """
-    advice = (
-        "Wrap its prunable layers yourself with dg2pf_tf.PruneWrapper(layer) "
-        "where you create them, then train with dg2pf_tf.UpdateMasks(schedule)."
-    )
-    _check_rebuildable(model, "prune()", advice)
+    _check_model(model, "prune()")
     if schedule is None:
         schedule = schedules.Linear(check_sparsity(sparsity), pruning_epochs)
     elif not isinstance(schedule, schedules.Schedule):
         raise TypeError(
-            f"`schedule` must be a dg2pf_tf.schedules object (Linear, "
-            f"Polynomial, Constant), got {schedule!r}."
-        )
+            f"`schedule` must be a dg2pf_tf.schedules object (Linear, Polynomial, "
+            f"Constant), got {schedule!r}.")
     check_scope(scope)
     check_floor(floor)
-    if masking.find_wrappers(model):
+    if masking.pruned_models(model):
         raise ValueError(
-            f"Model '{model.name}' is already pruned. Prune the original model "
-            f"again, or call dg2pf_tf.strip(model) first to start from this one."
-        )
-    excluded = _exclusion(model, exclude)
-    targets = {
-        id(l) for l in _all_layers(model)
-        if prunable_kernel_names(l) and not excluded(l)
-    }
-    if not targets:
+            f"Model '{model.name}' is already pruned. Prune the original model again, or "
+            f"call dg2pf_tf.strip(model) first to start from this one.")
+    # The walk sees the user's own layers (a predicate may test identity);
+    # the copy has the same weights in the same order.
+    found = find_prunable(model, _exclusion(model, exclude))
+    if not found.chosen:
         raise ValueError(
-            f"Model '{model.name}' has no prunable layer left to prune "
-            f"(prunable: Dense, EinsumDense, Conv*, Conv*Transpose, "
-            f"DepthwiseConv*, SeparableConv*; excluded: {exclude!r})."
-        )
-    _warn_hidden_layers(model)
+            f"Model '{model.name}' has no prunable weight left to prune (prunable: kernels of "
+            f"Dense, EinsumDense and convolution layers, Embedding tables, recurrent kernels, "
+            f"and what layers return from get_prunable_weights(); excluded: {exclude!r}).")
+    _warn_unknown(model, found)
+    index = {id(v): i for i, v in enumerate(model.weights)}
+    return PrunedModel(copy_model(model), [index[id(w.variable)] for w in found.chosen], recovery=recovery,
+                       schedule=schedule, scope=scope, floor=floor)
 
-    def wrap(layer):
-        if id(layer) not in targets:
-            return None
-        return PruneWrapper(
-            copy_layer(layer), recovery=recovery, schedule=schedule, scope=scope,
-            floor=floor,
-        )
 
-    return _clone(model, wrap)
+def _stripped(pruned):
+    plain = copy_model(pruned.model)
+    weights = plain.weights
+    for i, variable, mask in zip(pruned.target_indices, pruned.targets, pruned.masks):
+        weights[i].assign((variable.numpy() * mask.numpy()).astype(weights[i].dtype))
+    return plain
 
 
 def strip(model):
-    """Returns a plain Keras copy of `model` with every pruning wrapper removed.
+    """Returns a plain Keras copy of `model` without masks: the pruned weights
+    hold `weight * mask`, so it computes what the pruned model computes and
+    loads where dg2pf_tf is not installed.
 
-    Each wrapper becomes its original layer (same name) with `kernel * mask`
-    as kernel, so the copy computes what the pruned model computes in
-    inference and loads where dg2pf_tf is not installed. A model without
-    wrappers is copied as is.
+    `model` is a `PrunedModel` (the model it holds comes back: same class,
+    same layer names), a Sequential/Functional model with `PrunedModel`s
+    inside (each is replaced by its stripped model), or a model without any
+    (copied as is).
 
     Raises:
-        TypeError: `model` is subclassed (call `PruneWrapper.strip()` on its
-            wrappers instead).
+        TypeError: a subclassed model with a `PrunedModel` inside (strip that
+            `PrunedModel` itself).
     """
-    advice = (
-        "Replace each dg2pf_tf.PruneWrapper in your model's code with "
-        "wrapper.strip(), which returns the plain layer with pruned kernels."
-    )
-    _check_rebuildable(model, "strip()", advice)
-
-    return _clone(model, lambda l: l.strip() if isinstance(l, PruneWrapper) else None)
+    _check_model(model, "strip()")
+    if isinstance(model, PrunedModel):
+        return _stripped(model)
+    if masking.pruned_models(model) and not _compat.is_graph_model(model):
+        raise TypeError(
+            f"strip(): '{model.name}' is a subclassed model with a PrunedModel inside; call "
+            f"dg2pf_tf.strip() on that PrunedModel and put the result in its place.")
+    return copy_model(model, lambda l: _stripped(l) if isinstance(l, PrunedModel) else None)
 
 
 def finalize(model):
@@ -229,7 +280,7 @@ def finalize(model):
     `Distiller`) and returns `model`.
 
     Raises:
-        ValueError: `model` has no pruning wrappers.
+        ValueError: `model` has no pruned weights.
     """
-    masking.set_hard(masking.require_wrappers(model, "finalize()"), True)
+    masking.set_hard(masking.require_pruned(model, "finalize()"), True)
     return model

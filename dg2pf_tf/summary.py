@@ -1,22 +1,32 @@
-"""`sparsity_summary`: where the zeros are, per kernel and in total."""
+"""`sparsity_summary`: where the zeros are, per prunable weight and in total.
+
+One definition everywhere: a model's *prunable* weights are the weights of a
+prunable kind (what `prune()` can reach), whether they were pruned or left
+dense by choice (`exclude`). So the summary of a pruned model and of its
+stripped copy agree; a pruned model also says which weights carry masks.
+"""
 
 import dataclasses
 
 import numpy as np
 
-from dg2pf_tf.masking import find_wrappers
-from dg2pf_tf.wrapper import PruneWrapper, prunable_kernel_names
+from dg2pf_tf.masking import pruned_models
+from dg2pf_tf.prune import find_prunable
 
 
 @dataclasses.dataclass(frozen=True)
 class KernelRow:
-    """One prunable kernel: `layer` name, kernel attribute, shape and zero count."""
+    """One prunable weight: its variable `path`, `layer` name, attribute `kernel`,
+    shape, size, zero count, and `pruned`: True under a mask, False left dense by
+    choice, None in a model without masks (not known)."""
 
+    path: str
     layer: str
     kernel: str
     shape: tuple
     weights: int
     zeros: int
+    pruned: object = None
 
     @property
     def sparsity(self):
@@ -25,7 +35,7 @@ class KernelRow:
 
 @dataclasses.dataclass(frozen=True)
 class SparsitySummary:
-    """Per-kernel rows and totals over the prunable weights and over all parameters.
+    """Per-weight rows and totals over the prunable weights and over all parameters.
 
     `str(summary)` is a printable table; `summary.to_dict()` is JSON-friendly.
     Parameters are the model's weights (trainable or not, batch-norm
@@ -46,7 +56,29 @@ class SparsitySummary:
 
     @property
     def prunable_sparsity(self):
+        """Zeros over every prunable weight, pruned or left dense by choice."""
         return self.prunable_zeros / self.prunable_weights if self.rows else 0.0
+
+    @property
+    def pruned_weights(self):
+        """Weights under masks (0 in a model without masks)."""
+        return sum(r.weights for r in self.rows if r.pruned)
+
+    @property
+    def pruned_sparsity(self):
+        """Zeros over the weights under masks: the level the masks were set to."""
+        weights = self.pruned_weights
+        return sum(r.zeros for r in self.rows if r.pruned) / weights if weights else 0.0
+
+    @property
+    def dense_by_choice(self):
+        """Prunable weights a pruned model leaves dense (`exclude`)."""
+        return sum(r.weights for r in self.rows if r.pruned is False)
+
+    @property
+    def dead(self):
+        """Paths of the prunable weights that are entirely zero."""
+        return tuple(r.path for r in self.rows if r.weights and r.zeros == r.weights)
 
     @property
     def total_sparsity(self):
@@ -61,28 +93,40 @@ class SparsitySummary:
             "prunable_weights": self.prunable_weights,
             "prunable_zeros": self.prunable_zeros,
             "prunable_sparsity": self.prunable_sparsity,
+            "pruned_weights": self.pruned_weights,
+            "pruned_sparsity": self.pruned_sparsity,
+            "dense_by_choice": self.dense_by_choice,
+            "dead": list(self.dead),
             "total_params": self.total_params,
             "total_zeros": self.total_zeros,
             "total_sparsity": self.total_sparsity,
         }
 
     def __str__(self):
-        head = ("layer", "shape", "weights", "zeros", "sparsity")
+        head = ("weight", "shape", "weights", "zeros", "sparsity", "")
+        state = {True: "pruned", False: "dense by choice", None: ""}
         lines = [
-            (f"{r.layer}/{r.kernel}", "x".join(map(str, r.shape)), f"{r.weights:,}",
-             f"{r.zeros:,}", f"{r.sparsity:.2%}")
+            (r.path, "x".join(map(str, r.shape)), f"{r.weights:,}", f"{r.zeros:,}",
+             f"{r.sparsity:.2%}", state[r.pruned])
             for r in self.rows
         ]
         lines.append(("prunable weights", "", f"{self.prunable_weights:,}",
-                      f"{self.prunable_zeros:,}", f"{self.prunable_sparsity:.2%}"))
+                      f"{self.prunable_zeros:,}", f"{self.prunable_sparsity:.2%}", ""))
+        if self.pruned_weights:
+            lines.append(("  of which pruned", "", f"{self.pruned_weights:,}", "",
+                          f"{self.pruned_sparsity:.2%}", ""))
         lines.append(("all parameters", "", f"{self.total_params:,}",
-                      f"{self.total_zeros:,}", f"{self.total_sparsity:.2%}"))
-        widths = [max(len(row[i]) for row in [head, *lines]) for i in range(5)]
-        fmt = lambda row: "  ".join(
-            c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))
-        )
-        rule = "-" * len(fmt(head))
-        return "\n".join([fmt(head), rule, *map(fmt, lines[:-2]), rule, *map(fmt, lines[-2:])])
+                      f"{self.total_zeros:,}", f"{self.total_sparsity:.2%}", ""))
+        widths = [max(len(row[i]) for row in [head, *lines]) for i in range(6)]
+        fmt = lambda row: "  ".join(  # noqa: E731
+            c.ljust(w) if i in (0, 1, 5) else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))
+        ).rstrip()
+        rule = "-" * max(len(fmt(row)) for row in [head, *lines])
+        totals = len(lines) - len(self.rows)
+        text = [fmt(head), rule, *map(fmt, lines[:-totals]), rule, *map(fmt, lines[-totals:])]
+        if self.dead:
+            text.append(f"entirely zero ({len(self.dead)}): " + ", ".join(self.dead))
+        return "\n".join(text)
 
 
 def _zeros(array):
@@ -90,29 +134,24 @@ def _zeros(array):
 
 
 def sparsity_summary(model):
-    """Counts the zeros of `model`, pruned (wrapped) or stripped.
+    """Counts the zeros of `model`, pruned or stripped (or never pruned).
 
-    Rows cover the wrappers' kernels, as the forward pass sees them
-    (`kernel * mask`); in a model without wrappers, every kernel of a prunable
-    layer type. Returns a `SparsitySummary`.
+    Rows cover every prunable weight (as `prune()` finds them), as the forward
+    pass sees it (`weight * mask` where masked). Returns a `SparsitySummary`.
     """
-    wrappers = find_wrappers(model)
-    rows, effective, bookkeeping = [], {}, set()
-    for wrapper in wrappers:
-        bookkeeping.add(id(wrapper.hard))
-        for name, kernel, mask in zip(wrapper.kernel_names, wrapper.kernels, wrapper.masks):
-            bookkeeping.add(id(mask))
-            value = kernel.numpy() * mask.numpy()
-            effective[id(kernel)] = value
-            rows.append(KernelRow(wrapper.name, name, tuple(value.shape), value.size, _zeros(value)))
-    if not wrappers:
-        for layer in model._flatten_layers(include_self=False, recursive=True):
-            if isinstance(layer, PruneWrapper):
-                continue
-            for name in prunable_kernel_names(layer):
-                value = getattr(layer, name).numpy()
-                rows.append(KernelRow(layer.name, name, tuple(value.shape), value.size, _zeros(value)))
-
+    effective, bookkeeping = {}, set()
+    for pruned in pruned_models(model):
+        bookkeeping.update(id(v) for v in [pruned.hard, *pruned.masks])
+        for variable, mask in zip(pruned.targets, pruned.masks):
+            effective[id(variable)] = variable.numpy() * mask.numpy()
+    masked = bool(effective)
+    rows = []
+    for weight in find_prunable(model).chosen:
+        value = effective.get(id(weight.variable))
+        pruned = value is not None if masked else None
+        value = weight.variable.numpy() if value is None else value
+        rows.append(KernelRow(weight.variable.path, weight.layer.name, weight.name,
+                              tuple(value.shape), int(value.size), _zeros(value), pruned))
     total_params = total_zeros = 0
     for weight in model.weights:
         if id(weight) in bookkeeping:

@@ -63,20 +63,20 @@ strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 """
 
 
-def replicas_agree(wrappers):
-    """True if every replica holds the same masks and kernels, with masked weights 0
-    where the masks are hard (for the subprocesses run under `TWO_CPUS`)."""
-    for wrapper in wrappers:
-        hard = float(wrapper.hard.numpy()) == 1.0
-        for mask, kernel in zip(wrapper.masks, wrapper.kernels):
-            masks = [v.numpy() for v in mask.value.values]
-            kernels = [v.numpy() for v in kernel.value.values]
-            if len(masks) != 2 or not all(np.array_equal(masks[0], m) for m in masks):
-                return False
-            if not all(np.array_equal(kernels[0], k) for k in kernels):
-                return False
-            if hard and (kernels[0][masks[0] == 0] != 0).any():
-                return False
+def replicas_agree(pruned):
+    """True if every replica of `pruned` (a PrunedModel) holds the same masks and
+    weights, with masked weights 0 where the masks are hard (for the
+    subprocesses run under `TWO_CPUS`)."""
+    hard = float(pruned.hard.numpy()) == 1.0
+    for mask, kernel in zip(pruned.masks, pruned.targets):
+        masks = [v.numpy() for v in mask.value.values]
+        kernels = [v.numpy() for v in kernel.value.values]
+        if len(masks) != 2 or not all(np.array_equal(masks[0], m) for m in masks):
+            return False
+        if not all(np.array_equal(kernels[0], k) for k in kernels):
+            return False
+        if hard and (kernels[0][masks[0] == 0] != 0).any():
+            return False
     return True
 
 

@@ -127,7 +127,7 @@ def _mobilenet(size):
 def test_xnnpack_preset_prunes_only_pointwise_convolutions():
     model = _mobilenet(32)
     pruned = dg2pf_tf.prune(model, exclude=dg2pf_tf.presets.xnnpack)
-    kernels = [w.layer for w in dg2pf_tf.masking.find_wrappers(pruned)]
+    kernels = [model.get_layer(r.layer) for r in dg2pf_tf.sparsity_summary(pruned).rows if r.pruned]
     assert kernels and all(isinstance(k, keras.layers.Conv2D) and k.kernel_size == (1, 1)
                            and not isinstance(k, keras.layers.DepthwiseConv2D) for k in kernels)
     pointwise = [l for l in model.layers if type(l) is keras.layers.Conv2D and l.kernel_size == (1, 1)]

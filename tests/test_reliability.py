@@ -168,7 +168,7 @@ class _Poison(keras.callbacks.Callback):
 
     def on_train_batch_begin(self, batch, logs=None):
         if self.epoch == 1 and batch == 2:
-            gamma = self.model.student.get_layer("bn1").gamma
+            gamma = self.model.student.model.get_layer("bn1").gamma
             gamma.assign(np.full(gamma.shape, np.nan, np.float32))
 
     def on_epoch_begin(self, epoch, logs=None):

@@ -45,7 +45,7 @@ def test_mirrored_strategy_on_two_logical_cpus_trains_to_exact_sparsity():
         summary = dg2pf_tf.sparsity_summary(pruned)
         print(strategy.num_replicas_in_sync, summary.prunable_zeros,
               summary.prunable_weights, history.history["loss"][-1],
-              replicas_agree(dg2pf_tf.masking.find_wrappers(pruned)))
+              replicas_agree(pruned))
     """), env={"PYTHONPATH": f"{ROOT}:{ROOT}/tests"})
     replicas, zeros, total, loss, agree = out.strip().splitlines()[-1].split()
     assert int(replicas) == 2
@@ -75,8 +75,7 @@ def test_distillation_steps_and_mask_updates_agree_on_every_replica():
         calls.on_train_begin()
         for epoch in range(2):
             loop.run_epoch(distiller, data, epoch, calls)
-        wrappers = dg2pf_tf.masking.find_wrappers(student)
-        print(replicas_agree(wrappers), len(wrappers), dg2pf_tf.masking.mask_sparsity(wrappers))
+        print(replicas_agree(student), len(student.masks), dg2pf_tf.masking.mask_sparsity(student))
     """), env={"PYTHONPATH": f"{ROOT}:{ROOT}/tests"})
     agree, count, sparsity = out.strip().splitlines()[-1].split()
     assert agree == "True" and int(count) == 4

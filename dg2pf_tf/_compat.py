@@ -1,0 +1,76 @@
+"""Every Keras/TensorFlow internal dg2pf_tf relies on, each with why no public API serves.
+
+Keeping them here is what lets the library follow Keras releases: when one of
+these moves, this file is the only one to change.
+"""
+
+import keras
+
+
+def sublayers(layer, recursive=False):
+    """The layers inside `layer` (not itself), in tracking order, each once.
+
+    Keras 3 has no public way to list the sublayers of an arbitrary layer
+    (`Model.layers` is top-level only and absent from plain layers).
+    """
+    return list(layer._flatten_layers(include_self=False, recursive=recursive))
+
+
+def stateless_scope():
+    """The active `keras.StatelessScope`, or None.
+
+    Keras exports the scope class but not the getter; a scope of ours must
+    see the values an enclosing one substitutes.
+    """
+    from keras.src.backend.common.stateless_scope import get_stateless_scope
+
+    return get_stateless_scope()
+
+
+def is_graph_model(model):
+    """True for plain Sequential and Functional models: a layer graph that
+    `clone_model` rebuilds layer by layer. Their subclasses (KerasHub
+    backbones) are rebuilt from their own config, like subclassed models.
+
+    `keras.Model` is also the base of subclassed models; the Functional class
+    itself is not exported.
+    """
+    from keras.src.models.functional import Functional
+
+    return type(model) in (keras.Sequential, Functional)
+
+
+def producer(tensor):
+    """The operation (layer) that produced symbolic `tensor`, or None.
+
+    Keras keeps it on the tensor's private `_keras_history`; there is no
+    public accessor.
+    """
+    history = getattr(tensor, "_keras_history", None)
+    return None if history is None else history.operation
+
+
+def scaled_additional_loss(model, loss):
+    """`loss` (a layer's `add_loss` term) as `Model.compute_loss` adds it:
+    scaled for the distribution strategy. `compute_loss` does this in a
+    private helper that a model overriding it must call itself."""
+    return model._aggregate_additional_loss(loss)
+
+
+def in_multi_worker_mode(strategy):
+    """Whether `strategy` spans several workers.
+
+    The flag lives on the strategy's private `extended` object; data sharding
+    must know it before the dataset is distributed.
+    """
+    return strategy.extended._in_multi_worker_mode()
+
+
+def conv_lstm_cell_class():
+    """The cell class of `ConvLSTM1D/2D/3D`, which holds their kernels.
+
+    `keras.layers` exports the ConvLSTM layers but not their cell.
+    """
+    from keras.src.layers.rnn.conv_lstm import ConvLSTMCell
+
+    return ConvLSTMCell
