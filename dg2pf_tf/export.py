@@ -14,10 +14,11 @@ import shutil
 import tempfile
 import warnings
 
+import keras
 import numpy as np
 import tensorflow as tf
 
-from dg2pf_tf import litert, masking
+from dg2pf_tf import _compat, litert, masking
 from dg2pf_tf.prune import strip
 from dg2pf_tf.summary import sparsity_summary
 
@@ -153,7 +154,7 @@ def _dense_equivalent(content):
 
 
 def export(model, path, *, tflite=True, quantize=None, representative_data=None,
-           explicit_padding=False, overwrite=False, verbose=1):
+           explicit_padding=False, input_shape=None, overwrite=False, verbose=1):
     """Writes what ships of `model` (pruned or stripped) into directory `path`.
 
     Files: `saved_model/` (a `serving_default` signature that needs only
@@ -167,14 +168,17 @@ def export(model, path, *, tflite=True, quantize=None, representative_data=None,
     agreement and warn below 99%. Returns the `export.json` dict: sizes, dense-equivalent
     sizes, sparsity, per-tensor encodings. `explicit_padding=True` stores
     symmetric SAME padding of float convolutions as PAD + VALID, the form
-    XNNPACK's sparse path needs (see `deploy_report`).
+    XNNPACK's sparse path needs (see `deploy_report`). LiteRT files take
+    inputs of a fixed size: `input_shape` (without the batch axis) fixes the
+    size of a Sequential/Functional model built for any (`None` dimensions).
 
     Raises:
         FileNotFoundError: the parent of `path` does not exist.
         FileExistsError: `path` is a file, or a non-empty directory and not
             `overwrite`.
-        ValueError: bad `quantize`, 'int8' without `representative_data`, a
-            model with several inputs or outputs and `tflite=True`.
+        ValueError: bad `quantize`, 'int8' without `representative_data`; with
+            `tflite=True`, a model with several inputs or outputs, or with
+            inputs of no fixed size (pass `input_shape`).
         RuntimeError: a LiteRT file that the interpreter refuses in every form.
         ImportError: `tflite=True` without the `ai-edge-litert` package.
     """
@@ -189,13 +193,13 @@ def export(model, path, *, tflite=True, quantize=None, representative_data=None,
         )
     if tflite:
         litert.require_litert()
-        if len(model.inputs or []) != 1 or len(model.outputs or []) != 1:
-            raise ValueError(
-                "export(): LiteRT export checks single-input, single-output "
-                "models; export this one with tflite=False."
-            )
+    plain = strip(model) if masking.pruned_models(model) else model
+    if input_shape is not None:
+        plain = _fixed_size(plain, input_shape)
+    shapes = _input_shapes(plain)
+    if tflite:
+        _check_litert_inputs(plain, shapes)
     path = _check_path(path, overwrite)
-    plain = strip(model) if masking.find_wrappers(model) else model
     summary = sparsity_summary(plain)
     say = print if verbose else (lambda *a, **k: None)
 
@@ -215,9 +219,14 @@ def export(model, path, *, tflite=True, quantize=None, representative_data=None,
             if representative_data is not None:
                 inputs = _samples(representative_data)
             else:
-                shape = [8 if d is None else d for d in plain.inputs[0].shape]
+                shape = [8, *shapes[0][1:]]
                 inputs = np.random.default_rng(0).normal(size=shape).astype(np.float32)
-            reference = np.asarray(plain(inputs, training=False), dtype=np.float32)
+            outputs = keras.tree.flatten(plain(inputs, training=False))
+            if len(outputs) != 1:
+                raise ValueError(
+                    f"export(): model '{plain.name}' has {len(outputs)} outputs; LiteRT export "
+                    f"checks single-output models. Export it with tflite=False.")
+            reference = np.asarray(outputs[0], dtype=np.float32)
             jobs = [("model.tflite", None)] + ([("model_int8.tflite", quantize)] if quantize else [])
             for name, mode in jobs:
                 say(f"[export] converting {name} ({mode or 'float32'}, sparse weights)")
@@ -256,6 +265,44 @@ def export(model, path, *, tflite=True, quantize=None, representative_data=None,
                  if "ratio_to_dense_float32" in entry else "")
         say(f"[export] {os.path.join(path, name)}: {entry['bytes']:,} bytes{extra}")
     return report
+
+
+def _input_shapes(model):
+    """The input shapes of built `model` (batch axis first), Functional or subclassed."""
+    if getattr(model, "inputs", None):
+        return [tuple(x.shape) for x in model.inputs]
+    shape = (model.get_build_config() or {}).get("input_shape")
+    if shape is None:
+        raise ValueError(
+            f"export(): model '{model.name}' records no input shape. Build it with "
+            f"`model.build(input_shape)` or call it on a batch first.")
+    nested = isinstance(shape, (list, tuple)) and shape and isinstance(shape[0], (list, tuple))
+    return [tuple(s) for s in shape] if nested else [tuple(shape)]
+
+
+def _check_litert_inputs(model, shapes):
+    if len(shapes) != 1:
+        raise ValueError(
+            f"export(): model '{model.name}' has {len(shapes)} inputs; LiteRT export checks "
+            f"single-input models. Export it with tflite=False.")
+    if any(d is None for d in shapes[0][1:]):
+        raise ValueError(
+            f"export(): model '{model.name}' takes inputs of shape {shapes[0]}, with sizes left "
+            f"open; a LiteRT file needs fixed ones. Pass input_shape=(...) (e.g. "
+            f"{tuple(8 if d is None else d for d in shapes[0][1:])}), or tflite=False.")
+
+
+def _fixed_size(model, input_shape):
+    """A copy of graph `model` taking inputs of `input_shape` (the same weights)."""
+    if not _compat.is_graph_model(model) or len(model.inputs) != 1:
+        raise ValueError(
+            f"export(): `input_shape` applies to single-input Sequential/Functional models; "
+            f"build '{model.name}' at the size to export instead.")
+    inputs = keras.Input(shape=tuple(input_shape), dtype=model.inputs[0].dtype,
+                         name=_compat.producer(model.inputs[0]).name)
+    fixed = keras.models.clone_model(model, input_tensors=inputs)
+    fixed.set_weights(model.get_weights())
+    return fixed
 
 
 def _check_saved_zeros(saved_model, expected):
