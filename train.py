@@ -228,6 +228,10 @@ def main(argv):
     print(f"{info['test_split'] + ' accuracy (held out)':<28}{test_accuracy['dense']:>12.4f}"
           f"{test_accuracy['pruned']:>12.4f}")
     print(f"{'sparsity (prunable)':<28}{0.0:>12.2%}{summary.prunable_sparsity:>12.2%}")
+    print(f"{'prunable weights':<28}{report['params_prunable']:>12,}{'':>12}  ({report['params_pruned']:,} "
+          f"pruned, {report['params_dense_by_choice']:,} dense by choice)")
+    if report["entirely_zero"]:
+        print(f"weights entirely zero: {', '.join(report['entirely_zero'])}")
     print(f"{'nonzero parameters':<28}{dense.count_params():>12,}{report['params_nonzero']:>12,}")
     print(f"{'.keras file (bytes)':<28}{sizes['dense.keras']:>12,}{sizes['pruned.keras']:>12,}")
     print("images/s (with validation): " + ", ".join(f"{k} {v:,.1f}" for k, v in images_per_second.items()))
