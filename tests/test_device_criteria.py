@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from dg2pf_tf import criteria, device_criteria
+from dg2pf_tf import criteria, device_criteria, window_search
 
 SHAPES = [(3, 3, 4, 5), (7,), (31, 2), (64, 33), (5000,), (300, 20)]
 SETTINGS = [("global", 0.0), ("layer", 0.0), ("global", 1.0), ("global", 0.5)]
@@ -68,10 +68,10 @@ def test_windows_carried_between_calls_stay_exact_as_weights_and_levels_move(sco
 def test_searches_that_start_from_a_bad_sample_still_end_exact(monkeypatch, scope, floor):
     # Tiny samples and targets make the first window miss or overflow often,
     # so the widening and bisecting paths of the search run.
-    monkeypatch.setattr(device_criteria, "_SAMPLE", 64)
-    monkeypatch.setattr(device_criteria, "_KERNEL_SAMPLE", 16)
-    monkeypatch.setattr(device_criteria, "_CANDIDATES", 1 << 9)
-    monkeypatch.setattr(device_criteria, "_TARGET", 16)
+    monkeypatch.setattr(window_search, "_SAMPLE", 16)
+    monkeypatch.setattr(window_search, "_TARGET", 16)
+    monkeypatch.setattr(window_search, "_CROWDED_OWN", 1 << 5)
+    monkeypatch.setattr(window_search, "_CROWDED_GLOBAL", 1 << 7)
     rng = np.random.default_rng(2)
     masks_of = _device_masks(scope, floor)
     for kind in ("normal", "ties", "zeros"):

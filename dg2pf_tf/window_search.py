@@ -1,0 +1,461 @@
+"""Exact magnitude selection over many large kernels without sorting them: windows and counts.
+
+The bits of |w| as an int32 order like the magnitudes, so "the k-th smallest
+magnitude" is found by counting. Two selections run together:
+- per kernel ("own"): kernel i's `own_ranks[i]` smallest magnitudes (ties to
+  the earliest positions, or with `descending` to the latest): the per-layer
+  scope, and the ERK floor's reserve (each kernel's free weights are its
+  smallest ones, its largest are reserved);
+- over all kernels ("global"): the `rank` smallest, where kernel i takes part
+  with at most its `caps[i]` free weights (ties to the earliest kernel, then
+  position).
+
+Each selection keeps a window of magnitudes that should hold its answer,
+carried from the previous call (training moves the answer a little each
+step) or, the first time, read off a strided sample. One compiled pass over
+all kernels counts the magnitudes below and up to every window; a window that
+misses moves and widens, one that holds too many values halves, until every
+window holds its answer (`_step`). The values inside the windows (few) are
+then gathered, by the blocks of `_BLOCK` weights the pass flagged, and sorted;
+that gives each answer value and how its ties split. Where ties split inside a
+kernel, one more pass finds the position that separates them. A last compiled
+pass writes every mask. The graph holds a handful of operations per kernel and
+no branch per kernel, so it traces and compiles in seconds at any size.
+"""
+
+import functools
+
+import numpy as np
+import tensorflow as tf
+
+INT_MAX = 0x7FFFFFFF      # above the bits of every finite |w| (inf is 0x7F800000)
+_BLOCK = 64               # weights per block: the gather reads only flagged blocks
+_SAMPLE = 1 << 11         # strided sample of each kernel, for a first window
+_Z = 4.5                  # first window half-width, in standard deviations of the sample quantile
+_TARGET = 4096            # values the carried windows of a call hold, in all
+_CROWDED_OWN = 1 << 16    # a kernel's window holding more is halved before gathering
+_CROWDED_GLOBAL = 1 << 18  # the same for the global window
+_MAX_ROUNDS = 96
+_SHIFT = 31               # sort keys: kernel index above the 31 bits of a magnitude
+
+
+def abs_bits(flat):
+    """The bits of |flat| as int32: non-negative, ordered like the magnitudes."""
+    if flat.dtype != tf.float32:
+        flat = tf.cast(flat, tf.float32)
+    return tf.bitwise.bitwise_and(tf.bitcast(flat, tf.int32), INT_MAX)
+
+
+# The passes below build a handful of operations per kernel: tracing costs
+# about half a millisecond an operation, and models have hundreds of kernels.
+
+def _sum(flags):
+    """Number of True in a flat bool tensor, exact, in a shape XLA reduces fast
+    (three times faster here than one reduction over the whole)."""
+    n = int(flags.shape[0])
+    head = n - n % 8
+    total = tf.reduce_sum(tf.cast(flags[head:], tf.int32))
+    if head:
+        rows = tf.reshape(tf.cast(flags[:head], tf.float32), [-1, 8])
+        total += tf.reduce_sum(tf.cast(tf.reduce_sum(rows, axis=1), tf.int32))
+    return total
+
+
+def _blocks(inside):
+    """[1, blocks]: per block of `_BLOCK` weights (the last one padded), whether it holds a True."""
+    pad = -int(inside.shape[0]) % _BLOCK
+    if pad:
+        inside = tf.pad(inside, [[0, pad]])
+    return tf.reduce_any(tf.reshape(inside, [1, -1, _BLOCK]), axis=2)
+
+
+def _count_pass(flats, own_lo, own_hi, lo, hi, *, own=True, shared=True):
+    """Per kernel: magnitudes below its own window, inside it, below the global one
+    and inside it ([m, 4] int32); and per kernel, which blocks of `_BLOCK` weights
+    hold a value inside each window ([2, blocks] bool). A window switched off
+    (`own`, `shared`) is not counted: zeros."""
+    own_lo, own_hi = tf.unstack(own_lo), tf.unstack(own_hi)
+    counts, blocks = [], []
+    for i, flat in enumerate(flats):
+        bits = abs_bits(flat)
+        none = tf.zeros([], tf.int32), tf.zeros([1, -(-int(flat.shape[0]) // _BLOCK)], tf.bool)
+        for on, low, high in ((own, own_lo[i], own_hi[i]), (shared, lo, hi)):
+            inside = (bits >= low) & (bits <= high)
+            below, flags = (_sum(bits < low), _blocks(inside)) if on else none
+            counts += [below, _sum(inside) if on else none[0]]
+            blocks.append(flags)
+    m = len(flats)
+    return tf.reshape(tf.stack(counts), [m, 4]), [tf.concat(blocks[2 * i:2 * i + 2], 0) for i in range(m)]
+
+
+def _mask_pass(flats, cuts):
+    """Masks: pruned where (value < t, or = t at a position < b) and (value < v, or
+    = v at a position >= c), with (t, b, v, c) the rows of `cuts`."""
+    masks = []
+    for flat, cut in zip(flats, tf.unstack(cuts)):
+        t, b, v, c = tf.unstack(cut)
+        bits = abs_bits(flat)
+        positions = tf.range(int(flat.shape[0]), dtype=tf.int32)
+        pruned = ((bits < t) | ((bits == t) & (positions < b))) & ((bits < v) | ((bits == v) & (positions >= c)))
+        masks.append(tf.cast(~pruned, tf.float32))
+    return masks
+
+
+def _tie_positions(flats, values, indices):
+    """Per kernel i and query j, the position of its `indices[i, j]`-th weight (0-based,
+    in position order) whose magnitude bits equal `values[i, j]`; its size if none."""
+    rows = []
+    for flat, value, index in zip(flats, tf.unstack(values), tf.unstack(indices)):
+        bits = abs_bits(flat)
+        end = tf.constant([int(flat.shape[0])], tf.int64)
+        row = []
+        for j in range(2):
+            where = tf.concat([tf.where(tf.equal(bits, value[j]))[:, 0], end], 0)
+            row.append(tf.gather(where, tf.minimum(index[j], tf.shape(where, tf.int64)[0] - 1)))
+        rows.append(tf.stack(row))
+    return tf.stack(rows)
+
+
+def _step(window, bounds, done, below, upto, inside, rank, crowded_at):
+    """One move of the windows `(lo, hi)` of unfinished groups, from the counts
+    below `lo` and up to `hi` (`inside`: values the window holds, uncapped).
+
+    A group is finished when `below < rank <= upto` and its window holds at most
+    `crowded_at` values (or is a single value). Otherwise a window too high or
+    too low moves past its old edge and widens fourfold, and a crowded one
+    halves; `bounds = (bottom, top)` hold the answer, as the counts proved.
+    Returns the new `(window, bounds, done)`.
+    """
+    (lo, hi), (bottom, top) = window, bounds
+    under, over = rank <= below, rank > upto
+    crowded = ~under & ~over & (inside > crowded_at) & (lo < hi)
+    finished = done | ~(under | over | crowded)
+    top = tf.where(under, lo - 1, tf.where(over, top, hi))
+    bottom = tf.where(over, hi + 1, tf.where(under, bottom, lo))
+    step = tf.minimum(hi - lo + 1, INT_MAX) * 4
+    new_lo = tf.where(under, tf.maximum(bottom, lo - step), tf.where(over, bottom, lo))
+    new_hi = tf.where(under, top, tf.where(over, tf.minimum(top, hi + step), lo + (hi - lo) // 2))
+    window = tf.where(finished, lo, new_lo), tf.where(finished, hi, new_hi)
+    return window, (bottom, top), finished
+
+
+class _Memory:
+    """Per group, the last answer, its rank, the density of values around it and how
+    far it moved beyond what the change of rank explains (signed): where the next
+    window starts."""
+
+    def __init__(self, groups, target):
+        self.target = float(target)
+        with tf.init_scope():
+            self.value = tf.Variable(tf.fill([groups], tf.constant(-1, tf.int64)), trainable=False)
+            self.rank = tf.Variable(tf.zeros([groups], tf.int64), trainable=False)
+            self.density = tf.Variable(tf.ones([groups], tf.float64), trainable=False)
+            self.drift = tf.Variable(tf.zeros([groups], tf.float64), trainable=False)
+
+    def window(self, rank, active, fresh):
+        """`(lo, hi)` around the last answers, moved by the change of rank; from
+        `fresh()` (a sample) for active groups without a last answer."""
+        known = (self.value >= 0) | ~active
+        shift = tf.cast(rank - self.rank, tf.float64) / self.density
+        # Training moves the answer about as far each step: expect that move again.
+        half = self.target / 2.0 / self.density + 2.0 * tf.abs(shift) + 0.5 * tf.abs(self.drift)
+        centre = tf.cast(self.value, tf.float64) + shift + self.drift
+        clip = lambda x: tf.cast(tf.clip_by_value(x, 0.0, float(INT_MAX)), tf.int64)  # noqa: E731
+        carried = clip(tf.floor(centre - half)), clip(tf.math.ceil(centre + half))
+        lo, hi = tf.cond(tf.reduce_all(known), lambda: carried, fresh)
+        return tf.where(known, carried[0], lo), tf.where(known, carried[1], hi)
+
+    def keep(self, value, rank, window, inside, solved):
+        lo, hi = window
+        density = tf.maximum(tf.cast(inside, tf.float64), 1.0) / tf.cast(hi - lo + 1, tf.float64)
+        moved = tf.cast(value - self.value, tf.float64) - tf.cast(rank - self.rank, tf.float64) / density
+        self.drift.assign(tf.where(solved & (self.value >= 0), moved, self.drift))
+        self.density.assign(tf.where(solved, density, self.density))
+        self.value.assign(tf.where(solved, value, self.value))
+        self.rank.assign(tf.where(solved, rank, self.rank))
+
+
+def _weighted_window(values, weights, rank, spread):
+    """`(lo, hi)` ([1] int64) around where the cumulative `weights` of sorted sample
+    `values` reach `rank`, `spread` (a share of it) either side."""
+    spent = tf.cumsum(weights)
+    count = tf.shape(values, tf.int64)[0]
+    at = tf.searchsorted(spent, tf.cast(rank, tf.float64) * tf.constant([1.0 - spread, 1.0 + spread], tf.float64),
+                         out_type=tf.int64)
+    edge = lambda j: tf.cast(tf.gather(values, tf.clip_by_value(j, 0, count - 1)), tf.int64)  # noqa: E731
+    lo = tf.where(at[0] <= 0, tf.constant(0, tf.int64), edge(at[0] - 1))
+    hi = tf.where(at[1] >= count, tf.constant(INT_MAX, tf.int64), edge(at[1]))
+    return lo[None], hi[None]
+
+
+def _rank_window(rows, counts, totals, ranks):
+    """`(lo, hi)` per row holding the `ranks`-th of `totals` values with high
+    probability, from sorted strided samples `rows` ([groups, width], padded with
+    INT_MAX) of `counts` values; exact where the sample is the whole."""
+    width = int(rows.shape[1])
+    n = tf.cast(counts, tf.float64)
+    p = tf.cast(ranks, tf.float64) / tf.cast(tf.maximum(totals, 1), tf.float64)
+    spread = _Z * tf.sqrt(n * p * (1.0 - p)) + 2.0
+    whole = counts == totals
+    low = tf.where(whole, tf.cast(ranks - 1, tf.float64), tf.floor(n * p - spread))
+    high = tf.where(whole, tf.cast(ranks - 1, tf.float64), tf.math.ceil(n * p + spread))
+    at = lambda j: tf.cast(tf.gather(rows, tf.clip_by_value(tf.cast(j, tf.int32), 0, width - 1),  # noqa: E731
+                                     batch_dims=1), tf.int64)
+    lo = tf.where(low < 0, tf.zeros_like(counts), at(low))
+    hi = tf.where(high >= n, tf.fill(tf.shape(counts), tf.constant(INT_MAX, tf.int64)), at(high))
+    return lo, hi
+
+
+def _counts(counts):
+    """`(below_own, upto_own, below, upto)` (int64 [m]) from `_count_pass` counts."""
+    below_own, inside_own, below, inside = tf.unstack(tf.cast(counts, tf.int64), axis=1)
+    return below_own, below_own + inside_own, below, below + inside
+
+
+def _positions(sorted_keys, keys, side="left"):
+    return tf.searchsorted(sorted_keys, keys, side=side, out_type=tf.int64)
+
+
+class WindowSearch:
+    """Masks of kernels of fixed `sizes` by exact magnitude selection (see the module).
+
+    `jit_compile` compiles the counting and the writing pass with XLA: one
+    compilation each, for all kernels.
+    """
+
+    def __init__(self, sizes, *, jit_compile):
+        self.sizes = np.asarray(sizes, np.int64)
+        options = dict(jit_compile=bool(jit_compile), reduce_retracing=False, autograph=False)
+        self._counts = {(own, shared): tf.function(functools.partial(_count_pass, own=own, shared=shared),
+                                                   **options)
+                        for own in (False, True) for shared in (False, True)}
+        self._write = tf.function(_mask_pass, **options)
+        self._sample_at = [np.unique(np.linspace(0, n - 1, min(int(n), _SAMPLE)).astype(np.int64))
+                           for n in self.sizes]
+        self._sample_counts = np.array([len(p) for p in self._sample_at], np.int64)
+        m = len(self.sizes)
+        self._own = _Memory(m, max(256, _TARGET // max(m, 1)))
+        self._global = _Memory(1, _TARGET)
+
+    def masks(self, flats, *, own_ranks=None, descending=False, rank=None, caps=None):
+        """Flat float32 masks of `flats`, 0 where pruned.
+
+        `own_ranks` (int64 [m]) alone: each kernel's `own_ranks[i]` smallest are
+        pruned. `rank` (an int64 scalar): the `rank` smallest over all kernels,
+        kernel i taking part with its `caps[i]` smallest only; give
+        `own_ranks=caps, descending=True` too, which finds where they end.
+        """
+        m = len(self.sizes)
+        sizes = tf.constant(self.sizes)
+        own, selects_globally = own_ranks is not None, rank is not None
+        if selects_globally and own and not descending:
+            raise ValueError("A global selection takes per-kernel ranks only as its caps (descending=True).")
+        own_ranks = tf.cast(own_ranks, tf.int64) if own else tf.zeros([m], tf.int64)
+        caps = sizes if caps is None else tf.cast(caps, tf.int64)
+        rank = tf.zeros([1], tf.int64) if rank is None else tf.reshape(tf.cast(rank, tf.int64), [1])
+        own_active = (own_ranks > 0) & (own_ranks < sizes)
+        global_active = (rank > 0) & (rank < tf.reduce_sum(caps))
+        empty = lambda k: (tf.ones([k], tf.int64), tf.zeros([k], tf.int64))  # noqa: E731
+        own_window = self._own.window(own_ranks, own_active, lambda: self._own_sample(flats, own_ranks)) \
+            if own else empty(m)
+        window = self._global.window(rank, global_active, lambda: self._global_sample(flats, caps, rank))
+        own_window, window, counts, blocks = self._narrow(
+            flats, own_ranks, own_active, own_window, caps, rank, global_active, window,
+            own=own, shared=selects_globally)
+        below_own, upto_own, below, upto = _counts(counts)
+        gathered = self._gather(flats, own_window, own_active & (own_window[0] < own_window[1]),
+                                window, global_active & (window[0] < window[1]), blocks)
+        value_own, *own_ties = self._own_answer(gathered, own_window, below_own, upto_own, own_ranks,
+                                                 own_active, descending)
+        value, *global_ties = self._global_answer(gathered, window, below, upto, caps, rank, global_active)
+        self._own.keep(value_own, own_ranks, own_window, upto_own - below_own, own_active)
+        self._global.keep(value, rank, window, tf.reduce_sum(upto - below, keepdims=True), global_active)
+        limits = self._tie_limits(flats, tf.stack([tf.broadcast_to(value, [m]), value_own], 1),
+                                  *(tf.stack(pair, 1) for pair in zip(global_ties, own_ties)))
+        clip = lambda x: tf.cast(tf.clip_by_value(x, -1, INT_MAX), tf.int32)  # noqa: E731
+        none, zero = tf.fill([m], INT_MAX), tf.zeros([m], tf.int32)
+        if not own:
+            cuts = [clip(tf.broadcast_to(value, [m])), tf.cast(limits[:, 0], tf.int32), none, zero]
+        elif descending:
+            cuts = [clip(tf.broadcast_to(value, [m])), tf.cast(limits[:, 0], tf.int32), clip(value_own),
+                    tf.cast(limits[:, 1], tf.int32)]
+        else:
+            cuts = [clip(value_own), tf.cast(limits[:, 1], tf.int32), none, zero]
+        return self._write(flats, tf.stack(cuts, 1))
+
+    # -- first windows, from samples -------------------------------------------------
+
+    def _samples(self, flats):
+        """Sorted strided samples of every kernel's magnitudes, [m, width] padded with INT_MAX."""
+        width = int(self._sample_counts.max())
+        rows = [tf.pad(tf.gather(f, p), [[0, width - len(p)]], constant_values=np.inf)
+                for f, p in zip(flats, self._sample_at)]
+        return tf.sort(abs_bits(tf.stack(rows)), axis=-1)
+
+    def _own_sample(self, flats, ranks):
+        counts = tf.constant(self._sample_counts)
+        return _rank_window(self._samples(flats), counts, tf.constant(self.sizes), ranks)
+
+    def _global_sample(self, flats, caps, rank):
+        """A window for the global selection: each sample value stands for size/count
+        weights, and a capped kernel offers only the smallest share of its sample."""
+        rows = self._samples(flats)
+        counts = tf.constant(self._sample_counts)
+        share = tf.cast(caps, tf.float64) / tf.constant(self.sizes, tf.float64)
+        offered = tf.cast(tf.math.ceil(tf.cast(counts, tf.float64) * share), tf.int64)
+        taken = tf.range(int(rows.shape[1]), dtype=tf.int64)[None, :] < offered[:, None]
+        weight = tf.constant(self.sizes / self._sample_counts, tf.float64)[:, None] * tf.ones_like(rows, tf.float64)
+        values, weights = tf.boolean_mask(rows, taken), tf.boolean_mask(weight, taken)
+        order = tf.argsort(values)
+        return _weighted_window(tf.gather(values, order), tf.gather(weights, order), rank[0], 0.02)
+
+    # -- counting until every window holds its answer -------------------------------
+
+    def _narrow(self, flats, own_ranks, own_active, own_window, caps, rank, global_active, window, *,
+                own, shared):
+        """Counts until every active window holds its answer and few values. Returns the
+        windows, the last counts ([m, 4], as `_count_pass` gives them) and the
+        blocks flagged for each window."""
+        m = len(self.sizes)
+        int32 = lambda x: tf.cast(x, tf.int32)  # noqa: E731
+        count = self._counts[own, shared]
+
+        def body(rounds, own_window, own_bounds, own_done, window, bounds, done, *_):
+            counts, blocks = count(flats, int32(own_window[0]), int32(own_window[1]),
+                                   int32(window[0][0]), int32(window[1][0]))
+            below_own, upto_own, below, upto = _counts(counts)
+            own_window, own_bounds, own_done = _step(own_window, own_bounds, own_done, below_own, upto_own,
+                                                     upto_own - below_own, own_ranks, _CROWDED_OWN)
+            capped = lambda x: tf.reduce_sum(tf.minimum(caps, x), keepdims=True)  # noqa: E731
+            window, bounds, done = _step(window, bounds, done, capped(below), capped(upto),
+                                         tf.reduce_sum(upto - below, keepdims=True), rank, _CROWDED_GLOBAL)
+            return rounds + 1, own_window, own_bounds, own_done, window, bounds, done, counts, blocks
+
+        bounds = lambda k: (tf.zeros([k], tf.int64), tf.fill([k], tf.constant(INT_MAX, tf.int64)))  # noqa: E731
+        no_blocks = [tf.zeros([2, -(-int(n) // _BLOCK)], tf.bool) for n in self.sizes]
+        start = (tf.constant(0), own_window, bounds(m), ~own_active, window, bounds(1), ~global_active,
+                 tf.zeros([m, 4], tf.int32), no_blocks)
+        result = tf.while_loop(
+            lambda rounds, ow, ob, own_done, w, b, done, *_: ~(tf.reduce_all(own_done) & tf.reduce_all(done)),
+            body, start, maximum_iterations=_MAX_ROUNDS)
+        _, own_window, _, own_done, window, _, done, counts, blocks = result
+        tf.debugging.assert_equal(tf.reduce_all(own_done) & tf.reduce_all(done), True, message=(
+            "dg2pf_tf: the device mask search did not converge; please report this."))
+        return own_window, window, counts, blocks
+
+    # -- the values inside the windows -------------------------------------------------
+
+    def _gather(self, flats, own_window, use_own, window, use_global, blocks):
+        """The magnitudes inside the windows to gather (read from the flagged blocks only),
+        in kernel and then position order: `(values, owners, positions, in_own, in_global)`."""
+        values, owners, positions = [], [], []
+        use = tf.stack([use_own, tf.broadcast_to(use_global, tf.shape(use_own))], 1)
+        edges = tf.stack([own_window[0], own_window[1], tf.broadcast_to(window[0], tf.shape(own_window[0])),
+                          tf.broadcast_to(window[1], tf.shape(own_window[0]))], 1)
+        for i, (flat, flags, wanted, edge) in enumerate(zip(flats, blocks, tf.unstack(use),
+                                                             tf.unstack(tf.cast(edges, tf.int32)))):
+            n = int(self.sizes[i])
+            starts = tf.cast(tf.where(tf.reduce_any(flags & wanted[:, None], axis=0))[:, 0], tf.int32) * _BLOCK
+            at = tf.reshape(starts[:, None] + tf.range(_BLOCK, dtype=tf.int32)[None, :], [-1])
+            found = abs_bits(tf.gather(flat, tf.minimum(at, n - 1)))
+            keep = (at < n) & (((found >= edge[0]) & (found <= edge[1]) & wanted[0])
+                               | ((found >= edge[2]) & (found <= edge[3]) & wanted[1]))
+            kept = tf.where(keep)[:, 0]
+            values.append(tf.gather(found, kept))
+            positions.append(tf.gather(at, kept))
+            owners.append(tf.fill(tf.shape(values[-1]), i))
+        values, owners, positions = (tf.cast(tf.concat(x, 0), tf.int64) for x in (values, owners, positions))
+        in_own = (tf.gather(use_own, owners) & (values >= tf.gather(own_window[0], owners))
+                  & (values <= tf.gather(own_window[1], owners)))
+        in_global = use_global[0] & (values >= window[0][0]) & (values <= window[1][0])
+        return values, owners, positions, in_own, in_global
+
+    def _sorted(self, values, owners, positions, selected):
+        """Keys `owner * 2**31 + value` of the selected values, sorted (stably: ties stay
+        in position order), a sentinel last; the positions in the same order."""
+        sentinel = tf.constant(len(self.sizes) << _SHIFT, tf.int64)
+        keys = tf.concat([tf.where(selected, tf.bitwise.left_shift(owners, _SHIFT) + values, sentinel),
+                          [sentinel]], 0)
+        order = tf.argsort(keys, stable=True)
+        return tf.gather(keys, order), tf.gather(tf.concat([positions, [0]], 0), order), sentinel
+
+    def _base(self):
+        return tf.bitwise.left_shift(tf.range(len(self.sizes), dtype=tf.int64), _SHIFT)
+
+    def _position(self, keys, positions, value, index, ties):
+        """Per kernel, the position of its `index`-th weight of magnitude `value` among
+        the sorted gathered ones; 0 for index 0, the kernel size past the last."""
+        sizes = tf.constant(self.sizes)
+        first = _positions(keys, self._base() + value)
+        found = tf.gather(positions, tf.clip_by_value(first + index, 0, tf.shape(keys, tf.int64)[0] - 1))
+        return tf.where(index >= ties, sizes, tf.where(index <= 0, tf.zeros_like(sizes), found))
+
+    # -- the answers ---------------------------------------------------------------------
+
+    def _own_answer(self, gathered, window, below, upto, ranks, active, descending):
+        """Per kernel: the value of its `ranks`-th smallest magnitude, the index (among
+        the weights of that value, in position order) of the first one not selected
+        (`descending`: the first one free), how many have that value, and the
+        position of that first one where the gathered values tell it."""
+        values, owners, positions, in_own, _ = gathered
+        sizes = tf.constant(self.sizes)
+        keys, order, _ = self._sorted(values, owners, positions, in_own)
+        base = self._base()
+        start = _positions(keys, base)
+        point = window[0] >= window[1]
+        within = ranks - below  # 1-based, inside the window
+        last = tf.shape(keys, tf.int64)[0] - 1
+        kth = tf.gather(keys, tf.clip_by_value(start + within - 1, 0, last)) - base
+        value = tf.where(point, window[0], kth)
+        first = _positions(keys, base + value)
+        less = below + tf.where(point, tf.zeros_like(below), first - start)
+        ties = tf.where(point, upto - below, _positions(keys, base + value, "right") - first)
+        value = tf.where(active, value, tf.where(ranks <= 0, tf.constant(-1, tf.int64), INT_MAX))
+        less = tf.where(active, less, tf.where(ranks <= 0, tf.zeros_like(sizes), sizes))
+        ties = tf.where(active, ties, tf.zeros_like(ties))
+        chosen_ties = ranks - less
+        index = tf.maximum(ties - chosen_ties if descending else chosen_ties, 0)
+        return value, index, ties, self._position(keys, order, value, index, ties), active & point
+
+    def _global_answer(self, gathered, window, below, upto, caps, rank, active):
+        """The value of the `rank`-th smallest free magnitude over all kernels; per
+        kernel the index (among its weights of that value, in position order) of the
+        first one not pruned, how many have that value, and the position of that
+        first one where the gathered values tell it."""
+        values, owners, positions, _, in_global = gathered
+        m = len(self.sizes)
+        keys, order, sentinel = self._sorted(values, owners, positions, in_global)
+        owner = tf.minimum(tf.bitwise.right_shift(keys, _SHIFT), m)
+        value_of = tf.bitwise.bitwise_and(keys, INT_MAX)
+        start = tf.concat([_positions(keys, self._base()), [0]], 0)
+        within = tf.range(tf.shape(keys, tf.int64)[0], dtype=tf.int64) - tf.gather(start, owner)
+        capped_below = tf.minimum(caps, below)
+        offered = tf.minimum(caps, upto) - capped_below  # free values each kernel has in the window
+        free = (owner < m) & (within < tf.gather(tf.concat([offered, [0]], 0), owner))
+        free_values = tf.sort(tf.where(free, value_of, sentinel))
+        wanted = rank[0] - tf.reduce_sum(capped_below)  # 1-based, among the free values in the window
+        point = window[0][0] >= window[1][0]
+        kth = tf.gather(free_values, tf.clip_by_value(wanted - 1, 0, tf.shape(free_values, tf.int64)[0] - 1))
+        value = tf.where(point, window[0][0], kth)
+        need = wanted - tf.where(point, tf.constant(0, tf.int64), _positions(free_values, value[None])[0])
+        count = lambda flags: tf.math.unsorted_segment_sum(tf.cast(flags, tf.int64), owner, m + 1)[:m]  # noqa: E731
+        free_ties = tf.where(point, offered, count(free & tf.equal(value_of, value)))
+        ties = tf.where(point, upto - below, count((owner < m) & tf.equal(value_of, value)))
+        taken = tf.clip_by_value(need - tf.cumsum(free_ties, exclusive=True), 0, free_ties)
+        index = ties - free_ties + taken
+        inactive = ~active[0]
+        value = tf.where(inactive, tf.where(rank[0] <= 0, tf.constant(-1, tf.int64), INT_MAX), value)
+        index = tf.where(inactive, tf.where(rank[0] <= 0, tf.zeros_like(index), tf.constant(self.sizes)), index)
+        ties = tf.where(inactive, tf.zeros_like(ties), ties)
+        found = self._position(keys, order, tf.broadcast_to(value, [m]), index, ties)
+        return value, index, ties, found, tf.broadcast_to(active & point, [m])
+
+    def _tie_limits(self, flats, values, indices, ties, found, point):
+        """Positions separating tied weights ([m, 2]): what the gathered values told
+        (`found`), and where a window was a single crowded value, one pass over the
+        kernels for the kernels that split their ties there."""
+        split = (indices > 0) & (indices < ties) & point
+        values = tf.cast(tf.clip_by_value(values, -1, INT_MAX), tf.int32)
+        return tf.cond(tf.reduce_any(split),
+                       lambda: tf.where(split, _tie_positions(flats, values, indices), found),
+                       lambda: found)
