@@ -45,13 +45,20 @@ class MaskSet:
     """
 
     def __init__(self, pruned):
-        self.pruned = pruned
+        # Weakly: `_SETS` keys on the model, and a strong reference here would keep both alive.
+        self._pruned = weakref.ref(pruned)
+        self.hard = pruned.hard
         self.scope = pruned.scope
         self.floor = pruned.floor
         self.entries = list(zip(pruned.targets, pruned.masks))
         self.sizes = [int(np.prod(m.shape)) for _, m in self.entries]
         self._criteria = {}
         self._update = tf.function(self.assign)
+
+    @property
+    def pruned(self):
+        """The `PrunedModel` these masks belong to."""
+        return self._pruned()
 
     def criterion(self, scope=None, floor=None):
         """The `DeviceCriterion` for `scope`/`floor` (default: the model's own)."""
@@ -73,7 +80,7 @@ class MaskSet:
                 weight.assign(weight.value * tf.cast(mask, weight.dtype))
             return tf.constant(True)
 
-        tf.cond(self.pruned.hard > 0.5, zero_masked, lambda: tf.constant(False))
+        tf.cond(self.hard > 0.5, zero_masked, lambda: tf.constant(False))
 
     def update(self, level, scope=None, floor=None):
         """`assign(level)` as its own compiled call; returns the realised sparsity

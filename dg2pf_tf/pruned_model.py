@@ -45,14 +45,15 @@ class _MaskConstraint:
         )
 
 
-@tf.custom_gradient
 def _masked(value, mask, hard):
-    """`value * mask`; the gradient passes to masked entries unless `hard` is 1."""
+    """`value * mask`; the gradient passes to masked entries unless `hard` is 1.
 
-    def grad(upstream):
-        return upstream * tf.maximum(mask, 1.0 - hard), None, None
-
-    return value * mask, grad
+    Written with `stop_gradient` rather than `tf.custom_gradient`, which in graph
+    mode registers a gradient function globally on every trace and so keeps
+    every traced graph alive. The sum is exact: x + (0 - x) is 0 in floating point.
+    """
+    passes = tf.stop_gradient(tf.maximum(mask, 1.0 - hard))
+    return value * passes + tf.stop_gradient(value * mask - value * passes)
 
 
 def build_like(model, build_config):
