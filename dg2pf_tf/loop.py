@@ -131,6 +131,8 @@ class EpochLoop:
         @tf.function(reduce_retracing=True)
         def execute(iterator, first, steps):
             logs = one_step(first)
+            if self.steps_per_execution == 1:
+                return logs  # the loop below would trace the whole step a second time
             for _ in tf.range(steps - 1):
                 following = iterator.get_next_as_optional()
                 if not following.has_value() or self._bad_step >= 0:
