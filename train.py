@@ -225,7 +225,8 @@ def main(argv):
     print()
     print(f"{'':<28}{'dense':>12}{'pruned':>12}")
     print(f"{'validation accuracy':<28}{report['dense_val_accuracy']:>12.4f}{report['pruned_val_accuracy']:>12.4f}")
-    print(f"{info['test_split'] + ' accuracy (held out)':<28}{test_accuracy['dense']:>12.4f}"
+    # The run chose its epochs on the validation part; this split it never saw.
+    print(f"{'held-out ' + repr(info['test_split']) + ' acc.':<28}{test_accuracy['dense']:>12.4f}"
           f"{test_accuracy['pruned']:>12.4f}")
     print(f"{'sparsity (prunable)':<28}{0.0:>12.2%}{summary.prunable_sparsity:>12.2%}")
     print(f"{'prunable weights':<28}{report['params_prunable']:>12,}{'':>12}  ({report['params_pruned']:,} "
@@ -238,8 +239,9 @@ def main(argv):
     if "model.tflite" in exported["files"]:
         tfl = exported["files"]["model.tflite"]
         print(f"{'.tflite file (bytes)':<28}{tfl['dense_equivalent_bytes']:>12,}{tfl['bytes']:>12,}")
-    print(f"outputs in {os.path.abspath(out)}: report.json, pruned.keras, export/ (saved_model/, "
-          f"model.tflite), history.csv, tensorboard/, plots/ ({time.perf_counter() - started:.0f} s)")
+    files = ", ".join(f + "/" * (f == "saved_model") for f in exported["files"])
+    print(f"outputs in {os.path.abspath(out)}: report.json, pruned.keras, export/ ({files}), "
+          f"history.csv, tensorboard/, plots/ ({time.perf_counter() - started:.0f} s)")
 
 
 if __name__ == "__main__":
