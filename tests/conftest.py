@@ -17,7 +17,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _fresh_keras_state():
     keras.utils.set_random_seed(0)
     yield
-    keras.backend.clear_session()
+    # Without the full gc.collect() per test: it costs seconds once TensorFlow
+    # holds many graphs (Keras' optimizer all_reduce registers a gradient per
+    # trace, so they stay), and Python's own collector frees the rest anyway.
+    keras.backend.clear_session(free_memory=False)
     keras.mixed_precision.set_global_policy("float32")
 
 

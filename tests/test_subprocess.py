@@ -78,5 +78,5 @@ def test_distillation_steps_and_mask_updates_agree_on_every_replica():
         print(replicas_agree(student), len(student.masks), dg2pf_tf.masking.mask_sparsity(student))
     """), env={"PYTHONPATH": f"{ROOT}:{ROOT}/tests"})
     agree, count, sparsity = out.strip().splitlines()[-1].split()
-    assert agree == "True" and int(count) == 4
+    assert agree == "True" and int(count) == 5  # stem, sep (depthwise + pointwise), dw, fc
     assert float(sparsity) == pytest.approx(0.8, abs=1e-3)
