@@ -1,0 +1,43 @@
+"""The README's Python examples, taken from README.md and run as written, in order."""
+
+import os
+import re
+
+import keras
+import numpy as np
+import pytest
+
+from conftest import ROOT
+
+with open(os.path.join(ROOT, "README.md")) as f:
+    BLOCKS = re.findall(r"```python\n(.*?)```", f.read(), re.S)
+
+
+def _prelude():
+    """What the examples assume a user has: a trained model and its data (digits)."""
+    from zoo.data import digits_splits
+    from zoo.models import small_cnn
+
+    (x_train, y_train), (x_val, y_val), _ = digits_splits()
+    keras.utils.set_random_seed(0)
+    model = small_cnn()
+    model.compile(keras.optimizers.Adam(3e-3),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x_train, y_train, epochs=8, batch_size=64, verbose=0)
+    return {"model": model, "x": x_train, "y": y_train, "x_train": x_train, "y_train": y_train,
+            "x_val": x_val, "y_val": y_val}
+
+
+@pytest.mark.slow
+def test_readme_examples_run_as_written(tmp_path, monkeypatch, capsys):
+    assert len(BLOCKS) >= 5
+    monkeypatch.chdir(tmp_path)
+    namespace = _prelude()
+    for i, block in enumerate(BLOCKS):
+        exec(compile(block, f"README.md, python block {i + 1}", "exec"), namespace)
+    assert os.path.isfile("pruned.keras") and os.path.isfile("out/model_int8.tflite")
+    assert namespace["result"].report["sparsity_prunable"] == pytest.approx(0.95, abs=1e-3)
+    assert "prunable weights" in capsys.readouterr().out
+    loaded = keras.models.load_model("pruned.keras")
+    x = namespace["x_val"][:8]
+    np.testing.assert_allclose(loaded(x), namespace["plain"](x), atol=1e-6)
