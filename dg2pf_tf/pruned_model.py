@@ -48,12 +48,14 @@ class _MaskConstraint:
 def _masked(value, mask, hard):
     """`value * mask`; the gradient passes to masked entries unless `hard` is 1.
 
-    Written with `stop_gradient` rather than `tf.custom_gradient`, which in graph
-    mode registers a gradient function globally on every trace and so keeps
-    every traced graph alive. The sum is exact: x + (0 - x) is 0 in floating point.
+    A branch on the `hard` flag, so each mode pays only for itself: hard masks
+    are one product (whose gradient is masked too); recovery adds the
+    straight-through term. `stop_gradient` rather than `tf.custom_gradient`,
+    which in graph mode registers a gradient function globally on every trace
+    and so keeps every traced graph alive. The sum is exact: x + (0 - x) is 0.
     """
-    passes = tf.stop_gradient(tf.maximum(mask, 1.0 - hard))
-    return value * passes + tf.stop_gradient(value * mask - value * passes)
+    return tf.cond(hard > 0.5, lambda: value * mask,
+                   lambda: value + tf.stop_gradient(value * mask - value))
 
 
 def build_like(model, build_config):
