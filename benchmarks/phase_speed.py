@@ -161,10 +161,16 @@ def _dense_optimizers():
     """Keras' default 'adam' (a user's dense training), and the optimizers of run()'s
     phases at its defaults: AdamW + clipping (gradual, distill, detached), SGD with
     momentum (finetune)."""
+    import inspect
+
+    import dg2pf_tf
+
+    d = {k: v.default for k, v in inspect.signature(dg2pf_tf.run).parameters.items()}
     return {
         "dense_fit": lambda: "adam",
-        "dense_fit_adamw": lambda: keras.optimizers.AdamW(3e-3, weight_decay=0.004, clipnorm=0.5),
-        "dense_fit_sgd": lambda: keras.optimizers.SGD(1e-3, momentum=0.9),
+        "dense_fit_adamw": lambda: keras.optimizers.AdamW(
+            d["learning_rate"], weight_decay=d["weight_decay"], clipnorm=d["clipnorm"]),
+        "dense_fit_sgd": lambda: keras.optimizers.SGD(d["finetune_learning_rate"], momentum=0.9),
     }
 
 
