@@ -188,9 +188,9 @@ def _dense_steps(dense, x, y):
 def phase_steps(name, steps):
     """Seconds per step of dense `fit` and of each phase of `run()`, one process.
 
-    The dense steps are measured before and after the phases and averaged: a
-    process that has trained the phases runs the same dense step up to 10%
-    slower (memory), and the average keeps that drift out of the ratios."""
+    The dense steps are measured before and after the phases and averaged: the
+    same dense step drifts by up to 10% within a process here (cause not
+    found), and the average keeps that drift out of the ratios."""
     import numpy as np
 
     import dg2pf_tf
