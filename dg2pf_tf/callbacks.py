@@ -2,7 +2,7 @@
 
 import keras
 
-from dg2pf_tf import masking, schedules
+from dg2pf_tf import checks, masking, schedules
 from dg2pf_tf.criteria import check_scope
 
 
@@ -35,12 +35,7 @@ class UpdateMasks(keras.callbacks.Callback):
             raise TypeError(
                 f"`schedule` must be a dg2pf_tf.schedules object, got {schedule!r}."
             )
-        if every_n_steps is not None and (
-            isinstance(every_n_steps, bool)
-            or not isinstance(every_n_steps, int)
-            or every_n_steps < 1
-        ):
-            raise ValueError(f"`every_n_steps` must be an int >= 1, got {every_n_steps!r}.")
+        checks.positive_int("every_n_steps", every_n_steps, none_ok=True)
         self.schedule = schedule
         self.scope = None if scope is None else check_scope(scope)
         self.every_n_steps = every_n_steps

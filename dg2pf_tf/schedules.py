@@ -12,17 +12,12 @@ import math
 import keras
 import tensorflow as tf
 
+from dg2pf_tf import checks
 from dg2pf_tf.criteria import check_sparsity
 
 _PACKAGE = "dg2pf_tf"
 
 
-def _check_epochs(epochs, name="pruning_epochs"):
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(
-            f"`{name}` must be a whole number of epochs >= 1, got {epochs!r}."
-        )
-    return epochs
 
 
 def _check_begin(begin_epoch):
@@ -38,7 +33,7 @@ class Schedule:
 
     def __init__(self, sparsity, epochs, begin_epoch=0):
         self.sparsity = check_sparsity(sparsity)
-        self.epochs = _check_epochs(epochs)
+        self.epochs = checks.positive_int("pruning_epochs", epochs)
         self.begin_epoch = _check_begin(begin_epoch)
 
     @property
