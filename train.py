@@ -115,9 +115,10 @@ def _plots(history, model, out):
 
 def _save_keras(model, path):
     """`model.save(path)` through a temporary file, so a kill never leaves half a file."""
-    tmp = os.path.join(os.path.dirname(path), ".tmp-" + os.path.basename(path))
-    model.save(tmp)
-    os.replace(tmp, path)
+    from dg2pf_tf import checkpoint
+
+    with checkpoint.atomic_path(path) as tmp:
+        model.save(tmp)
 
 
 def main(argv):
@@ -138,7 +139,7 @@ def main(argv):
     import tensorflow as tf
 
     import dg2pf_tf
-    from dg2pf_tf import checkpoint
+    from dg2pf_tf import checkpoint, loop
     from zoo.data import DataUnavailable, load
 
     keras.utils.set_random_seed(cfg.seed)
@@ -146,7 +147,7 @@ def main(argv):
         keras.mixed_precision.set_global_policy("mixed_float16")
     strategy = _strategy(cfg.distribution)
     backup = os.path.join(out, "backup")
-    if not getattr(strategy.extended, "should_checkpoint", True):
+    if not loop.is_chief(strategy):
         # A non-chief worker: it reads the chief's checkpoints (shared storage),
         # and writes its own copies of the outputs where they do not collide.
         out = tempfile.mkdtemp(prefix="dg2pf-worker-")

@@ -9,6 +9,9 @@ and renamed over the old one, so a kill at any moment leaves either the old
 or the new checkpoint, never a torn one.
 """
 
+import contextlib
+import dataclasses
+import hashlib
 import json
 import os
 import tempfile
@@ -25,26 +28,36 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used: corrupt, or written by another run."""
 
 
-def write_atomic(path, write):
-    """Calls `write(file_object)` on a temporary file next to `path`, then renames it."""
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yields a temporary path next to `path` to write; renames it over `path` when
+    the block succeeds (removes it when it fails), and makes the rename durable."""
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=directory)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-    try:  # make the rename itself durable
+    try:
         dir_fd = os.open(directory, os.O_RDONLY)
         os.fsync(dir_fd)
         os.close(dir_fd)
     except OSError:
         pass
+
+
+def write_atomic(path, write):
+    """Calls `write(file_object)` on a temporary file next to `path`, flushed to
+    disk, then renames it over `path`."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def save(directory, header, arrays):
@@ -104,3 +117,98 @@ def finished(directory):
         return None
     with open(path) as f:
         return json.load(f)
+
+
+def _layout(model):
+    """A digest of `model`'s weights' names and shapes."""
+    layout = json.dumps([(w.path, list(w.shape)) for w in model.weights])
+    return hashlib.sha1(layout.encode()).hexdigest()[:16]
+
+
+def fingerprint(config, student, teacher):
+    """What a checkpoint must agree with: every field of `config` (a dataclass),
+    and the layout of the student's and the teacher's weights."""
+    return {"model": _layout(student), "model_name": student.name, "teacher": _layout(teacher),
+            **dataclasses.asdict(config)}
+
+
+class BestState:
+    """The best validation score seen so far and the weights (masks included) that made it."""
+
+    def __init__(self):
+        self.score = self.weights = self.epoch = self.phase = None
+
+    def offer(self, score, model, epoch, phase):
+        """Keeps `model`'s weights if `score` (a tuple, higher is better) beats the best."""
+        if self.score is None or score > self.score:
+            self.score, self.epoch, self.phase = score, epoch, phase
+            self.weights = [np.array(v) for v in model.get_weights()]
+            return True
+        return False
+
+    def restore(self, model):
+        """Sets `model` to the best weights, if any were offered."""
+        if self.weights is not None:
+            model.set_weights(self.weights)
+
+    def dump(self):
+        """`(header, arrays)` for a checkpoint; the header is None before any offer."""
+        if self.weights is None:
+            return None, {}
+        header = {"score": list(self.score), "epoch": self.epoch, "phase": self.phase,
+                  "count": len(self.weights)}
+        return header, {f"best/{i}": w for i, w in enumerate(self.weights)}
+
+    def load(self, header, arrays):
+        """Takes back what `dump` gave."""
+        if header is not None:
+            self.score, self.epoch, self.phase = tuple(header["score"]), header["epoch"], header["phase"]
+            self.weights = [arrays[f"best/{i}"] for i in range(header["count"])]
+
+
+class RunCheckpoint:
+    """A run's checkpoint in `directory`: named groups of variables (models,
+    optimizers), the procedure's state (a dataclass) and its `BestState`.
+    Only the chief writes; every worker reads.
+
+    Args:
+        directory: created if missing.
+        fingerprint: see `fingerprint`; a checkpoint written with another is refused.
+        groups: name -> list of variables, in a fixed order.
+        chief: whether this process writes.
+    """
+
+    def __init__(self, directory, fingerprint, groups, *, chief=True):
+        os.makedirs(directory, exist_ok=True)
+        self.directory, self.fingerprint, self.groups, self.chief = directory, fingerprint, groups, chief
+
+    def restore(self, best):
+        """Assigns the saved variables and loads `best`; returns the saved state as a
+        dict, or None when there is no checkpoint.
+
+        Raises CheckpointError as `load` does.
+        """
+        restored = load(self.directory, self.fingerprint)
+        if restored is None:
+            return None
+        header, arrays = restored
+        for group, variables in self.groups.items():
+            for i, variable in enumerate(variables):
+                variable.assign(arrays[f"{group}/{i}"])
+        best.load(header["tracker"], arrays)
+        return header["state"]
+
+    def save(self, state, best):
+        """Writes every group, `state` and `best` (on the chief only)."""
+        if not self.chief:
+            return
+        arrays = {f"{group}/{i}": np.asarray(v) for group, variables in self.groups.items()
+                  for i, v in enumerate(variables)}
+        header, best_arrays = best.dump()
+        save(self.directory, {"fingerprint": self.fingerprint, "state": dataclasses.asdict(state),
+                              "tracker": header}, {**arrays, **best_arrays})
+
+    def mark_done(self, report):
+        """Records the finished run's report (on the chief only)."""
+        if self.chief:
+            mark_done(self.directory, report)

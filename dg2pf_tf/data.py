@@ -9,6 +9,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from dg2pf_tf import tasks
+
 
 def _leaves(x):
     return keras.tree.flatten(x)
@@ -141,3 +143,27 @@ def _check_structure(model, declared, x, name):
             raise ValueError(
                 f"`{name}`: input '{key}' has examples of shape {got} but model '{model.name}' "
                 f"takes {expected}. Resize or reshape the inputs (and batch a dataset).")
+
+
+def task_of(model, train, val, task="auto"):
+    """`(task, probabilities)` of `model` on `train`/`val` (`TrainData`, dataset),
+    with the first batch of each checked against the model and the task.
+
+    Raises ValueError naming the data that cannot train `model`, or a bad `task`.
+    """
+    if task != "auto":
+        tasks.get(task)
+    x, y = first_batch(train, "train_data")
+    check_inputs(model, x, "train_data")
+    try:
+        outputs = model(x, training=False)
+    except Exception as error:  # whatever the model raises, say which data it was
+        raise ValueError(f"`train_data`: model '{model.name}' cannot take its first batch "
+                         f"({type(error).__name__}: {error}).") from None
+    task, probabilities = tasks.infer(model, outputs, y, task)
+    width = int(np.prod(keras.tree.flatten(outputs)[0].shape[1:]))
+    task.check_labels(y, width, "train_data")
+    xv, yv = first_batch(val, "validation_data")
+    check_inputs(model, xv, "validation_data")
+    task.check_labels(yv, width, "validation_data")
+    return task, probabilities

@@ -38,6 +38,11 @@ def distribute(strategy, dataset):
     return strategy.experimental_distribute_dataset(dataset)
 
 
+def is_chief(strategy):
+    """Whether this process writes checkpoints and outputs (the chief, or the only worker)."""
+    return getattr(strategy.extended, "should_checkpoint", True)
+
+
 def steps_in(dataset):
     """Number of batches of `dataset` if known, else None."""
     cardinality = int(dataset.cardinality())

@@ -1,4 +1,4 @@
-"""`run()`: the DG2PF procedure, phase by phase (Algorithms 1 and 2 of DG2PF).
+"""`run()`: the DG2PF procedure (Algorithms 1 and 2 of DG2PF), its settings, state and phases as data.
 
 1. gradual: distillation from the frozen dense teacher while the sparsity
    grows linearly (simulated pruning with weight recovery, AdamW + clipping);
@@ -6,32 +6,29 @@
    score stops improving;
 3. detached: the teacher is dropped, AdamW on cross-entropy until the next
    plateau;
-4. finetune: pruned fine-tuning, cross-entropy, SGD with momentum, pruned
-   weights exactly 0, until the validation score stops improving.
+4. finetune: pruned fine-tuning from the best state, cross-entropy, SGD with
+   momentum, pruned weights exactly 0, until the validation score stops
+   improving.
 The best weights (and their masks) seen at the target sparsity win.
 """
 
+import contextlib
 import dataclasses
-import hashlib
-import json
-import os
 import time
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from dg2pf_tf import checkpoint, masking, schedules, tasks
+from dg2pf_tf import checkpoint, checks, masking, schedules, tasks
 from dg2pf_tf.batchnorm import batchnorm_layers, reestimate_batchnorm
-from dg2pf_tf.criteria import check_scope, check_sparsity
-from dg2pf_tf.data import TrainData, as_dataset, check_inputs, first_batch
+from dg2pf_tf.criteria import check_floor, check_scope, check_sparsity
+from dg2pf_tf.data import TrainData, as_dataset, task_of
 from dg2pf_tf.distill import Distiller
 from dg2pf_tf.evaluation import Evaluator
-from dg2pf_tf.loop import EpochLoop, MaskUpdates, steps_in
+from dg2pf_tf.loop import EpochLoop, MaskUpdates, is_chief, steps_in
 from dg2pf_tf.prune import prune, strip
-from dg2pf_tf.summary import sparsity_summary
-
-PHASES = ("gradual", "distill", "detached", "finetune")
+from dg2pf_tf.summary import report_counts
 
 
 @dataclasses.dataclass
@@ -54,83 +51,114 @@ class RunResult:
     report: dict
 
 
-class _Tracker:
-    """Best validation score at the target sparsity and the state that made it."""
+_FLOATS = ("sparsity", "floor", "temperature", "alpha", "learning_rate", "weight_decay",
+           "finetune_learning_rate")
 
-    def __init__(self):
-        self.score = None
-        self.weights = None
-        self.epoch = None
-        self.phase = None
 
-    def offer(self, score, model, epoch, phase):
-        """Keeps `model`'s weights (masks included) if `score` beats the best."""
-        if self.score is None or score > self.score:
-            self.score, self.epoch, self.phase = score, epoch, phase
-            self.weights = [np.array(v) for v in model.get_weights()]
-            return True
-        return False
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """The settings that decide a run's result (see `run` for each).
 
-    def restore(self, model):
-        if self.weights is not None:
-            model.set_weights(self.weights)
+    Every field is part of the checkpoint's fingerprint, so a run resumes
+    only with all of them unchanged. Raises ValueError for a bad value.
+    """
 
-    def dump(self):
-        """`(header, arrays)` for a checkpoint; the header is None before any offer."""
-        if self.weights is None:
-            return None, {}
-        header = {"score": list(self.score), "epoch": self.epoch, "phase": self.phase,
-                  "count": len(self.weights)}
-        return header, {f"best/{i}": w for i, w in enumerate(self.weights)}
+    sparsity: float
+    pruning_epochs: int
+    scope: str
+    floor: float
+    temperature: float
+    alpha: float
+    patience: int
+    max_epochs: int
+    seed: int
+    batch_size: int
+    learning_rate: float
+    weight_decay: float
+    clipnorm: float
+    finetune_learning_rate: float
+    finetune: bool
+    recovery: bool
+    mask_update_steps: int
+    recalibrate_bn: bool
+    bn_batches: int
+    steps_per_epoch: int
+    task: str
+    replicas: int
 
-    def load(self, header, arrays):
-        """Takes back what `dump` gave."""
-        if header is not None:
-            self.score, self.epoch, self.phase = tuple(header["score"]), header["epoch"], header["phase"]
-            self.weights = [arrays[f"best/{i}"] for i in range(header["count"])]
+    def __post_init__(self):
+        check_sparsity(self.sparsity)
+        check_scope(self.scope)
+        check_floor(self.floor)
+        for name in ("pruning_epochs", "patience", "max_epochs", "bn_batches"):
+            checks.positive_int(name, getattr(self, name))
+        for name in ("steps_per_epoch", "mask_update_steps", "batch_size"):
+            checks.positive_int(name, getattr(self, name), none_ok=True)
+        # Plain Python values: the fingerprint goes through JSON and back.
+        for name in _FLOATS:
+            object.__setattr__(self, name, float(getattr(self, name)))
+        if self.clipnorm is not None:
+            object.__setattr__(self, "clipnorm", float(self.clipnorm))
+
+
+@dataclasses.dataclass
+class RunState:
+    """Where a run is: what a checkpoint holds besides the variables."""
+
+    phase: int = 0            # index into the phase table
+    phase_epoch: int = 0      # epochs done in that phase
+    epoch: int = 0            # epochs done in all
+    wait: int = 0             # monitored epochs since the best score
+    plateaus: list = dataclasses.field(default_factory=list)       # phases that ended on a plateau
+    rows: list = dataclasses.field(default_factory=list)           # the history, one dict per epoch
+    phase_epochs: dict = dataclasses.field(default_factory=dict)
+    phase_seconds: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Phase:
+    """One row of the phase table: what a phase of `run()` does."""
+
+    name: str
+    epochs: int                   # at most this many
+    optimizer: str                # a key of the run's optimizers: 'adamw' or 'sgd'
+    teacher: bool                 # distils from the teacher
+    updates_masks: bool = False   # the masks follow the schedule, inside the training step
+    monitored: bool = True        # ends on a validation plateau; its epochs compete for the best state
+    finalize_masks: bool = False  # afterwards the masks are final (from the latest weights) and hard
+    after_plateau: bool = False   # runs only if the phase before it ended on a plateau
+    from_best: bool = False       # starts from the best state so far
+
+
+def phase_table(config, distill):
+    """The phases of a run, in order (Algorithm 2 of DG2PF)."""
+    table = [Phase("gradual", config.pruning_epochs, "adamw", teacher=distill, updates_masks=True,
+                   monitored=False, finalize_masks=True)]
+    if distill:
+        table.append(Phase("distill", config.max_epochs, "adamw", teacher=True))
+    # After distillation that never plateaued there is nothing left for this one.
+    table.append(Phase("detached", config.max_epochs, "adamw", teacher=False, after_plateau=distill))
+    if config.finetune:
+        table.append(Phase("finetune", config.max_epochs, "sgd", teacher=False, from_best=True))
+    return tuple(table)
 
 
 def _floats(logs):
     return {k: float(v) for k, v in logs.items() if np.ndim(v) == 0}
 
 
-@dataclasses.dataclass
-class _Phase:
-    name: str
-    epochs: int
-    teacher: bool
-    optimizer: str
-    monitored: bool
-
-
-def _fingerprint(model, **settings):
-    """What a checkpoint must agree with: the model's weights' names and shapes, the settings."""
-    layout = json.dumps([(w.path, list(w.shape)) for w in model.weights])
-    return {"model": hashlib.sha1(layout.encode()).hexdigest()[:16], "model_name": model.name,
-            **{k: v for k, v in settings.items()}}
-
-
-def _task_of(model, train, val, task):
-    """`(task, probabilities)` of `model` on its data, the first batches checked.
-
-    Raises ValueError naming the data that cannot train `model`.
-    """
-    if task != "auto":
-        tasks.get(task)
-    x, y = first_batch(train, "train_data")
-    check_inputs(model, x, "train_data")
+@contextlib.contextmanager
+def _global_batch_statistics(norms, strategy):
+    """BatchNorm statistics over the global batch, not each replica's share,
+    while the block runs: the run computes what one device would."""
+    saved = [layer.synchronized for layer in norms]
+    for layer in norms:
+        layer.synchronized = layer.synchronized or strategy.num_replicas_in_sync > 1
     try:
-        outputs = model(x, training=False)
-    except Exception as error:  # whatever the model raises, say which data it was
-        raise ValueError(f"`train_data`: model '{model.name}' cannot take its first batch "
-                         f"({type(error).__name__}: {error}).") from None
-    task, probabilities = tasks.infer(model, outputs, y, task)
-    width = int(np.prod(keras.tree.flatten(outputs)[0].shape[1:]))
-    task.check_labels(y, width, "train_data")
-    xv, yv = first_batch(val, "validation_data")
-    check_inputs(model, xv, "validation_data")
-    task.check_labels(yv, width, "validation_data")
-    return task, probabilities
+        yield
+    finally:
+        for layer, flag in zip(norms, saved):
+            layer.synchronized = flag
 
 
 def run(
@@ -243,15 +271,16 @@ def run(
             checkpoint in `backup_dir` is kept).
     """
     started = time.perf_counter()
-    check_sparsity(sparsity)
-    check_scope(scope)
-    for name, value in (("patience", patience), ("max_epochs", max_epochs),
-                        ("steps_per_execution", steps_per_execution)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"`{name}` must be an int >= 1, got {value!r}.")
-    if steps_per_epoch is not None and (
-            isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int) or steps_per_epoch < 1):
-        raise ValueError(f"`steps_per_epoch` must be None or an int >= 1, got {steps_per_epoch!r}.")
+    strategy = strategy or tf.distribute.get_strategy()
+    config = RunConfig(
+        sparsity=sparsity, pruning_epochs=pruning_epochs, scope=scope, floor=floor,
+        temperature=temperature, alpha=alpha, patience=patience, max_epochs=max_epochs, seed=seed,
+        batch_size=batch_size, learning_rate=learning_rate, weight_decay=weight_decay,
+        clipnorm=clipnorm, finetune_learning_rate=finetune_learning_rate, finetune=bool(finetune),
+        recovery=bool(recovery), mask_update_steps=mask_update_steps, recalibrate_bn=recalibrate_bn,
+        bn_batches=bn_batches, steps_per_epoch=steps_per_epoch, task=task,
+        replicas=strategy.num_replicas_in_sync)
+    checks.positive_int("steps_per_execution", steps_per_execution)
     if validation_data is None:
         raise ValueError(
             "run() needs `validation_data`: DG2PF ends its phases when the "
@@ -259,211 +288,198 @@ def run(
         )
     if seed is not None:
         keras.utils.set_random_seed(seed)
-    strategy = strategy or tf.distribute.get_strategy()
     verbose = 1 if verbose == "auto" else int(verbose)
-    say = print if verbose else (lambda *a, **k: None)
     train = TrainData(train_data, batch_size, seed)
     val = as_dataset(validation_data, batch_size, name="validation_data")
-    task, probabilities = _task_of(model, train, val, task)
-    say(f"[dg2pf] task: {task.name} ({'probabilities' if probabilities else 'logits'}); "
-        f"validation metric: {task.metric}")
-    schedule = schedules.Linear(sparsity, pruning_epochs)
-
+    task, probabilities = task_of(model, train, val, task)
     with strategy.scope():
-        student = prune(
-            model, schedule=schedule, scope=scope, exclude=exclude,
-            recovery=recovery, floor=floor,
-        )
+        student = prune(model, schedule=schedules.Linear(config.sparsity, config.pruning_epochs),
+                        scope=config.scope, exclude=exclude, recovery=config.recovery, floor=config.floor)
         teacher = strip(model) if teacher is None else teacher
         optimizers = {
-            "adamw": keras.optimizers.AdamW(
-                learning_rate=learning_rate, weight_decay=weight_decay, clipnorm=clipnorm),
-            "sgd": keras.optimizers.SGD(learning_rate=finetune_learning_rate, momentum=0.9),
+            "adamw": keras.optimizers.AdamW(learning_rate=config.learning_rate,
+                                            weight_decay=config.weight_decay, clipnorm=config.clipnorm),
+            "sgd": keras.optimizers.SGD(learning_rate=config.finetune_learning_rate, momentum=0.9),
         }
         for optimizer in optimizers.values():
             optimizer.build(student.trainable_variables)
-    masks = masking.MaskSet(student)
     norms = batchnorm_layers(student)
-    if recalibrate_bn == "auto":
-        recalibrate_bn = bool(norms)
-    # Batch statistics over the global batch, not each replica's share: the
-    # run then computes what one device would (and workers stay identical).
-    synchronized = [layer.synchronized for layer in norms]
-    for layer in norms:
-        layer.synchronized = layer.synchronized or strategy.num_replicas_in_sync > 1
-    distill_on = teacher is not None and alpha > 0
-    phases = [_Phase("gradual", pruning_epochs, distill_on, "adamw", False)]
-    if distill_on:
-        phases.append(_Phase("distill", max_epochs, True, "adamw", True))
-    phases.append(_Phase("detached", max_epochs, False, "adamw", True))
-    if finetune:
-        phases.append(_Phase("finetune", max_epochs, False, "sgd", True))
-
-    state = {"phase": 0, "phase_epoch": 0, "epoch": 0, "wait": 0, "plateaus": [],
-             "rows": [], "phase_epochs": {}, "phase_seconds": {}}
-    tracker = _Tracker()
-    variables = {"student": student.variables, "teacher": teacher.variables,
-                 **{name: opt.variables for name, opt in optimizers.items()}}
-    fingerprint = _fingerprint(
-        student, sparsity=float(sparsity), pruning_epochs=pruning_epochs, scope=scope,
-        floor=float(floor), alpha=float(alpha), temperature=float(temperature),
-        patience=patience, max_epochs=max_epochs, seed=seed, batch_size=batch_size,
-        learning_rate=float(learning_rate), finetune_learning_rate=float(finetune_learning_rate),
-        finetune=bool(finetune), recovery=bool(recovery), replicas=strategy.num_replicas_in_sync,
-        weight_decay=float(weight_decay), clipnorm=None if clipnorm is None else float(clipnorm),
-        mask_update_steps=mask_update_steps, recalibrate_bn=recalibrate_bn, bn_batches=bn_batches,
-        steps_per_epoch=steps_per_epoch, task=task.name)
-    chief = getattr(strategy.extended, "should_checkpoint", True)
+    config = dataclasses.replace(config, task=task.name, recalibrate_bn=bool(
+        norms if config.recalibrate_bn == "auto" else config.recalibrate_bn))
+    procedure = _Procedure(
+        config, phase_table(config, distill=config.alpha > 0), student, teacher, optimizers,
+        task=task, probabilities=probabilities, train=train, val=val, callbacks=list(callbacks or []),
+        verbose=verbose, loop=EpochLoop(strategy, steps_per_execution=steps_per_execution,
+                                        jit_compile=jit_compile))
     if backup_dir is not None:
-        os.makedirs(backup_dir, exist_ok=True)
-        restored = checkpoint.load(backup_dir, fingerprint)
-        if restored is not None:
-            header, arrays = restored
-            for group, values in variables.items():
-                for i, variable in enumerate(values):
-                    variable.assign(arrays[f"{group}/{i}"])
-            state.update(header["state"])
-            tracker.load(header["tracker"], arrays)
-            if state["phase"] > 0:
-                try:
-                    masking.check_invariant(student, sparsity, source=f"the checkpoint in {backup_dir}")
-                except ValueError as error:
-                    raise checkpoint.CheckpointError(str(error)) from None
-            say(f"[dg2pf] resuming from {backup_dir}: epoch {state['epoch']}, phase "
-                f"{phases[min(state['phase'], len(phases) - 1)].name}")
+        procedure.resume_from(backup_dir, is_chief(strategy))
+    with _global_batch_statistics(norms, strategy):
+        for index in range(procedure.state.phase, len(procedure.phases)):
+            procedure.run_phase(index)
+        procedure.settle()
+    return procedure.result(started)
 
-    def save():
-        if backup_dir is None or not chief:
+
+class _Procedure:
+    """A run under way: its models, optimizers, loop, data, checkpoint and state."""
+
+    def __init__(self, config, phases, student, teacher, optimizers, *, task, probabilities,
+                 train, val, callbacks, verbose, loop):
+        self.config, self.phases = config, phases
+        self.student, self.teacher, self.optimizers = student, teacher, optimizers
+        self.task, self.probabilities = task, probabilities
+        self.train, self.val, self.callbacks, self.verbose, self.loop = train, val, callbacks, verbose, loop
+        self.masks = masking.MaskSet(student)
+        self.evaluator = Evaluator(student, task, probabilities)
+        self.state, self.best, self.checkpoint = RunState(), checkpoint.BestState(), None
+        self._distillers = {}
+        self.say(f"[dg2pf] task: {task.name} ({'probabilities' if probabilities else 'logits'}); "
+                 f"validation metric: {task.metric}")
+        self.dense_metric, _ = Evaluator(teacher, task, probabilities)(val)
+        self.say(f"[dg2pf] dense validation {task.metric} {self.dense_metric:.4f}; pruning "
+                 f"{len(self.masks.entries)} weights to {config.sparsity:.1%} ({config.scope})")
+
+    def say(self, message):
+        if self.verbose:
+            print(message)
+
+    def resume_from(self, directory, chief):
+        """Uses the checkpoint in `directory`: continues from it if there is one.
+
+        Raises checkpoint.CheckpointError for a corrupt or foreign checkpoint, or
+        one whose masks break the sparsity invariant.
+        """
+        groups = {"student": self.student.variables, "teacher": self.teacher.variables,
+                  **{name: opt.variables for name, opt in self.optimizers.items()}}
+        self.checkpoint = checkpoint.RunCheckpoint(
+            directory, checkpoint.fingerprint(self.config, self.student, self.teacher), groups,
+            chief=chief)
+        saved = self.checkpoint.restore(self.best)
+        if saved is None:
             return
-        arrays = {f"{group}/{i}": np.asarray(v) for group, values in variables.items()
-                  for i, v in enumerate(values)}
-        best, best_arrays = tracker.dump()
-        checkpoint.save(backup_dir, {"fingerprint": fingerprint, "state": state, "tracker": best},
-                        {**arrays, **best_arrays})
+        self.state = RunState(**saved)
+        if self.state.phase > 0:
+            try:
+                masking.check_invariant(self.student, self.config.sparsity,
+                                        source=f"the checkpoint in {directory}")
+            except ValueError as error:
+                raise checkpoint.CheckpointError(str(error)) from None
+        phase = self.phases[min(self.state.phase, len(self.phases) - 1)]
+        self.say(f"[dg2pf] resuming from {directory}: epoch {self.state.epoch}, phase {phase.name}")
 
-    evaluator = Evaluator(student, task, probabilities)
-    metric_key = f"val_{task.metric}"
-    epochs = EpochLoop(strategy, steps_per_execution=steps_per_execution, jit_compile=jit_compile)
-    dense_metric, _ = Evaluator(teacher, task, probabilities)(val)
-    say(f"[dg2pf] dense validation {task.metric} {dense_metric:.4f}; "
-        f"pruning {len(masks.entries)} weights to {sparsity:.1%} ({scope})")
-
-    distillers = {}
-    for index in range(state["phase"], len(phases)):
-        phase = phases[index]
-        if phase.name == "detached" and distill_on and "distill" not in state["plateaus"]:
-            continue  # distillation never plateaued: nothing left for the detached phase
-        key = (phase.teacher, phase.optimizer)
-        if key not in distillers:
-            with strategy.scope():
-                distillers[key] = Distiller(student, teacher if phase.teacher else None,
-                                            temperature=temperature, alpha=alpha,
-                                            from_logits=not probabilities, task=task)
-                # Keras' "accuracy" reads argmax of the outputs: right for classes only.
-                metrics = ["accuracy"] if isinstance(task, tasks.Categorical) else None
-                distillers[key].compile(optimizer=optimizers[phase.optimizer], metrics=metrics)
-        distiller = distillers[key]
+    def run_phase(self, index):
+        """Trains phase `index` of the table until it ends (or skips it)."""
+        phase, state = self.phases[index], self.state
+        if phase.after_plateau and self.phases[index - 1].name not in state.plateaus:
+            return
+        if phase.from_best and state.phase_epoch == 0:
+            self.best.restore(self.student)
+        distiller = self._distiller(phase)
         updates = None
-        if phase.name == "gradual":
-            updates = MaskUpdates(masks, schedule, mask_update_steps, scope)
-        calls = epochs.callbacks(distiller, list(callbacks or []),
-                                 epochs=state["epoch"] + phase.epochs - state["phase_epoch"],
-                                 steps=steps_per_epoch or steps_in(train.for_epoch(0)),
-                                 verbose={0: 0, 2: 2}.get(verbose, 1))
-        say(f"[dg2pf] phase {phase.name}: up to {phase.epochs - state['phase_epoch']} epochs "
-            f"from epoch {state['epoch'] + 1}")
+        if phase.updates_masks:
+            updates = MaskUpdates(self.masks, self.student.schedule, self.config.mask_update_steps,
+                                  self.config.scope)
+        calls = self.loop.callbacks(
+            distiller, self.callbacks, epochs=state.epoch + phase.epochs - state.phase_epoch,
+            steps=self.config.steps_per_epoch or steps_in(self.train.for_epoch(0)),
+            verbose={0: 0, 2: 2}.get(self.verbose, 1))
+        self.say(f"[dg2pf] phase {phase.name}: up to {phase.epochs - state.phase_epoch} epochs "
+                 f"from epoch {state.epoch + 1}")
         calls.on_train_begin()
-        while True:
-            tick = time.perf_counter()
-            data = train.for_epoch(state["epoch"])
-            logs = epochs.run_epoch(distiller, data, state["epoch"], calls, updates=updates,
-                                    steps_per_epoch=steps_per_epoch)
-            if recalibrate_bn:
-                reestimate_batchnorm(student, data, bn_batches)
-            metric, loss = evaluator(val)
-            logs.update({metric_key: metric, "val_loss": loss, "sparsity": masks.sparsity()})
-            state["epoch"] += 1
-            state["phase_epoch"] += 1
-            state["rows"].append({"epoch": state["epoch"], "phase": phase.name, **_floats(logs)})
-            state["phase_epochs"][phase.name] = state["phase_epochs"].get(phase.name, 0) + 1
-            state["phase_seconds"][phase.name] = (
-                state["phase_seconds"].get(phase.name, 0.0) + time.perf_counter() - tick)
-            plateau = False
-            if phase.monitored:
-                # The metric first; the loss breaks ties (small validation sets tie often).
-                if tracker.offer((task.score(metric), -loss), student, state["epoch"], phase.name):
-                    state["wait"] = 0
-                else:
-                    state["wait"] += 1
-                    plateau = state["wait"] >= patience
-            if verbose == 2:
-                print(f"[dg2pf] epoch {state['epoch']} {phase.name}: " + ", ".join(
-                    f"{k} {v:.4f}" for k, v in logs.items()))
-            finished = plateau or state["phase_epoch"] >= phase.epochs
-            if finished:
-                if plateau:
-                    state["plateaus"].append(phase.name)
-                _end_phase(phase, plateau, masks, sparsity, tracker, student)
-                state.update(phase=index + 1, phase_epoch=0, wait=0)
-            save()
-            if finished:
-                break
+        while not self._epoch(index, distiller, updates, calls):
+            pass
         calls.on_train_end()
 
-    tracker.restore(student)
-    if recalibrate_bn:
-        reestimate_batchnorm(student, train.for_epoch(state["epoch"]), bn_batches)
-    masking.check_invariant(student, sparsity, source="the pruned model")
-    for layer, flag in zip(norms, synchronized):
-        layer.synchronized = flag
-    final = strip(student)
-    final_metric, final_loss = Evaluator(final, task, probabilities)(val)
-    report = {
-        "task": task.name,
-        "metric": task.metric,
-        f"dense_val_{task.metric}": dense_metric,
-        f"pruned_val_{task.metric}": final_metric,
-        "pruned_val_loss": final_loss,
-        "target_sparsity": float(sparsity),
-        **_accounting(student, final),
-        "best_epoch": tracker.epoch,
-        "best_phase": tracker.phase,
-        "epochs": dict(state["phase_epochs"]),
-        "seconds": {**state["phase_seconds"], "total": time.perf_counter() - started},
-        "replicas": strategy.num_replicas_in_sync,
-    }
-    if backup_dir is not None and chief:
-        checkpoint.mark_done(backup_dir, report)
-    say(f"[dg2pf] done: {task.metric} {dense_metric:.4f} -> {final_metric:.4f}; "
-        f"{report['sparsity_prunable']:.2%} of {report['params_prunable']:,} prunable weights are "
-        f"zero ({report['params_dense_by_choice']:,} left dense by choice; best: epoch "
-        f"{tracker.epoch}, {tracker.phase})")
-    return RunResult(model=final, history=state["rows"], report=report)
+    def _distiller(self, phase):
+        """The compiled `Distiller` of `phase` (one per teacher use and optimizer)."""
+        key = (phase.teacher, phase.optimizer)
+        if key not in self._distillers:
+            with self.loop.strategy.scope():
+                distiller = Distiller(self.student, self.teacher if phase.teacher else None,
+                                      temperature=self.config.temperature, alpha=self.config.alpha,
+                                      from_logits=not self.probabilities, task=self.task)
+                # Keras' "accuracy" reads argmax of the outputs: right for classes only.
+                metrics = ["accuracy"] if isinstance(self.task, tasks.Categorical) else None
+                distiller.compile(optimizer=self.optimizers[phase.optimizer], metrics=metrics)
+            self._distillers[key] = distiller
+        return self._distillers[key]
 
+    def _epoch(self, index, distiller, updates, calls):
+        """One epoch of phase `index`: train, validate, keep the best, save.
+        Returns True when the phase is over."""
+        phase, state, config = self.phases[index], self.state, self.config
+        tick = time.perf_counter()
+        data = self.train.for_epoch(state.epoch)
+        logs = self.loop.run_epoch(distiller, data, state.epoch, calls, updates=updates,
+                                   steps_per_epoch=config.steps_per_epoch)
+        if config.recalibrate_bn:
+            reestimate_batchnorm(self.student, data, config.bn_batches)
+        metric, loss = self.evaluator(self.val)
+        logs.update({f"val_{self.task.metric}": metric, "val_loss": loss, "sparsity": self.masks.sparsity()})
+        state.epoch += 1
+        state.phase_epoch += 1
+        state.rows.append({"epoch": state.epoch, "phase": phase.name, **_floats(logs)})
+        state.phase_epochs[phase.name] = state.phase_epochs.get(phase.name, 0) + 1
+        state.phase_seconds[phase.name] = state.phase_seconds.get(phase.name, 0.0) + time.perf_counter() - tick
+        plateau = phase.monitored and self._plateau(phase, metric, loss)
+        if self.verbose == 2:
+            print(f"[dg2pf] epoch {state.epoch} {phase.name}: "
+                  + ", ".join(f"{k} {v:.4f}" for k, v in logs.items()))
+        finished = plateau or state.phase_epoch >= phase.epochs
+        if finished:
+            if plateau:
+                state.plateaus.append(phase.name)
+            if phase.finalize_masks:
+                self.masks.update(config.sparsity)
+                masking.set_hard(self.student, True)
+            state.phase, state.phase_epoch, state.wait = index + 1, 0, 0
+        if self.checkpoint is not None:
+            self.checkpoint.save(state, self.best)
+        return finished
 
-def _accounting(pruned, stripped):
-    """The report's sparsity figures: one definition (see `summary`), masks' share apart."""
-    masked, plain = sparsity_summary(pruned), sparsity_summary(stripped)
-    return {
-        "sparsity_prunable": plain.prunable_sparsity,
-        "sparsity_pruned": masked.pruned_sparsity,
-        "sparsity_all_params": plain.total_sparsity,
-        "params_prunable": plain.prunable_weights,
-        "params_pruned": masked.pruned_weights,
-        "params_dense_by_choice": masked.dense_by_choice,
-        "params_total": plain.total_params,
-        "params_nonzero": plain.total_params - plain.total_zeros,
-        "entirely_zero": list(plain.dead),
-    }
+    def _plateau(self, phase, metric, loss):
+        """Offers this epoch to the best state; True when `patience` epochs brought nothing better."""
+        # The metric first; the loss breaks ties (small validation sets tie often).
+        if self.best.offer((self.task.score(metric), -loss), self.student, self.state.epoch, phase.name):
+            self.state.wait = 0
+            return False
+        self.state.wait += 1
+        return self.state.wait >= self.config.patience
 
+    def settle(self):
+        """The best state back, its BatchNorm statistics fresh, its sparsity checked.
 
-def _end_phase(phase, plateau, masks, sparsity, tracker, student):
-    """What happens between phases: the mask becomes final after the gradual
-    phase (from the latest weights); the best state returns before fine-tuning
-    (after the detached phase, or after distillation when it never plateaued
-    and so no detached phase follows)."""
-    if phase.name == "gradual":
-        masks.update(sparsity)
-        masking.set_hard(masks.pruned, True)
-    elif phase.name == "detached" or (phase.name == "distill" and not plateau):
-        tracker.restore(student)
+        Raises ValueError if the masks do not hold the target sparsity.
+        """
+        self.best.restore(self.student)
+        if self.config.recalibrate_bn:
+            reestimate_batchnorm(self.student, self.train.for_epoch(self.state.epoch), self.config.bn_batches)
+        masking.check_invariant(self.student, self.config.sparsity, source="the pruned model")
+
+    def result(self, started):
+        """The `RunResult`: the stripped model, the history and the report."""
+        final = strip(self.student)
+        metric = self.task.metric
+        final_metric, final_loss = Evaluator(final, self.task, self.probabilities)(self.val)
+        state = self.state
+        report = {
+            "task": self.task.name,
+            "metric": metric,
+            f"dense_val_{metric}": self.dense_metric,
+            f"pruned_val_{metric}": final_metric,
+            "pruned_val_loss": final_loss,
+            "target_sparsity": self.config.sparsity,
+            **report_counts(self.student, final),
+            "best_epoch": self.best.epoch,
+            "best_phase": self.best.phase,
+            "epochs": dict(state.phase_epochs),
+            "seconds": {**state.phase_seconds, "total": time.perf_counter() - started},
+            "replicas": self.config.replicas,
+        }
+        if self.checkpoint is not None:
+            self.checkpoint.mark_done(report)
+        self.say(f"[dg2pf] done: {metric} {self.dense_metric:.4f} -> {final_metric:.4f}; "
+                 f"{report['sparsity_prunable']:.2%} of {report['params_prunable']:,} prunable weights "
+                 f"are zero ({report['params_dense_by_choice']:,} left dense by choice; best: epoch "
+                 f"{self.best.epoch}, {self.best.phase})")
+        return RunResult(model=final, history=state.rows, report=report)

@@ -161,3 +161,20 @@ def sparsity_summary(model):
         total_params += value.size
         total_zeros += _zeros(value)
     return SparsitySummary(tuple(rows), total_params, total_zeros)
+
+
+def report_counts(pruned, stripped):
+    """The sparsity figures of `run()`'s report for a pruned model and its stripped
+    copy: one definition (`sparsity_summary`), the masks' share apart."""
+    masked, plain = sparsity_summary(pruned), sparsity_summary(stripped)
+    return {
+        "sparsity_prunable": plain.prunable_sparsity,
+        "sparsity_pruned": masked.pruned_sparsity,
+        "sparsity_all_params": plain.total_sparsity,
+        "params_prunable": plain.prunable_weights,
+        "params_pruned": masked.pruned_weights,
+        "params_dense_by_choice": masked.dense_by_choice,
+        "params_total": plain.total_params,
+        "params_nonzero": plain.total_params - plain.total_zeros,
+        "entirely_zero": list(plain.dead),
+    }

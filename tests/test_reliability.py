@@ -1,6 +1,7 @@
 """Reliability: resume after a kill, atomic checkpoints, bad data refused, NaN stops,
 multi-worker training on loopback, replicas that agree."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -15,7 +16,7 @@ import pytest
 import tensorflow as tf
 
 import dg2pf_tf
-from conftest import ROOT, run_python
+from helpers import ROOT, run_python
 from dg2pf_tf import checkpoint
 from zoo.data import digits_arrays
 from zoo.models import small_cnn
@@ -67,11 +68,52 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(digits, tmp_path
     _same(whole, resumed)
     assert [r["phase"] for r in resumed.history] == [r["phase"] for r in whole.history]
     # A finished backup directory gives the result again without training.
-    started = time.perf_counter()
-    again = dg2pf_tf.run(_model(), train, val, seed=3, backup_dir=tmp_path, **SMALL)
+    batches = _Batches()
+    again = dg2pf_tf.run(_model(), train, val, seed=3, backup_dir=tmp_path, callbacks=[batches], **SMALL)
     _same(whole, again, atol=0)
+    assert batches.count == 0
     assert checkpoint.finished(tmp_path)["pruned_val_accuracy"] == resumed.report["pruned_val_accuracy"]
-    assert time.perf_counter() - started < 30
+
+
+class _Batches(keras.callbacks.Callback):
+    """Counts the training batches it sees."""
+
+    count = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.count += 1
+
+
+# Every setting of RunConfig, changed: a checkpoint written with SMALL must refuse each.
+CHANGED = {
+    "sparsity": 0.8, "pruning_epochs": 3, "scope": "layer", "floor": 0.5, "temperature": 2.0,
+    "alpha": 0.5, "patience": 2, "max_epochs": 3, "seed": 1, "batch_size": 32,
+    "learning_rate": 1e-3, "weight_decay": 0.0, "clipnorm": None, "finetune_learning_rate": 1e-4,
+    "finetune": False, "recovery": False, "mask_update_steps": 2, "recalibrate_bn": False,
+    "bn_batches": 10, "steps_per_epoch": 4, "task": "binary",
+}
+
+
+def test_every_run_setting_is_in_the_fingerprint():
+    from dg2pf_tf.pipeline import RunConfig
+
+    fields = {f.name for f in dataclasses.fields(RunConfig)}
+    # `replicas` comes from the strategy: the two-worker test resumes across it.
+    assert fields - {"replicas"} == set(CHANGED)
+
+
+@pytest.mark.parametrize("setting", sorted(CHANGED))
+def test_a_resume_with_any_setting_changed_is_refused(setting, digits, tmp_path_factory):
+    train, val = digits
+    directory = tmp_path_factory.getbasetemp() / "one_epoch_checkpoint"
+    if not (directory / checkpoint.STATE_FILE).exists():
+        with pytest.raises(KeyboardInterrupt):
+            dg2pf_tf.run(_model(), train, val, seed=0, backup_dir=directory, callbacks=[_Interrupt(1)],
+                         **SMALL)
+    if setting == "task":  # one-hot rows are also valid multi-hot labels of a binary task
+        train, val = [(x, np.eye(10, dtype="float32")[y]) for x, y in (train, val)]
+    with pytest.raises(checkpoint.CheckpointError, match=f"different run.*{setting}"):
+        dg2pf_tf.run(_model(), train, val, backup_dir=directory, **{"seed": 0, **SMALL, setting: CHANGED[setting]})
 
 
 def test_corrupt_foreign_and_tampered_checkpoints_are_refused(digits, tmp_path):
