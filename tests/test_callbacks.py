@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import dg2pf_tf
-from conftest import mlp
+from helpers import mlp
 
 
 @pytest.fixture

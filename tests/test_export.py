@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import dg2pf_tf
-from conftest import run_python
+from helpers import run_python
 from dg2pf_tf import litert
 from zoo.data import digits_arrays
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import dg2pf_tf
-from conftest import TWO_CPUS, run_python
+from helpers import TWO_CPUS, run_python
 from dg2pf_tf import criteria
 from zoo.data import digits_arrays
 from zoo.models import small_cnn

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import dg2pf_tf
-from conftest import mlp, residual_cnn
+from helpers import mlp, residual_cnn
 
 PRUNABLE = {"stem", "sep", "dw", "fc"}
 

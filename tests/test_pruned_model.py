@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 
 import dg2pf_tf
-from conftest import mlp, residual_cnn
+from helpers import mlp, residual_cnn
 
 
 def _target(pruned, path):

@@ -7,7 +7,7 @@ import keras
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from helpers import ROOT
 
 with open(os.path.join(ROOT, "README.md")) as f:
     BLOCKS = re.findall(r"```python\n(.*?)```", f.read(), re.S)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import dg2pf_tf
-from conftest import ROOT, TWO_CPUS, residual_cnn, run_python
+from helpers import ROOT, TWO_CPUS, residual_cnn, run_python
 
 
 def test_stripped_model_loads_and_runs_without_dg2pf_tf(tmp_path, images):
@@ -31,7 +31,7 @@ def test_stripped_model_loads_and_runs_without_dg2pf_tf(tmp_path, images):
 def test_mirrored_strategy_on_two_logical_cpus_trains_to_exact_sparsity():
     out = run_python(TWO_CPUS + textwrap.dedent("""
         import keras, numpy as np, dg2pf_tf
-        from conftest import replicas_agree, residual_cnn
+        from helpers import replicas_agree, residual_cnn
         keras.utils.set_random_seed(0)
         rng = np.random.default_rng(0)
         x = rng.normal(size=(64, 8, 8, 1)).astype("float32"); y = rng.integers(0, 10, 64)
@@ -59,7 +59,7 @@ def test_distillation_steps_and_mask_updates_agree_on_every_replica():
     out = run_python(TWO_CPUS + textwrap.dedent("""
         import keras, numpy as np, dg2pf_tf
         from dg2pf_tf.loop import EpochLoop
-        from conftest import replicas_agree, residual_cnn
+        from helpers import replicas_agree, residual_cnn
         keras.utils.set_random_seed(0)
         rng = np.random.default_rng(0)
         x = rng.normal(size=(96, 8, 8, 1)).astype("float32"); y = rng.integers(0, 10, 96)

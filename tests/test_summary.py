@@ -3,7 +3,7 @@ import json
 import numpy as np
 
 import dg2pf_tf
-from conftest import mlp
+from helpers import mlp
 
 
 def test_summary_counts_effective_zeros_per_kernel_and_over_all_parameters():

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT, run_python
+from helpers import ROOT, run_python
 
 
 def _train(*args, timeout=600):
