@@ -28,6 +28,19 @@ class Distiller(keras.Model):
     Logs: `loss` (total), `kd_loss`, `ce_loss` and the compiled metrics,
     which see the student's outputs.
 
+    Keras (>= 3.12) ships `keras.distillation.Distiller`; this one is kept
+    because DG2PF needs what that one does not do: students and teachers that
+    output probabilities (softmax or sigmoid, turned back into logits), the
+    binary and regression tasks, a loss averaged over the global batch under
+    `tf.distribute` (so any number of replicas trains alike), no teacher at
+    all for the phases after distillation, and `alpha` and `temperature` as
+    the paper states them. For categorical logits the KD term is the same as
+    Keras' `keras.distillation.LogitsDistillation(temperature,
+    loss=keras.losses.KLDivergence())` (KL between the softened
+    distributions, times T^2, averaged over the batch; its default
+    `loss="kl_divergence"` skips the softmax and the T^2 in Keras 3.15); the
+    tests hold the two equal.
+
     Args:
         student: the model to train.
         teacher: the frozen model to learn from, with the same outputs.

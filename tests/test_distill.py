@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import dg2pf_tf
-from conftest import run_python
+from helpers import run_python
 
 
 def _softmax(z):
@@ -40,6 +40,24 @@ def test_kd_loss_equals_the_formula(teacher_softmax):
     kd = 9.0 * np.mean(np.sum(p * (np.log(p) - np.log(q)), -1))
     ce = np.mean(-np.log(_softmax(zs)[np.arange(16), y]))
     assert loss == pytest.approx(0.6 * kd + 0.4 * ce, rel=1e-4)
+
+
+@pytest.mark.parametrize("teacher_softmax", [False, True])
+def test_kd_term_equals_keras_logits_distillation(teacher_softmax):
+    student, teacher = _models(teacher_softmax)
+    x = np.random.default_rng(1).normal(size=(16, 6)).astype("float32")
+    distiller = dg2pf_tf.Distiller(student, teacher, temperature=3.0, alpha=0.6)
+    distiller.compile(optimizer="sgd")
+    distiller.compute_loss(x, np.arange(16) % 4, distiller(x))
+    ours = float(distiller.kd_loss_tracker.result())
+    # Keras' loss takes logits only: a softmax teacher's go in as log-probabilities.
+    # Its default loss="kl_divergence" (a function, not the class) skips the
+    # softmax and the T^2 (Keras 3.15); the class instance takes that branch.
+    zt = teacher.predict(x, verbose=0)
+    zt = np.log(zt) if teacher_softmax else zt
+    theirs = keras.distillation.LogitsDistillation(
+        temperature=3.0, loss=keras.losses.KLDivergence()).compute_loss(zt, student.predict(x, verbose=0))
+    assert ours == pytest.approx(float(theirs), rel=1e-5)
 
 
 def test_one_hot_and_sparse_labels_give_the_same_loss():
