@@ -50,22 +50,6 @@ def producer(tensor):
     return None if history is None else history.operation
 
 
-def scaled_additional_loss(model, loss):
-    """`loss` (a layer's `add_loss` term) as `Model.compute_loss` adds it:
-    scaled for the distribution strategy. `compute_loss` does this in a
-    private helper that a model overriding it must call itself."""
-    return model._aggregate_additional_loss(loss)
-
-
-def in_multi_worker_mode(strategy):
-    """Whether `strategy` spans several workers.
-
-    The flag lives on the strategy's private `extended` object; data sharding
-    must know it before the dataset is distributed.
-    """
-    return strategy.extended._in_multi_worker_mode()
-
-
 def conv_lstm_cell_class():
     """The cell class of `ConvLSTM1D/2D/3D`, which holds their kernels.
 

@@ -11,7 +11,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 
-from dg2pf_tf import _compat, tasks
+from dg2pf_tf import tasks
 
 
 @keras.saving.register_keras_serializable(package="dg2pf_tf")
@@ -131,8 +131,10 @@ class Distiller(keras.Model):
         # A per-replica mean: scale it to the global batch, as Keras losses do,
         # so summed replica gradients equal the single-device gradient.
         total = total / float(tf.distribute.get_strategy().num_replicas_in_sync)
+        # Regularisation and `add_loss` terms: `Layer.losses` scales them for the
+        # strategy already; summed in float32 as Keras' own `compute_loss` sums them.
         for loss in self.student.losses:
-            total = total + _compat.scaled_additional_loss(self, loss)
+            total = total + ops.sum(ops.cast(loss, "float32"))
         return total
 
     def get_config(self):

@@ -60,6 +60,22 @@ def test_kd_term_equals_keras_logits_distillation(teacher_softmax):
     assert ours == pytest.approx(float(theirs), rel=1e-5)
 
 
+def test_the_students_regularisation_losses_are_added():
+    keras.utils.set_random_seed(1)
+    student = keras.Sequential([keras.Input((6,)), keras.layers.Dense(
+        4, kernel_regularizer=keras.regularizers.L2(0.5), activity_regularizer=keras.regularizers.L1(0.1))])
+    x = np.random.default_rng(0).normal(size=(8, 6)).astype("float32")
+    y = np.arange(8) % 4
+    distiller = dg2pf_tf.Distiller(student)
+    distiller.compile(optimizer="sgd")
+    loss = float(distiller.compute_loss(x, y, distiller(x)))
+    z = student.predict(x, verbose=0)
+    ce = np.mean(-np.log(_softmax(z)[np.arange(8), y]))
+    kernel = student.layers[0].kernel.numpy()
+    extra = 0.5 * np.sum(kernel ** 2) + 0.1 * np.sum(np.abs(z)) / len(x)
+    assert loss == pytest.approx(ce + extra, rel=1e-5)
+
+
 def test_one_hot_and_sparse_labels_give_the_same_loss():
     student, teacher = _models()
     x = np.random.default_rng(0).normal(size=(8, 6)).astype("float32")
