@@ -20,7 +20,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from dg2pf_tf import _compat, schedules
+from dg2pf_tf import schedules
 
 _CHECK_EVERY_STEPS = 256  # how often the host looks at the non-finite-loss flag
 
@@ -29,9 +29,19 @@ class NonFiniteLoss(FloatingPointError):
     """The training loss became NaN or infinite."""
 
 
+def in_multi_worker_mode(strategy):
+    """Whether `strategy` spans several workers: its cluster (if any) has more than
+    one chief or worker task."""
+    resolver = strategy.cluster_resolver
+    if resolver is None:
+        return False
+    spec = resolver.cluster_spec().as_dict()
+    return sum(len(spec.get(job, ())) for job in ("chief", "worker")) > 1
+
+
 def distribute(strategy, dataset):
     """`dataset` split across the strategy's replicas (and workers, by data)."""
-    if _compat.in_multi_worker_mode(strategy):
+    if in_multi_worker_mode(strategy):
         options = tf.data.Options()
         options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
         dataset = dataset.with_options(options)
