@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 
 import keras
@@ -16,7 +17,7 @@ import pytest
 import tensorflow as tf
 
 import dg2pf_tf
-from helpers import ROOT, run_python
+from helpers import ROOT, TWO_CPUS, run_python
 from dg2pf_tf import checkpoint
 from zoo.data import digits_arrays
 from zoo.models import small_cnn
@@ -98,7 +99,7 @@ def test_every_run_setting_is_in_the_fingerprint():
     from dg2pf_tf.pipeline import RunConfig
 
     fields = {f.name for f in dataclasses.fields(RunConfig)}
-    # `replicas` comes from the strategy: the two-worker test resumes across it.
+    # `replicas` comes from the strategy: its own test below needs two logical CPUs.
     assert fields - {"replicas"} == set(CHANGED)
 
 
@@ -183,6 +184,35 @@ def test_a_kill_while_writing_never_leaves_a_torn_checkpoint(tmp_path):
             np.random.default_rng(0).normal(size=(2_000_000,)).astype(np.float32)[:5], atol=1e-4)
     checkpoint.save(tmp_path, {"fingerprint": {}, "state": {}}, {})
     assert os.listdir(tmp_path) == [checkpoint.STATE_FILE]  # the killed writers' leftovers went
+
+
+@pytest.mark.slow
+def test_a_resume_on_another_number_of_replicas_is_refused(tmp_path):
+    out = run_python(TWO_CPUS + textwrap.dedent(f"""
+        import keras, numpy as np, pytest, dg2pf_tf
+        from dg2pf_tf import checkpoint
+        from test_reliability import SMALL, _Interrupt, _model
+        from zoo.data import digits_arrays
+        (x, y), (xv, yv) = digits_arrays()
+        train, val = (x[:384], y[:384]), (xv[:192], yv[:192])
+        with pytest.raises(KeyboardInterrupt):
+            dg2pf_tf.run(_model(), train, val, seed=0, backup_dir={str(tmp_path)!r},
+                         callbacks=[_Interrupt(1)], **SMALL)
+        with strategy.scope():
+            model = _model()
+        with pytest.raises(checkpoint.CheckpointError, match="different run.*replicas"):
+            dg2pf_tf.run(model, train, val, seed=0, backup_dir={str(tmp_path)!r}, strategy=strategy, **SMALL)
+        print("refused")
+    """), env={"PYTHONPATH": f"{ROOT}:{ROOT}/tests"})
+    assert out.strip().endswith("refused")
+
+
+def test_steps_per_execution_trains_the_same_steps(digits):
+    train, val = digits
+    one = dg2pf_tf.run(_model(), train, val, seed=2, **SMALL)
+    four = dg2pf_tf.run(_model(), train, val, seed=2, steps_per_execution=4, **SMALL)
+    assert [r["phase"] for r in four.history] == [r["phase"] for r in one.history]
+    _same(one, four)
 
 
 def test_bad_data_is_refused_before_training(digits):
