@@ -9,12 +9,13 @@ Prints two tables and writes JSON (default benchmarks/results/phase_speed.json):
   weights' float32 bytes (Linux VmHWM, reset through /proc/self/clear_refs);
 - time per training step of each phase of `run()` (gradual with masks
   recomputed every step, with run()'s default learning rate and with the
-  paper's 1e-4, distill, detached, finetune) over a Keras `fit` step
-  of the dense model with the phase's own optimizer (AdamW + clipping; SGD
-  for finetune), both in this process, median of `--steps` steps each,
-  for ResNet-50 (32x32, batch 64) and MobileNetV2 (alpha 0.35); tfmot's
-  `prune_low_magnitude` with masks updated every step and every 100 steps
-  beside it (tf_keras, own process, its own dense `fit` step as reference).
+  paper's 1e-4, distill, detached, finetune), each step paired with a step of
+  the dense model's own `fit` train function with the phase's optimizer
+  (AdamW + clipping; SGD for finetune): the median of the pairs' ratios over
+  `--steps` steps, for ResNet-50 (32x32, batch 64) and MobileNetV2 (alpha
+  0.35); tfmot's `prune_low_magnitude` with masks updated every step and
+  every 100 steps beside it, paired the same way with its dense model (tf_keras,
+  own process, Adam for both).
 
 Run: python benchmarks/phase_speed.py [--steps 8] [--models resnet50,mobilenet_v2]
          [--update_models resnet50,resnet152,efficientnetv2l]
@@ -38,7 +39,8 @@ UPDATE_MODELS = {"resnet50": "ResNet50", "resnet152": "ResNet152", "efficientnet
 STEP_MODELS = {"resnet50": ("ResNet50", {}), "mobilenet_v2": ("MobileNetV2", {"alpha": 0.35})}
 BATCH = 64
 
-# tf_keras process: dense fit steps, then prune_low_magnitude with frequency 1 and 100.
+# tf_keras process: prune_low_magnitude with frequency 1 and 100, each fit step
+# paired with a step of the dense model's own fit train function (both Adam).
 TFMOT_CODE = r"""
 import json, sys, time
 import numpy as np, tensorflow as tf, tf_keras as keras
@@ -47,23 +49,33 @@ name, kwargs, steps, batch = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[
 rng = np.random.default_rng(0)
 x = rng.normal(size=(batch * (steps + 3), 32, 32, 3)).astype("float32")
 y = rng.integers(0, 10, len(x))
-class Times(keras.callbacks.Callback):
-    def on_train_batch_end(self, batch, logs=None):
-        self.ends.append(time.perf_counter())
-    def on_epoch_begin(self, epoch, logs=None):
-        self.ends = [time.perf_counter()]
-def step_seconds(model, callbacks=()):
-    model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    times = Times()
-    model.fit(x, y, batch_size=batch, epochs=1, verbose=0, callbacks=[times, *callbacks])
-    gaps = np.diff(times.ends)[3:]  # the first steps trace
-    return float(np.median(gaps))
+loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 build = lambda: getattr(keras.applications, name)(input_shape=(32, 32, 3), weights=None, classes=10, **kwargs)
-out = {"dense": step_seconds(build())}
+dense = build()
+dense.compile(optimizer="adam", loss=loss)
+dense.make_train_function()
+batches = iter(tf.data.Dataset.from_tensors((x[:batch], y[:batch])).repeat())
+class Paired(keras.callbacks.Callback):
+    pairs = []
+    def on_train_batch_begin(self, b, logs=None):
+        self.start = time.perf_counter()
+    def on_train_batch_end(self, b, logs=None):
+        pruned = time.perf_counter() - self.start
+        start = time.perf_counter()
+        dense.train_function(batches)
+        self.pairs.append((pruned, time.perf_counter() - start))
+out = {}
 for frequency in (1, 100):
     schedule = tfmot.sparsity.keras.PolynomialDecay(0.0, 0.9, 0, 100 * steps, frequency=frequency)
     pruned = tfmot.sparsity.keras.prune_low_magnitude(build(), pruning_schedule=schedule)
-    out[f"frequency_{frequency}"] = step_seconds(pruned, [tfmot.sparsity.keras.UpdatePruningStep()])
+    pruned.compile(optimizer="adam", loss=loss)
+    timer = Paired()
+    timer.pairs = []
+    pruned.fit(x, y, batch_size=batch, epochs=1, verbose=0, callbacks=[timer, tfmot.sparsity.keras.UpdatePruningStep()])
+    pairs = timer.pairs[3:]  # the first steps trace
+    out[f"frequency_{frequency}"] = {"pruned": float(np.median([p for p, _ in pairs])),
+                                     "dense": float(np.median([d for _, d in pairs])),
+                                     "ratio": float(np.median([p / d for p, d in pairs]))}
 print(json.dumps(out))
 """
 
@@ -138,59 +150,71 @@ def mask_updates(name, updates=6):
     return rows
 
 
-class StepTimes(keras.callbacks.Callback):
-    """The end time of every training batch, per epoch."""
+class PairedSteps(keras.callbacks.Callback):
+    """Times each training step of run()'s phases and, right after it, one step of
+    the dense model's own `fit` train function with the same optimizer: each pair
+    shares the process's state of that moment, so drift within the process (the
+    same dense step varies by 10-25% over a run of this benchmark) cancels in its
+    ratio. The phase's step is timed from `on_train_batch_begin` to
+    `on_train_batch_end` of run()'s loop, which fetches the batch just before."""
 
-    def __init__(self):
+    def __init__(self, references, batch):
         super().__init__()
+        self.references = references  # optimizer class -> (dense model, batch iterator)
+        self.batch = batch
         self.epochs = []
 
     def on_epoch_begin(self, epoch, logs=None):
-        self.epochs.append([time.perf_counter()])
+        self.epochs.append([])
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.start = time.perf_counter()
 
     def on_train_batch_end(self, batch, logs=None):
-        self.epochs[-1].append(time.perf_counter())
+        phase = time.perf_counter() - self.start
+        dense, batches = self.references[type(self.model.optimizer)]
+        start = time.perf_counter()
+        dense.train_function(batches)
+        self.epochs[-1].append((phase, time.perf_counter() - start))
 
 
-def _gaps(ends, skip=2):
-    """Step durations of one epoch, without the first `skip` (tracing)."""
-    return [b - a for a, b in zip(ends[:-1], ends[1:])][skip:]
+def _paired(pairs, skip=2):
+    """Median seconds of the phase step and of the dense step, and the median of
+    their ratios, without the first `skip` pairs (tracing)."""
+    pairs = pairs[skip:]
+    return {"phase": median([p for p, _ in pairs]), "dense": median([d for _, d in pairs]),
+            "ratio": median([p / d for p, d in pairs])}
 
 
-def _dense_optimizers():
-    """Keras' default 'adam' (a user's dense training), and the optimizers of run()'s
-    phases at its defaults: AdamW + clipping (gradual, distill, detached), SGD with
-    momentum (finetune)."""
+def _references(dense, x, y):
+    """Copies of `dense` compiled with the optimizers of run()'s phases at its
+    defaults (AdamW + clipping: gradual, distill, detached; SGD with momentum:
+    finetune), each with an endless iterator over one batch."""
     import inspect
+
+    import tensorflow as tf
 
     import dg2pf_tf
 
     d = {k: v.default for k, v in inspect.signature(dg2pf_tf.run).parameters.items()}
-    return {
-        "dense_fit": lambda: "adam",
-        "dense_fit_adamw": lambda: keras.optimizers.AdamW(
-            d["learning_rate"], weight_decay=d["weight_decay"], clipnorm=d["clipnorm"]),
-        "dense_fit_sgd": lambda: keras.optimizers.SGD(d["finetune_learning_rate"], momentum=0.9),
-    }
-
-
-def _dense_steps(dense, x, y):
-    """Seconds per `fit` step of `dense` with each optimizer of `_dense_optimizers`."""
+    optimizers = [
+        keras.optimizers.AdamW(d["learning_rate"], weight_decay=d["weight_decay"], clipnorm=d["clipnorm"]),
+        keras.optimizers.SGD(d["finetune_learning_rate"], momentum=0.9),
+    ]
+    batches = tf.data.Dataset.from_tensors((x[:BATCH], y[:BATCH])).repeat()
     out = {}
-    for key, optimizer in _dense_optimizers().items():
-        dense.compile(optimizer=optimizer(), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-        times = StepTimes()
-        dense.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, callbacks=[times])
-        out[key] = median(_gaps(times.epochs[0]))
+    for optimizer in optimizers:
+        copy = keras.models.clone_model(dense)
+        copy.set_weights(dense.get_weights())
+        copy.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        copy.make_train_function()
+        out[type(optimizer)] = (copy, iter(batches))
     return out
 
 
 def phase_steps(name, steps):
-    """Seconds per step of dense `fit` and of each phase of `run()`, one process.
-
-    The dense steps are measured before and after the phases and averaged: the
-    same dense step drifts by up to 10% within a process here (cause not
-    found), and the average keeps that drift out of the ratios."""
+    """Per phase of `run()`: median seconds per step, of the paired dense `fit`
+    step, and the median ratio of the pairs (see `PairedSteps`), one process."""
     import numpy as np
 
     import dg2pf_tf
@@ -202,40 +226,32 @@ def phase_steps(name, steps):
     keras.utils.set_random_seed(0)
     dense = getattr(keras.applications, app)(input_shape=(32, 32, 3), weights=None, classes=10,
                                               classifier_activation=None, **kwargs)
-    before = _dense_steps(dense, x, y)
+    references = _references(dense, x, y)
+    common = dict(sparsity=0.9, pruning_epochs=1, patience=1, max_epochs=1, batch_size=BATCH, verbose=0,
+                  recalibrate_bn=False)
     out = {}
-    times = StepTimes()
     # One epoch per phase: patience and max_epochs of 1 end each phase after it.
-    result = dg2pf_tf.run(dense, (x, y), (x[:BATCH], y[:BATCH]), sparsity=0.9, pruning_epochs=1,
-                          patience=1, max_epochs=1, batch_size=BATCH, verbose=0, callbacks=[times],
-                          recalibrate_bn=False)
-    for row, ends in zip(result.history, times.epochs):
-        out[row["phase"]] = median(_gaps(ends))
+    timer = PairedSteps(references, (x, y))
+    result = dg2pf_tf.run(dense, (x, y), (x[:BATCH], y[:BATCH]), callbacks=[timer], **common)
+    for row, pairs in zip(result.history, timer.epochs):
+        out[row["phase"]] = _paired(pairs)
     # The paper's learning rate for trained ImageNet networks: the weights, and so
     # the mask threshold, move less between steps.
-    times = StepTimes()
-    dg2pf_tf.run(dense, (x, y), (x[:BATCH], y[:BATCH]), sparsity=0.9, pruning_epochs=1, patience=1,
-                 max_epochs=1, batch_size=BATCH, verbose=0, callbacks=[times], recalibrate_bn=False,
-                 learning_rate=1e-4, finetune=False)
-    out["gradual_lr_1e-4"] = median(_gaps(times.epochs[0]))
+    timer = PairedSteps(references, (x, y))
+    dg2pf_tf.run(dense, (x, y), (x[:BATCH], y[:BATCH]), callbacks=[timer], learning_rate=1e-4,
+                 finetune=False, **common)
+    out["gradual_lr_1e-4"] = _paired(timer.epochs[0])
     # One epoch of distillation never plateaus, so run() skips the detached phase
     # above; without distillation (alpha=0) it comes right after the gradual one.
-    times = StepTimes()
-    result = dg2pf_tf.run(dense, (x, y), (x[:BATCH], y[:BATCH]), sparsity=0.9, pruning_epochs=1, patience=1,
-                          max_epochs=1, batch_size=BATCH, verbose=0, callbacks=[times], recalibrate_bn=False,
-                          alpha=0.0, finetune=False)
-    out["detached"] = median(_gaps(times.epochs[[r["phase"] for r in result.history].index("detached")]))
-    after = _dense_steps(dense, x, y)
-    for key in before:
-        out[key] = (before[key] + after[key]) / 2
-        out[key + "_before_after"] = [before[key], after[key]]
+    timer = PairedSteps(references, (x, y))
+    result = dg2pf_tf.run(dense, (x, y), (x[:BATCH], y[:BATCH]), callbacks=[timer], alpha=0.0,
+                          finetune=False, **common)
+    out["detached"] = _paired(timer.epochs[[r["phase"] for r in result.history].index("detached")])
     keras.backend.clear_session()
     return out
 
 
-# The dense step each phase is held against: dense training with the phase's own optimizer.
-REFERENCE = {"gradual": "dense_fit_adamw", "gradual_lr_1e-4": "dense_fit_adamw", "distill": "dense_fit_adamw",
-             "detached": "dense_fit_adamw", "finetune": "dense_fit_sgd"}
+PHASES = ("gradual", "gradual_lr_1e-4", "distill", "detached", "finetune")
 
 
 def tfmot_steps(name, steps):
@@ -278,17 +294,16 @@ def main():
         print(f"{r['model']:<16}{r['prunable_weights']:>12,}{r['scope']:>8}{r['floor']:>7.1f}"
               f"{1000 * r['seconds']:>11.1f}{r['first_call_seconds']:>9.1f}"
               f"{r['peak_extra_over_weight_bytes']:>14.2f}{str(r['exact']):>7}")
-    steps = tuple(REFERENCE)
-    print(f"\n{'model':<14}{'adam s':>8}{'adamw s':>9}{'sgd s':>7}"
-          + "".join(f"{p:>17}" for p in (*steps, "tfmot/1", "tfmot/100")))
+    print(f"\n{'model':<14}" + "".join(f"{p:>17}" for p in (*PHASES, "tfmot/1", "tfmot/100")))
     for name, t in phases.items():
-        cells = [t.get(p) and t[p] / t[REFERENCE[p]] for p in steps]
+        cells = [t[p]["ratio"] if p in t else None for p in PHASES]
         theirs = baseline.get(name)
-        cells += [theirs and theirs[f"frequency_{f}"] / theirs["dense"] for f in (1, 100)]
-        print(f"{name:<14}{t['dense_fit']:>8.3f}{t['dense_fit_adamw']:>9.3f}{t['dense_fit_sgd']:>7.3f}" + "".join(
-            f"{c:>16.2f}x" if c else f"{'-':>17}" for c in cells))
-    print("(each phase over dense fit with its own optimizer: AdamW + clipping, SGD for finetune; "
-          "tfmot over its dense fit, both Adam)")
+        cells += [theirs and theirs[f"frequency_{f}"]["ratio"] for f in (1, 100)]
+        print(f"{name:<14}" + "".join(f"{c:>16.2f}x" if c else f"{'-':>17}" for c in cells))
+        print(f"{'  s per step':<14}" + "".join(
+            f"{t[p]['phase']:>8.3f}/{t[p]['dense']:<8.3f}" if p in t else f"{'-':>17}" for p in PHASES))
+    print("(each phase step over the dense fit step with the same optimizer, timed in pairs: AdamW + "
+          "clipping, SGD for finetune; tfmot over its own dense fit, both Adam)")
 
     result = {"command": "python " + " ".join(sys.argv), "batch_size": BATCH, "mask_updates": updates,
               "step_seconds": phases, "tfmot_step_seconds": baseline}
