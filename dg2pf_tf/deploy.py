@@ -6,25 +6,32 @@ stride-2 convolution over 3 channels with padding 1 on each side, made of 1x1
 stride-1 convolutions, 3x3/5x5 depthwise convolutions with explicit padding,
 adds, multiplies and activations, and left through a global mean; and only
 when more than 2/3 of the cluster's 1x1 convolution weights are zero. The
-rules below mirror `xnn_check_nchw_compatibility` and
+checkers below mirror `xnn_check_nchw_compatibility` and
 `xnn_subgraph_rewrite_for_nchw` in XNNPACK's src/subgraph.c. The runtime
 takes that path on ARM (phones, Raspberry Pi) and x86 without AVX only, and
 only when the file stores some weights sparse.
 """
 
 import dataclasses
+import functools
 import os
 
 import keras
 import numpy as np
 
-from dg2pf_tf import litert
+from dg2pf_tf import litert, litert_padding, litert_sparse
+from dg2pf_tf.litert import schema
 
-_UNARY = {"RELU", "RELU6", "RELU_N1_TO_1", "RELU_0_TO_1", "LOGISTIC", "TANH", "HARD_SWISH",
+_UNARY = ("RELU", "RELU6", "RELU_N1_TO_1", "RELU_0_TO_1", "LOGISTIC", "TANH", "HARD_SWISH",
           "ELU", "LEAKY_RELU", "ABS", "NEG", "SQUARE", "SQRT", "RSQRT", "GELU", "FLOOR",
-          "CEIL", "ROUND", "EXP"}
-_BINARY = {"ADD", "MUL"}
-_SKIPPED = {"DENSIFY"}  # static weights, expanded when the model is loaded
+          "CEIL", "ROUND", "EXP")
+_BINARY = ("ADD", "MUL")
+_PADS = ("PAD", "PADV2")
+_WEIGHTED = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")  # input 1 is the weight
+
+# What an operator is to the sparse path: where it enters or leaves, a member
+# computed in NCHW, a PAD folded into the next convolution, or (None) a stop.
+ENTRY, NCHW, EXIT, FUSED = "entry", "nchw", "exit", "fused"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,178 +81,283 @@ def _layer(name):
     return layer[:-2] if layer.endswith("_1") else layer
 
 
+@functools.cache
+def _codes(names):
+    """The builtin operator codes the schema gives `names`."""
+    return frozenset(getattr(schema.BuiltinOperator, name) for name in names)
+
+
+def _is(index, n, names):
+    """Whether operator n of `index` (an `OperatorIndex`) is one of the builtin operators `names`."""
+    return index.codes[n] in _codes(names)
+
+
+@dataclasses.dataclass(frozen=True)
 class _Graph:
-    def __init__(self, model):
-        self.model = model
-        self.graph = model.subgraphs[0]
-        self.ops = list(self.graph.operators)
-        self.names = [litert.op_name(model, op) for op in self.ops]
-        self.producer, self.consumers = {}, {}
-        for n, op in enumerate(self.ops):
-            for t in op.outputs:
-                self.producer[int(t)] = n
-            for t in op.inputs:
-                if t >= 0:
-                    self.consumers.setdefault(int(t), []).append(n)
-        self.sparse = {s.index: s.dense for s in litert.sparse_tensors(model) if s.subgraph == 0}
-        self.outputs = {int(t) for t in self.graph.outputs}
+    """Subgraph 0 of a file as the checkers read it: the operator index and
+    the dense value of every sparse-encoded constant."""
 
-    def tensor(self, index):
-        return self.graph.tensors[int(index)]
+    index: litert.OperatorIndex
+    sparse: dict
 
-    def shape(self, index):
-        return [int(d) for d in self.tensor(index).shape]
+    @classmethod
+    def of(cls, model):
+        index = litert.OperatorIndex.of(model)
+        return cls(index, {s.index: s.dense for s in litert_sparse.sparse_tensors(index)})
 
-    def constant(self, index):
+    def constant(self, t):
         """The value of a constant tensor (through DENSIFY), or None."""
-        index = int(index)
-        if index in self.producer and self.names[self.producer[index]] == "DENSIFY":
-            index = int(self.ops[self.producer[index]].inputs[0])
-        if index in self.sparse:
-            return self.sparse[index]
-        tensor = self.tensor(index)
-        data = self.model.buffers[tensor.buffer].data
-        if index in self.producer or data is None or len(data) == 0:
+        g, t = self.index, int(t)
+        if t in g.producer and g.codes[g.producer[t]] == schema.BuiltinOperator.DENSIFY:
+            t = int(g.operators[g.producer[t]].inputs[0])
+        if t in self.sparse:
+            return self.sparse[t]
+        tensor = g.tensor(t)
+        data = g.model.buffers[tensor.buffer].data
+        if t in g.producer or data is None or len(data) == 0:
             return None
-        return np.frombuffer(bytes(data), litert.NUMPY_TYPES.get(tensor.type, np.uint8)).reshape(
-            self.shape(index))
+        try:
+            dtype = litert.numpy_dtype(tensor.type)
+        except TypeError:  # a type numpy lacks: its bytes
+            dtype = np.uint8
+        return np.frombuffer(bytes(data), dtype).reshape(g.shape(t))
 
     def activation_inputs(self, n):
-        return [int(t) for t in self.ops[n].inputs if t >= 0 and self.constant(t) is None]
+        return [int(t) for t in self.index.operators[n].inputs if t >= 0 and self.constant(t) is None]
 
     def padding_from(self, n):
         """Explicit padding (top, bottom, left, right) of convolution n, with the
         PAD producing its input (XNNPACK fuses it) if any, and that PAD's index."""
-        op = self.ops[n]
-        if op.builtinOptions.padding == 0:  # SAME: XNNPACK keeps TensorFlow's flag
+        g, op = self.index, self.index.operators[n]
+        if op.builtinOptions.padding == schema.Padding.SAME:  # XNNPACK keeps TensorFlow's flag
             return None, None
-        source = int(op.inputs[0])
-        pad = self.producer.get(source)
-        if pad is not None and self.names[pad] in ("PAD", "PADV2"):
-            values = self.constant(self.ops[pad].inputs[1])
+        pad = g.producer.get(int(op.inputs[0]))
+        if pad is not None and _is(g, pad, _PADS):
+            values = self.constant(g.operators[pad].inputs[1])
             if values is not None and not values[0].any() and not values[3].any():
                 return (int(values[1][0]), int(values[1][1]), int(values[2][0]), int(values[2][1])), pad
         return (0, 0, 0, 0), None
 
 
+# Checkers: (graph, n) -> (kind, reason) for one operator type; kind None
+# means the sparse path stops there.
+
+def _pad(g, n):
+    users = g.index.readers(g.index.operators[n].outputs[0])
+    if users and all(_is(g.index, u, ("CONV_2D", "DEPTHWISE_CONV_2D"))
+                     and g.index.operators[u].builtinOptions.padding == schema.Padding.VALID
+                     for u in users):
+        return FUSED, "zero padding folded into the next convolution"
+    return None, "padding not followed by a 'valid' convolution"
+
+
+def _conv(g, n):
+    op = g.index.operators[n]
+    o = op.builtinOptions
+    _, kh, kw, in_c = g.index.shape(op.inputs[1])
+    if g.index.shape(op.inputs[0])[-1] != in_c:
+        return None, "grouped convolution"
+    if (o.dilationHFactor, o.dilationWFactor) != (1, 1):
+        return None, "dilated convolution"
+    if (kh, kw) == (1, 1):
+        if (o.strideH, o.strideW) != (1, 1):
+            return None, f"1x1 convolution with stride {o.strideH}"
+        return NCHW, "1x1 convolution: sparse kernel"
+    if (kh, kw) == (3, 3):
+        return _stem(g, n, in_c)
+    return None, f"{kh}x{kw} convolution (only 1x1 and the 3x3 stride-2 stem)"
+
+
+def _stem(g, n, in_c):
+    o = g.index.operators[n].builtinOptions
+    if (o.strideH, o.strideW) != (2, 2) or in_c != 3:
+        return None, "3x3 convolution that is not the stride-2 stem over 3 channels"
+    padding, _ = g.padding_from(n)
+    if padding != (1, 1, 1, 1):
+        why = "TensorFlow SAME padding" if padding is None else f"padding {padding}"
+        return None, f"3x3 stride-2 stem with {why}; it needs 1 on each side"
+    return ENTRY, "3x3 stride-2 stem over 3 channels: enters the sparse path"
+
+
+def _depthwise(g, n):
+    op = g.index.operators[n]
+    o = op.builtinOptions
+    kernel = g.index.shape(op.inputs[1])
+    _, kh, kw, _ = kernel
+    if (o.dilationHFactor, o.dilationWFactor) != (1, 1):
+        return None, "dilated depthwise convolution"
+    if o.depthMultiplier not in (0, 1) and kernel[-1] != g.index.shape(op.inputs[0])[-1]:
+        return None, "depth multiplier > 1"
+    if o.strideH != o.strideW or o.strideH not in (1, 2) or kh != kw or kh not in (3, 5):
+        return None, f"{kh}x{kw} depthwise with stride {o.strideH}x{o.strideW} (3x3/5x5, stride 1 or 2)"
+    padding, _ = g.padding_from(n)
+    if padding != (kh // 2,) * 4:
+        why = ("TensorFlow SAME padding (export(..., explicit_padding=True) stores "
+               "symmetric SAME padding as PAD + VALID)") if padding is None else f"padding {padding}"
+        return None, f"{why}; it needs {kh // 2} on each side"
+    return NCHW, "depthwise convolution (runs dense inside the sparse path)"
+
+
+def _elementwise(g, n):
+    if any(len(g.index.shape(t)) != 4 for t in g.activation_inputs(n)):
+        return None, "inputs are not 4-D"
+    return NCHW, "elementwise"
+
+
+def _activation(g, n):
+    if len(g.index.shape(g.index.operators[n].inputs[0])) != 4:
+        return None, "input is not 4-D"
+    return NCHW, "activation"
+
+
+def _mean(g, n):
+    op = g.index.operators[n]
+    axes = g.constant(op.inputs[1])
+    if (len(g.index.shape(op.inputs[0])) == 4 and axes is not None
+            and sorted(axes.reshape(-1).tolist()) == [1, 2]):
+        return EXIT, "global mean: leaves the sparse path"
+    return None, "mean that is not a global spatial mean"
+
+
+@functools.cache
+def _checkers():
+    """Builtin operator code -> its checker (the schema is loaded on first use)."""
+    table = {"CONV_2D": _conv, "DEPTHWISE_CONV_2D": _depthwise, "MEAN": _mean,
+             **dict.fromkeys(_PADS, _pad), **dict.fromkeys(_BINARY, _elementwise),
+             **dict.fromkeys(_UNARY, _activation)}
+    return {getattr(schema.BuiltinOperator, name): check for name, check in table.items()}
+
+
 def _compatibility(g, n):
-    """(kind, reason): kind is 'entry', 'nchw', 'exit', 'fused' or None (incompatible)."""
-    name, op = g.names[n], g.ops[n]
-    out_types = [g.tensor(t).type for t in op.outputs]
-    in_types = [g.tensor(t).type for t in g.activation_inputs(n)]
-    if any(t not in litert.FLOAT_TYPES for t in out_types + in_types):
+    """(kind, reason) of operator n: ENTRY, NCHW, EXIT, FUSED or None (incompatible)."""
+    op = g.index.operators[n]
+    types = [g.index.tensor(t).type for t in [*op.outputs, *g.activation_inputs(n)]]
+    if not all(litert.is_float(t) for t in types):
         return None, "quantized: the sparse path computes in float only"
-    if name in ("PAD", "PADV2"):
-        users = g.consumers.get(int(op.outputs[0]), [])
-        if users and all(g.names[u] in ("CONV_2D", "DEPTHWISE_CONV_2D")
-                         and g.ops[u].builtinOptions.padding == 1 for u in users):
-            return "fused", "zero padding folded into the next convolution"
-        return None, "padding not followed by a 'valid' convolution"
-    if name == "CONV_2D":
-        o = op.builtinOptions
-        out_c, kh, kw, in_c = g.shape(op.inputs[1])
-        if g.shape(op.inputs[0])[-1] != in_c:
-            return None, "grouped convolution"
-        if (o.dilationHFactor, o.dilationWFactor) != (1, 1):
-            return None, "dilated convolution"
-        if (kh, kw) == (1, 1):
-            if (o.strideH, o.strideW) != (1, 1):
-                return None, f"1x1 convolution with stride {o.strideH}"
-            return "nchw", "1x1 convolution: sparse kernel"
-        if (kh, kw) == (3, 3):
-            padding, _ = g.padding_from(n)
-            if (o.strideH, o.strideW) != (2, 2) or in_c != 3:
-                return None, "3x3 convolution that is not the stride-2 stem over 3 channels"
-            if padding != (1, 1, 1, 1):
-                why = "TensorFlow SAME padding" if padding is None else f"padding {padding}"
-                return None, f"3x3 stride-2 stem with {why}; it needs 1 on each side"
-            return "entry", "3x3 stride-2 stem over 3 channels: enters the sparse path"
-        return None, f"{kh}x{kw} convolution (only 1x1 and the 3x3 stride-2 stem)"
-    if name == "DEPTHWISE_CONV_2D":
-        o = op.builtinOptions
-        _, kh, kw, _ = g.shape(op.inputs[1])
-        if (o.dilationHFactor, o.dilationWFactor) != (1, 1):
-            return None, "dilated depthwise convolution"
-        if o.depthMultiplier not in (0, 1) and g.shape(op.inputs[1])[-1] != g.shape(op.inputs[0])[-1]:
-            return None, "depth multiplier > 1"
-        if o.strideH != o.strideW or o.strideH not in (1, 2) or kh != kw or kh not in (3, 5):
-            return None, f"{kh}x{kw} depthwise with stride {o.strideH}x{o.strideW} (3x3/5x5, stride 1 or 2)"
-        padding, _ = g.padding_from(n)
-        want = (kh // 2,) * 4
-        if padding != want:
-            why = ("TensorFlow SAME padding (export(..., explicit_padding=True) stores "
-                   "symmetric SAME padding as PAD + VALID)") if padding is None else f"padding {padding}"
-            return None, f"{why}; it needs {kh // 2} on each side"
-        return "nchw", "depthwise convolution (runs dense inside the sparse path)"
-    if name in _BINARY:
-        if any(len(g.shape(t)) != 4 for t in g.activation_inputs(n)):
-            return None, "inputs are not 4-D"
-        return "nchw", "elementwise"
-    if name in _UNARY:
-        if len(g.shape(op.inputs[0])) != 4:
-            return None, "input is not 4-D"
-        return "nchw", "activation"
-    if name == "MEAN":
-        axes = g.constant(op.inputs[1])
-        if len(g.shape(op.inputs[0])) == 4 and axes is not None and sorted(axes.reshape(-1).tolist()) == [1, 2]:
-            return "exit", "global mean: leaves the sparse path"
-        return None, "mean that is not a global spatial mean"
-    return None, f"{name} is not supported by the sparse path"
+    check = _checkers().get(g.index.codes[n])
+    if check is None:
+        return None, f"{g.index.names[n]} is not supported by the sparse path"
+    return check(g, n)
 
 
-def _analyse(model):
-    g = _Graph(model)
-    kinds, reasons = {}, {}
-    for n, name in enumerate(g.names):
-        if name not in _SKIPPED:
-            kinds[n], reasons[n] = _compatibility(g, n)
+@dataclasses.dataclass(frozen=True)
+class _Cluster:
+    """Operators XNNPACK would run together in NCHW, ending at one global mean;
+    any `problems` make it refuse them all."""
 
-    # Grow a cluster backwards from each exit through compatible producers.
-    cluster_of, clusters = {}, []
-    for exit_node in [n for n, k in kinds.items() if k == "exit"]:
-        members, problems, stack = set(), [], [exit_node]
-        while stack:
-            n = stack.pop()
-            if n in members:
-                continue
-            members.add(n)
-            if kinds[n] == "entry":
-                _, pad = g.padding_from(n)
-                if pad is not None:
-                    members.add(pad)
-                continue
-            for t in g.activation_inputs(n):
-                p = g.producer.get(t)
-                if p is None:
-                    problems.append(f"{g.names[n]} reads the model input directly "
-                                    f"(no 3x3 stride-2 stem before it)")
-                elif kinds.get(p) is None:
-                    problems.append(f"fed by {g.names[p]} ({reasons[p]})")
-                else:
-                    stack.append(p)
-        for n in members:
-            if n == exit_node:
-                continue
-            for t in g.ops[n].outputs:
-                outside = [u for u in g.consumers.get(int(t), []) if u not in members]
-                if outside or int(t) in g.outputs:
-                    problems.append(f"{g.names[n]} output also used outside (by "
-                                    f"{', '.join(g.names[u] for u in outside) or 'the model output'})")
-        params = zeros = 0
-        for n in members:
-            if g.names[n] == "CONV_2D" and kinds[n] == "nchw":
-                w = g.constant(g.ops[n].inputs[1])
-                params, zeros = params + w.size, zeros + int(w.size - np.count_nonzero(w))
-        ratio = zeros / params if params else 0.0
-        if not params:
-            problems.append("no 1x1 convolution to run sparse")
-        elif zeros * 3 <= params * 2:
-            problems.append(f"1x1 convolutions are {ratio:.1%} zeros; XNNPACK needs more than 2/3")
-        index = len(clusters)
-        clusters.append((members, problems, ratio))
-        for n in members:
-            cluster_of.setdefault(n, index)
-    return g, kinds, reasons, cluster_of, clusters
+    members: frozenset
+    problems: tuple
+    pointwise_sparsity: float
+
+
+def _grow(g, kinds, reasons, exit_node):
+    """(members, problems): the cluster grown backwards from `exit_node` through compatible producers."""
+    members, problems, stack = set(), [], [exit_node]
+    while stack:
+        n = stack.pop()
+        if n in members:
+            continue
+        members.add(n)
+        if kinds[n] == ENTRY:
+            _, pad = g.padding_from(n)
+            if pad is not None:
+                members.add(pad)
+            continue
+        for t in g.activation_inputs(n):
+            p = g.index.producer.get(t)
+            if p is None:
+                problems.append(f"{g.index.names[n]} reads the model input directly "
+                                f"(no 3x3 stride-2 stem before it)")
+            elif kinds.get(p) is None:
+                problems.append(f"fed by {g.index.names[p]} ({reasons[p]})")
+            else:
+                stack.append(p)
+    return members, problems
+
+
+def _leaks(g, members, exit_node):
+    """Problems: outputs of cluster members (but the exit) read outside the cluster."""
+    problems = []
+    for n in members:
+        if n == exit_node:
+            continue
+        for t in g.index.operators[n].outputs:
+            outside = [u for u in g.index.readers(t) if u not in members]
+            if outside or int(t) in g.index.graph.outputs:
+                problems.append(f"{g.index.names[n]} output also used outside (by "
+                                f"{', '.join(g.index.names[u] for u in outside) or 'the model output'})")
+    return problems
+
+
+def _pointwise(g, kinds, members):
+    """Problems of the cluster's 1x1 convolution weights, and the share of them that is zero."""
+    params = zeros = 0
+    for n in members:
+        if _is(g.index, n, ("CONV_2D",)) and kinds[n] == NCHW:
+            w = g.constant(g.index.operators[n].inputs[1])
+            params, zeros = params + w.size, zeros + int(w.size - np.count_nonzero(w))
+    ratio = zeros / params if params else 0.0
+    if not params:
+        return ["no 1x1 convolution to run sparse"], ratio
+    if zeros * 3 <= params * 2:
+        return [f"1x1 convolutions are {ratio:.1%} zeros; XNNPACK needs more than 2/3"], ratio
+    return [], ratio
+
+
+def _clusters(g, kinds, reasons):
+    """The cluster of every global mean, in operator order."""
+    clusters = []
+    for exit_node in [n for n, kind in kinds.items() if kind == EXIT]:
+        members, problems = _grow(g, kinds, reasons, exit_node)
+        problems += _leaks(g, members, exit_node)
+        pointwise, ratio = _pointwise(g, kinds, members)
+        clusters.append(_Cluster(frozenset(members), tuple(problems + pointwise), ratio))
+    return clusters
+
+
+def _content(model, explicit_padding):
+    """The .tflite bytes `deploy_report` reads; raises ValueError for what is none."""
+    if isinstance(model, (bytes, bytearray)):
+        return bytes(model)
+    if isinstance(model, (str, os.PathLike)):
+        with open(model, "rb") as f:
+            return f.read()
+    if isinstance(model, keras.Model):
+        return _convert(model, explicit_padding)
+    raise ValueError(
+        f"deploy_report() takes a Keras model, a .tflite path or .tflite bytes, "
+        f"got {type(model).__name__}.")
+
+
+def _row(g, n, kind, reason, cluster, has_sparse):
+    """The `DeployRow` of operator n, member of `cluster` (a `_Cluster` or None)."""
+    op = g.index.operators[n]
+    weight = g.constant(op.inputs[1]) if _is(g.index, n, _WEIGHTED) else None
+    on_path = kind is not None and cluster is not None and not cluster.problems and has_sparse
+    if kind is not None and not on_path:
+        if cluster is None:
+            reason += ("; but incompatible operators cut it off from any path "
+                       "between a 3x3 stride-2 stem and a global mean")
+        elif cluster.problems:
+            reason += "; but its cluster is refused: " + cluster.problems[0]
+        else:
+            reason += "; but the file stores no weight sparse"
+    return DeployRow(
+        n, g.index.names[n], _layer(g.index.tensor(op.outputs[0]).name.decode(errors="replace")),
+        tuple(weight.shape) if weight is not None else (),
+        float(1 - np.count_nonzero(weight) / weight.size) if weight is not None else 0.0,
+        bool(on_path), reason)
+
+
+def _verdict(rows, clusters, has_sparse):
+    if not has_sparse:
+        return "the file stores no weight sparse, so XNNPACK does not try the sparse path"
+    if any(not c.problems for c in clusters):
+        return (f"{sum(r.sparse_path for r in rows)} of {len(rows)} operators run sparse "
+                f"(on ARM and on x86 without AVX)")
+    if clusters:
+        return "no sparse cluster: " + "; ".join(sorted({p for c in clusters for p in c.problems[:3]}))
+    return "no global spatial mean ends the network, so there is no sparse cluster"
 
 
 def deploy_report(model, *, explicit_padding=True):
@@ -256,53 +368,22 @@ def deploy_report(model, *, explicit_padding=True):
     Returns a `DeployReport`. Raises ValueError for anything else.
     """
     litert.require_litert()
-    if isinstance(model, (bytes, bytearray)):
-        content = bytes(model)
-    elif isinstance(model, (str, os.PathLike)):
-        with open(model, "rb") as f:
-            content = f.read()
-    elif isinstance(model, keras.Model):
-        content = _convert(model, explicit_padding)
-    else:
-        raise ValueError(
-            f"deploy_report() takes a Keras model, a .tflite path or .tflite bytes, "
-            f"got {type(model).__name__}.")
-    g, kinds, reasons, cluster_of, clusters = _analyse(litert.read(content))
+    g = _Graph.of(litert.read(_content(model, explicit_padding)))
+    # DENSIFY expands static weights when the file is loaded; it runs no kernel.
+    operators = [n for n in range(len(g.index.operators)) if not _is(g.index, n, ("DENSIFY",))]
+    kinds, reasons = {}, {}
+    for n in operators:
+        kinds[n], reasons[n] = _compatibility(g, n)
+    clusters = _clusters(g, kinds, reasons)
+    cluster_of = {}
+    for cluster in clusters:
+        for n in cluster.members:
+            cluster_of.setdefault(n, cluster)
     has_sparse = bool(g.sparse)
-    good = {i for i, (_, problems, _) in enumerate(clusters) if not problems}
-    rows = []
-    for n, name in enumerate(g.names):
-        if name in _SKIPPED:
-            continue
-        weight = g.constant(g.ops[n].inputs[1]) if name in ("CONV_2D", "DEPTHWISE_CONV_2D",
-                                                             "FULLY_CONNECTED") else None
-        on_path = kinds[n] is not None and cluster_of.get(n) in good and has_sparse
-        reason = reasons[n]
-        if kinds[n] is not None and not on_path:
-            if n not in cluster_of:
-                reason += ("; but incompatible operators cut it off from any path "
-                           "between a 3x3 stride-2 stem and a global mean")
-            elif cluster_of[n] not in good:
-                reason += "; but its cluster is refused: " + clusters[cluster_of[n]][1][0]
-            else:
-                reason += "; but the file stores no weight sparse"
-        rows.append(DeployRow(
-            n, name, _layer(g.tensor(g.ops[n].outputs[0]).name.decode(errors="replace")),
-            tuple(weight.shape) if weight is not None else (),
-            float(1 - np.count_nonzero(weight) / weight.size) if weight is not None else 0.0,
-            bool(on_path), reason))
-    ratios = [r for _, _, r in clusters]
-    if not has_sparse:
-        verdict = "the file stores no weight sparse, so XNNPACK does not try the sparse path"
-    elif good:
-        verdict = (f"{sum(r.sparse_path for r in rows)} of {len(rows)} operators run sparse "
-                   f"(on ARM and on x86 without AVX)")
-    elif clusters:
-        verdict = "no sparse cluster: " + "; ".join(sorted({p for _, ps, _ in clusters for p in ps[:3]}))
-    else:
-        verdict = "no global spatial mean ends the network, so there is no sparse cluster"
-    return DeployReport(tuple(rows), bool(good) and has_sparse, verdict,
-                        float(max(ratios)) if ratios else 0.0)
+    rows = tuple(_row(g, n, kinds[n], reasons[n], cluster_of.get(n), has_sparse) for n in operators)
+    return DeployReport(
+        rows, has_sparse and any(not c.problems for c in clusters), _verdict(rows, clusters, has_sparse),
+        float(max(c.pointwise_sparsity for c in clusters)) if clusters else 0.0)
 
 
 def _convert(model, explicit_padding):
@@ -316,5 +397,5 @@ def _convert(model, explicit_padding):
     converter.optimizations = [tf.lite.Optimize.EXPERIMENTAL_SPARSITY]
     tree = litert.read(converter.convert())
     if explicit_padding:
-        litert.explicit_padding(tree)
+        litert_padding.explicit_padding(tree)
     return litert.write(tree)
