@@ -67,11 +67,15 @@ def test_digits_splits_keep_validation_and_test_apart():
 @pytest.mark.slow
 def test_resnet50_on_imagenet_mock_data_runs_each_scheduled_phase_and_exports(tmp_path):
     out = tmp_path / "run"
+    weights = tmp_path / "resnet50.weights.h5"
+    # Random weights given by file: the dense training (timed in the README) is skipped here.
     code = f"""
 import runpy, sys
 import tensorflow_datasets as tfds
+from zoo.models import build
+build("resnet50", (224, 224, 3), 1000).save_weights({str(weights)!r})
 sys.argv = ["train.py", "--model=resnet50", "--dataset=imagenet2012", "--image_size=224",
-            "--batch_size=4", "--steps_per_epoch=2", "--dense_epochs=1", "--pruning_epochs=1",
+            "--batch_size=4", "--steps_per_epoch=2", "--weights={weights}", "--pruning_epochs=1",
             "--patience=1", "--max_epochs=1", "--sparsity=0.9", "--tflite=false", "--output_dir={out}"]
 with tfds.testing.mock_data(num_examples=16):
     runpy.run_path("train.py", run_name="__main__")
@@ -85,7 +89,7 @@ with tfds.testing.mock_data(num_examples=16):
     # One epoch of distillation cannot plateau, so no detached phase follows it
     # (run() skips it by design); every other phase runs its one epoch.
     assert report["epochs"] == {"gradual": 1, "distill": 1, "finetune": 1}
-    assert set(report["images_per_second"]) >= {"dense_training", "gradual", "distill", "finetune"}
+    assert set(report["images_per_second"]) >= {"gradual", "distill", "finetune"}
     assert all(v > 0 for v in report["images_per_second"].values())
     # LiteRT export is covered by the default run; here the SavedModel must come out.
     assert (out / "export" / "saved_model" / "saved_model.pb").exists()
@@ -153,4 +157,4 @@ print(json.dumps({{"acc": float((logits.argmax(-1) == yte).mean()), "dg2pf": "dg
     result = json.loads(served.strip().splitlines()[-1])
     assert result["dg2pf"] is False
     assert result["acc"] == pytest.approx(report["pruned_test_accuracy"], abs=1e-6)
-    assert report["test_split"] == "test" and set(report["images_per_second"]) >= {"gradual", "finetune"}
+    assert report["test_split"] == "test" and set(report["images_per_second"]) >= {"dense_training", "gradual", "finetune"}
