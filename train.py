@@ -136,7 +136,6 @@ def main(argv):
               f"Pass --overwrite to run it again, or choose another --output_dir.")
         return
     import keras
-    import tensorflow as tf
 
     import dg2pf_tf
     from dg2pf_tf import checkpoint, loop
