@@ -19,7 +19,7 @@ import os
 import keras
 import numpy as np
 
-from dg2pf_tf import litert, litert_padding, litert_sparse
+from dg2pf_tf import litert, litert_convert, litert_sparse
 from dg2pf_tf.litert import schema
 
 _UNARY = ("RELU", "RELU6", "RELU_N1_TO_1", "RELU_0_TO_1", "LOGISTIC", "TANH", "HARD_SWISH",
@@ -323,7 +323,7 @@ def _content(model, explicit_padding):
         with open(model, "rb") as f:
             return f.read()
     if isinstance(model, keras.Model):
-        return _convert(model, explicit_padding)
+        return litert_convert.float_file(model, explicit_padding=explicit_padding)
     raise ValueError(
         f"deploy_report() takes a Keras model, a .tflite path or .tflite bytes, "
         f"got {type(model).__name__}.")
@@ -363,9 +363,10 @@ def _verdict(rows, clusters, has_sparse):
 def deploy_report(model, *, explicit_padding=True):
     """Says, per operator, whether XNNPACK's sparse inference path can take it and why not.
 
-    `model`: a Keras model (pruned or stripped; converted here as `export`
-    would, with `explicit_padding`), a .tflite path, or .tflite bytes.
-    Returns a `DeployReport`. Raises ValueError for anything else.
+    `model`: a .tflite path or bytes, or a Keras model (pruned or stripped),
+    read as the `model.tflite` that `export(model, ..., explicit_padding=...)`
+    writes. Returns a `DeployReport`. Raises ValueError for anything else,
+    and as `export` does for a Keras model it cannot convert.
     """
     litert.require_litert()
     g = _Graph.of(litert.read(_content(model, explicit_padding)))
@@ -384,18 +385,3 @@ def deploy_report(model, *, explicit_padding=True):
     return DeployReport(
         rows, has_sparse and any(not c.problems for c in clusters), _verdict(rows, clusters, has_sparse),
         float(max(c.pointwise_sparsity for c in clusters)) if clusters else 0.0)
-
-
-def _convert(model, explicit_padding):
-    import tensorflow as tf
-
-    from dg2pf_tf.masking import pruned_models
-    from dg2pf_tf.prune import strip
-
-    plain = strip(model) if pruned_models(model) else model
-    converter = tf.lite.TFLiteConverter.from_keras_model(plain)
-    converter.optimizations = [tf.lite.Optimize.EXPERIMENTAL_SPARSITY]
-    tree = litert.read(converter.convert())
-    if explicit_padding:
-        litert_padding.explicit_padding(tree)
-    return litert.write(tree)

@@ -137,9 +137,13 @@ def test_deploy_report_finds_the_sparse_path_only_with_symmetric_explicit_paddin
             assert any("padding" in r.reason for r in report.rows if not r.sparse_path)
     # The exported file says the same as the model, and its padding rewrite keeps the outputs.
     x = np.random.default_rng(0).normal(size=(4, 97, 97, 3)).astype(np.float32)
-    model = dg2pf_tf.strip(dg2pf_tf.prune(_mobilenet(97), exclude=dg2pf_tf.presets.xnnpack))
+    pruned = dg2pf_tf.prune(_mobilenet(97), exclude=dg2pf_tf.presets.xnnpack)
+    dg2pf_tf.update_masks(pruned, 0.9)
+    model = dg2pf_tf.strip(pruned)
     dg2pf_tf.export(model, tmp_path / "e", explicit_padding=True, representative_data=x, verbose=0)
     content = (tmp_path / "e" / "model.tflite").read_bytes()
+    from_file = dg2pf_tf.deploy_report(content)
+    assert from_file.sparse_path and from_file.to_dict() == dg2pf_tf.deploy_report(model).to_dict()
     assert "PAD" in litert.OperatorIndex.of(litert.read(content)).names
     np.testing.assert_allclose(litert.predict(content, x), model.predict(x, verbose=0), atol=1e-4)
 
