@@ -94,15 +94,8 @@ def export(model, path, *, tflite=True, quantize=None, representative_data=None,
         }
         if tflite:
             inputs, reference = litert_convert.check_data(plain, shapes[0], representative_data)
-            jobs = [("model.tflite", None)] + ([("model_int8.tflite", quantize)] if quantize else [])
-            for name, mode in jobs:
-                say(f"[export] converting {name} ({mode or 'float32'}, sparse weights)")
-                shipped = litert_convert.litert_file(saved_model, inputs, reference, quantize=mode,
-                                                     explicit_padding=explicit_padding)
-                with open(os.path.join(staging, name), "wb") as f:
-                    f.write(shipped.content)
-                report["files"][name] = _file_entry(name, mode, shipped)
-            _add_ratios_to_dense_float(report["files"])
+            report["files"].update(_write_litert(staging, inputs, reference, quantize,
+                                                 explicit_padding, say))
         with open(os.path.join(staging, "export.json"), "w") as f:
             json.dump(report, f, indent=2)
         os.makedirs(path, exist_ok=True)
@@ -133,6 +126,23 @@ def _check_arguments(tflite, quantize, representative_data):
         litert.require_litert()
 
 
+def _write_litert(staging, inputs, reference, quantize, explicit_padding, say):
+    """Writes model.tflite (and model_int8.tflite with `quantize`) from
+    `staging`/saved_model into `staging`; returns their export.json entries."""
+    jobs = [("model.tflite", None)] + ([("model_int8.tflite", quantize)] if quantize else [])
+    files = {}
+    for name, mode in jobs:
+        say(f"[export] converting {name} ({mode or 'float32'}, sparse weights)")
+        shipped = litert_convert.litert_file(os.path.join(staging, "saved_model"), inputs, reference,
+                                             quantize=mode, explicit_padding=explicit_padding)
+        with open(os.path.join(staging, name), "wb") as f:
+            f.write(shipped.content)
+        files[name] = _file_entry(name, mode, shipped)
+    for entry in files.values():
+        entry["ratio_to_dense_float32"] = entry["bytes"] / files["model.tflite"]["dense_equivalent_bytes"]
+    return files
+
+
 def _file_entry(name, mode, shipped):
     """export.json's entry for LiteRT file `name` (`mode`: its `quantize`); warns
     when a quantized file agrees with Keras on less than 99% of top-1 classes."""
@@ -141,7 +151,7 @@ def _file_entry(name, mode, shipped):
             f"export(): {name} agrees with the Keras model on the top-1 class "
             f"for {shipped.score:.1%} of the check inputs (below {_INT8_AGREEMENT:.0%}); "
             f"pass typical inputs as `representative_data` or use the float file.",
-            stacklevel=3)
+            stacklevel=4)
     dense = len(litert_sparse.all_dense(shipped.content))
     return {
         "bytes": len(shipped.content),
@@ -151,13 +161,6 @@ def _file_entry(name, mode, shipped):
         ("top1_agreement" if mode else "max_abs_difference"): shipped.score,
         "tensors": shipped.tensors,
     }
-
-
-def _add_ratios_to_dense_float(files):
-    float_dense = files["model.tflite"]["dense_equivalent_bytes"]
-    for entry in files.values():
-        if "dense_equivalent_bytes" in entry:
-            entry["ratio_to_dense_float32"] = entry["bytes"] / float_dense
 
 
 def _check_saved_zeros(saved_model, expected):
