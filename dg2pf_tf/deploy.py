@@ -323,7 +323,8 @@ def _content(model, explicit_padding):
         with open(model, "rb") as f:
             return f.read()
     if isinstance(model, keras.Model):
-        return litert_convert.float_file(model, explicit_padding=explicit_padding)
+        with litert_convert.named_errors("deploy_report()"):
+            return litert_convert.float_file(model, explicit_padding=explicit_padding)
     raise ValueError(
         f"deploy_report() takes a Keras model, a .tflite path or .tflite bytes, "
         f"got {type(model).__name__}.")

@@ -72,6 +72,14 @@ def export(model, path, *, tflite=True, quantize=None, representative_data=None,
         ImportError: `tflite=True` without the `ai-edge-litert` package.
     """
     _check_arguments(tflite, quantize, representative_data)
+    with litert_convert.named_errors("export()"):
+        return _export(model, path, tflite, quantize, representative_data, explicit_padding,
+                       input_shape, overwrite, verbose)
+
+
+def _export(model, path, tflite, quantize, representative_data, explicit_padding, input_shape,
+            overwrite, verbose):
+    """`export()` once its arguments are checked."""
     plain = litert_convert.plain_model(model, input_shape)
     shapes = litert_convert.input_shapes(plain)
     if tflite:

@@ -7,6 +7,7 @@ is loaded in the default LiteRT interpreter (XNNPACK on) and checked against
 the Keras model: a file is never larger than its dense form.
 """
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -20,6 +21,19 @@ from dg2pf_tf import _compat, litert, litert_padding, litert_sparse, masking
 from dg2pf_tf.prune import strip
 
 FLOAT_ATOL = 1e-5
+
+
+@contextlib.contextmanager
+def named_errors(caller):
+    """Re-raises the ValueError/RuntimeError of this module's checks with `caller`
+    ('export()', 'deploy_report()') in front, so a user sees which call refused."""
+    try:
+        yield
+    except (ValueError, RuntimeError) as error:
+        message = str(error)
+        if message.startswith(caller):
+            raise
+        raise type(error)(f"{caller}: {message}") from None
 
 
 @dataclasses.dataclass(frozen=True)

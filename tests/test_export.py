@@ -151,3 +151,12 @@ def test_deploy_report_finds_the_sparse_path_only_with_symmetric_explicit_paddin
 def test_deploy_report_refuses_what_it_cannot_read():
     with pytest.raises(ValueError, match="Keras model"):
         dg2pf_tf.deploy_report(42)
+
+
+def test_refusals_name_the_call_that_refused(tmp_path):
+    a, b = keras.Input((4,)), keras.Input((4,))
+    two_inputs = keras.Model([a, b], keras.layers.Dense(2)(keras.layers.Concatenate()([a, b])))
+    with pytest.raises(ValueError, match=r"^export\(\): .*2 inputs"):
+        dg2pf_tf.export(two_inputs, tmp_path / "out", verbose=0)
+    with pytest.raises(ValueError, match=r"^deploy_report\(\): .*2 inputs"):
+        dg2pf_tf.deploy_report(two_inputs)
