@@ -19,7 +19,7 @@ import os
 import keras
 import numpy as np
 
-from dg2pf_tf import litert, litert_convert, litert_sparse
+from dg2pf_tf import criteria, litert, litert_convert, litert_sparse
 from dg2pf_tf.litert import schema
 
 _UNARY = ("RELU", "RELU6", "RELU_N1_TO_1", "RELU_0_TO_1", "LOGISTIC", "TANH", "HARD_SWISH",
@@ -295,7 +295,7 @@ def _pointwise(g, kinds, members):
     for n in members:
         if _is(g.index, n, ("CONV_2D",)) and kinds[n] == NCHW:
             w = g.constant(g.index.operators[n].inputs[1])
-            params, zeros = params + w.size, zeros + int(w.size - np.count_nonzero(w))
+            params, zeros = params + w.size, zeros + criteria.count_zeros(w)
     ratio = zeros / params if params else 0.0
     if not params:
         return ["no 1x1 convolution to run sparse"], ratio
@@ -346,7 +346,7 @@ def _row(g, n, kind, reason, cluster, has_sparse):
     return DeployRow(
         n, g.index.names[n], _layer(g.index.tensor(op.outputs[0]).name.decode(errors="replace")),
         tuple(weight.shape) if weight is not None else (),
-        float(1 - np.count_nonzero(weight) / weight.size) if weight is not None else 0.0,
+        criteria.zero_fraction(weight) if weight is not None else 0.0,
         bool(on_path), reason)
 
 

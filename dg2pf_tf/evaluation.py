@@ -1,6 +1,5 @@
 """`evaluate()`: a model's validation metric and loss over a dataset, for its task."""
 
-import numpy as np
 import tensorflow as tf
 
 from dg2pf_tf import tasks

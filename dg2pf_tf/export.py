@@ -12,10 +12,10 @@ import shutil
 import tempfile
 import warnings
 
-import numpy as np
 import tensorflow as tf
 
 from dg2pf_tf import litert, litert_convert, litert_sparse
+from dg2pf_tf.criteria import count_zeros
 from dg2pf_tf.summary import sparsity_summary
 
 QUANTIZE = (None, "dynamic", "int8")
@@ -174,7 +174,7 @@ def _file_entry(name, mode, shipped):
 def _check_saved_zeros(saved_model, expected):
     """Raises RuntimeError unless the SavedModel, loaded back, holds `expected` zeros."""
     loaded = tf.saved_model.load(saved_model)
-    zeros = sum(int(np.size(v) - np.count_nonzero(v.numpy())) for v in loaded.variables)
+    zeros = sum(count_zeros(v.numpy()) for v in loaded.variables)
     if zeros < expected:
         raise RuntimeError(
             f"export(): the SavedModel holds {zeros} zero weights, the model {expected}: "

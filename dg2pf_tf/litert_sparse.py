@@ -14,6 +14,7 @@ import dataclasses
 import numpy as np
 
 from dg2pf_tf import litert
+from dg2pf_tf.criteria import zero_fraction
 from dg2pf_tf.litert import schema
 
 
@@ -145,7 +146,7 @@ class SparseTensor:
 
     @property
     def sparsity(self):
-        return 1.0 - np.count_nonzero(self.dense) / max(1, self.dense.size)
+        return zero_fraction(self.dense)
 
     @property
     def quantized(self):

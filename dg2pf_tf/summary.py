@@ -8,8 +8,8 @@ stripped copy agree; a pruned model also says which weights carry masks.
 
 import dataclasses
 
-import numpy as np
 
+from dg2pf_tf.criteria import count_zeros
 from dg2pf_tf.masking import pruned_models
 from dg2pf_tf.prune import find_prunable
 
@@ -129,10 +129,6 @@ class SparsitySummary:
         return "\n".join(text)
 
 
-def _zeros(array):
-    return int(array.size - np.count_nonzero(array))
-
-
 def sparsity_summary(model):
     """Counts the zeros of `model`, pruned or stripped (or never pruned).
 
@@ -151,7 +147,7 @@ def sparsity_summary(model):
         pruned = value is not None if masked else None
         value = weight.variable.numpy() if value is None else value
         rows.append(KernelRow(weight.variable.path, weight.layer.name, weight.name,
-                              tuple(value.shape), int(value.size), _zeros(value), pruned))
+                              tuple(value.shape), int(value.size), count_zeros(value), pruned))
     total_params = total_zeros = 0
     for weight in model.weights:
         if id(weight) in bookkeeping:
@@ -159,7 +155,7 @@ def sparsity_summary(model):
         value = effective.get(id(weight))
         value = weight.numpy() if value is None else value
         total_params += value.size
-        total_zeros += _zeros(value)
+        total_zeros += count_zeros(value)
     return SparsitySummary(tuple(rows), total_params, total_zeros)
 
 

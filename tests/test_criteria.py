@@ -60,3 +60,11 @@ def test_sparsity_of_wrong_type_and_unknown_scope_are_refused():
         criteria.magnitude_masks([np.ones(3)], "high")
     with pytest.raises(ValueError, match="scope"):
         criteria.magnitude_masks([np.ones(3)], 0.5, scope="channel")
+
+
+def test_zero_counts_are_exact_zeros_only_and_empty_arrays_count_none():
+    values = np.array([[0.0, -0.0, 1e-30], [np.nan, 0.0, -2.0]], dtype="float32")
+    assert criteria.count_zeros(values) == 3
+    assert criteria.zero_fraction(values) == 0.5
+    assert criteria.count_zeros(np.zeros((0, 4))) == 0
+    assert criteria.zero_fraction(np.zeros((0, 4))) == 0.0
