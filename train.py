@@ -115,9 +115,9 @@ def _plots(history, model, out):
 
 def _save_keras(model, path):
     """`model.save(path)` through a temporary file, so a kill never leaves half a file."""
-    from dg2pf_tf import checkpoint
+    from dg2pf_tf import atomic
 
-    with checkpoint.atomic_path(path) as tmp:
+    with atomic.atomic_path(path) as tmp:
         model.save(tmp)
 
 
@@ -138,7 +138,7 @@ def main(argv):
     import keras
 
     import dg2pf_tf
-    from dg2pf_tf import checkpoint, loop
+    from dg2pf_tf import atomic, loop
     from zoo.data import DataUnavailable, load
 
     keras.utils.set_random_seed(cfg.seed)
@@ -220,8 +220,8 @@ def main(argv):
         "seconds": {**result.report["seconds"], **times, "total": time.perf_counter() - started},
     }
     # Written last and atomically: its presence means the run is complete.
-    checkpoint.write_atomic(os.path.join(out, "report.json"),
-                            lambda f: f.write(json.dumps(report, indent=2).encode()))
+    atomic.write_atomic(os.path.join(out, "report.json"),
+                        lambda f: f.write(json.dumps(report, indent=2).encode()))
     print()
     print(f"{'':<28}{'dense':>12}{'pruned':>12}")
     print(f"{'validation accuracy':<28}{report['dense_val_accuracy']:>12.4f}{report['pruned_val_accuracy']:>12.4f}")

@@ -9,15 +9,15 @@ and renamed over the old one, so a kill at any moment leaves either the old
 or the new checkpoint, never a torn one.
 """
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 import zipfile
 
 import numpy as np
+
+from dg2pf_tf import atomic
 
 FORMAT = "dg2pf_tf.checkpoint/1"
 STATE_FILE = "state.npz"
@@ -28,38 +28,6 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used: corrupt, or written by another run."""
 
 
-@contextlib.contextmanager
-def atomic_path(path):
-    """Yields a temporary path next to `path` to write; renames it over `path` when
-    the block succeeds (removes it when it fails), and makes the rename durable."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=directory)
-    os.close(fd)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    try:
-        dir_fd = os.open(directory, os.O_RDONLY)
-        os.fsync(dir_fd)
-        os.close(dir_fd)
-    except OSError:
-        pass
-
-
-def write_atomic(path, write):
-    """Calls `write(file_object)` on a temporary file next to `path`, flushed to
-    disk, then renames it over `path`."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-
-
 def save(directory, header, arrays):
     """Writes `header` (JSON-able dict) and `arrays` (name -> ndarray) as the checkpoint."""
     for name in os.listdir(directory):
@@ -68,7 +36,7 @@ def save(directory, header, arrays):
     payload = {"__header__": np.frombuffer(
         json.dumps({"format": FORMAT, **header}).encode(), dtype=np.uint8)}
     payload.update({f"a/{name}": np.asarray(value) for name, value in arrays.items()})
-    write_atomic(os.path.join(directory, STATE_FILE), lambda f: np.savez(f, **payload))
+    atomic.write_atomic(os.path.join(directory, STATE_FILE), lambda f: np.savez(f, **payload))
 
 
 def load(directory, fingerprint):
@@ -106,7 +74,7 @@ def load(directory, fingerprint):
 
 def mark_done(directory, summary):
     """Records that the run in `directory` finished (see `finished`)."""
-    write_atomic(os.path.join(directory, DONE_FILE),
+    atomic.write_atomic(os.path.join(directory, DONE_FILE),
                  lambda f: f.write(json.dumps(summary, indent=2).encode()))
 
 

@@ -9,12 +9,11 @@ larger than its dense form, loaded and run in the default LiteRT interpreter
 import json
 import os
 import shutil
-import tempfile
 import warnings
 
 import tensorflow as tf
 
-from dg2pf_tf import litert, litert_convert, litert_sparse
+from dg2pf_tf import atomic, litert, litert_convert, litert_sparse
 from dg2pf_tf.criteria import count_zeros
 from dg2pf_tf.summary import sparsity_summary
 
@@ -88,8 +87,7 @@ def _export(model, path, tflite, quantize, representative_data, explicit_padding
     summary = sparsity_summary(plain)
     say = print if verbose else (lambda *a, **k: None)
 
-    staging = tempfile.mkdtemp(prefix=".export-", dir=os.path.dirname(os.path.abspath(path)))
-    try:
+    with atomic.staged_directory(path) as staging:
         saved_model = os.path.join(staging, "saved_model")
         litert_convert.save(plain, saved_model)
         _check_saved_zeros(saved_model, summary.total_zeros)
@@ -106,11 +104,6 @@ def _export(model, path, tflite, quantize, representative_data, explicit_padding
                                                  explicit_padding, say))
         with open(os.path.join(staging, "export.json"), "w") as f:
             json.dump(report, f, indent=2)
-        os.makedirs(path, exist_ok=True)
-        for name in os.listdir(staging):
-            os.replace(os.path.join(staging, name), os.path.join(path, name))
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     for name, entry in report["files"].items():
         extra = (f" ({entry['ratio_to_dense_float32']:.3f}x the dense float32 .tflite)"
                  if "ratio_to_dense_float32" in entry else "")

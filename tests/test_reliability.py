@@ -18,7 +18,7 @@ import tensorflow as tf
 
 import dg2pf_tf
 from helpers import ROOT, TWO_CPUS, run_python
-from dg2pf_tf import checkpoint
+from dg2pf_tf import atomic, checkpoint
 from zoo.data import digits_arrays
 from zoo.models import small_cnn
 
@@ -150,7 +150,7 @@ def test_a_failed_write_leaves_the_previous_checkpoint(tmp_path):
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        checkpoint.write_atomic(tmp_path / checkpoint.STATE_FILE, torn)
+        atomic.write_atomic(tmp_path / checkpoint.STATE_FILE, torn)
     header, arrays = checkpoint.load(tmp_path, {})
     assert header["state"]["epoch"] == 1 and arrays["w"].tolist() == [1, 1, 1]
     assert os.listdir(tmp_path) == [checkpoint.STATE_FILE]
@@ -158,7 +158,7 @@ def test_a_failed_write_leaves_the_previous_checkpoint(tmp_path):
 
 KILLED_WRITER = r"""
 import sys, numpy as np
-from dg2pf_tf import checkpoint
+from dg2pf_tf import atomic, checkpoint
 directory = sys.argv[1]
 big = np.random.default_rng(0).normal(size=(2_000_000,)).astype(np.float32)
 epoch = 0
@@ -190,7 +190,7 @@ def test_a_kill_while_writing_never_leaves_a_torn_checkpoint(tmp_path):
 def test_a_resume_on_another_number_of_replicas_is_refused(tmp_path):
     out = run_python(TWO_CPUS + textwrap.dedent(f"""
         import keras, numpy as np, pytest, dg2pf_tf
-        from dg2pf_tf import checkpoint
+        from dg2pf_tf import atomic, checkpoint
         from test_reliability import SMALL, _Interrupt, _model
         from zoo.data import digits_arrays
         (x, y), (xv, yv) = digits_arrays()
@@ -372,3 +372,21 @@ def test_two_workers_on_loopback_train_identically_and_match_one_process(tmp_pat
     kernels = [w for w in single if w.ndim > 1]
     zeros = sum(int(np.sum(w == 0)) for w in kernels)
     assert zeros == round(0.9 * sum(w.size for w in kernels))
+
+
+def test_a_staged_directory_lands_whole_or_not_at_all(tmp_path):
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "model.tflite").write_text("old")
+    with pytest.raises(RuntimeError, match="killed"):
+        with atomic.staged_directory(out) as staging:
+            (tmp_path / staging / "model.tflite").write_text("new")
+            raise RuntimeError("killed half-way")
+    assert (out / "model.tflite").read_text() == "old"
+    assert os.listdir(tmp_path) == ["export"]
+    with atomic.staged_directory(out) as staging:
+        (tmp_path / staging / "model.tflite").write_text("new")
+        (tmp_path / staging / "export.json").write_text("{}")
+    assert sorted(os.listdir(out)) == ["export.json", "model.tflite"]
+    assert (out / "model.tflite").read_text() == "new"
+    assert os.listdir(tmp_path) == ["export"]
