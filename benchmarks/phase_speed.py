@@ -113,7 +113,7 @@ def mask_updates(name, updates=6):
     del model
     masks = masking.mask_set(pruned)
     kernels = [kernel for kernel, _ in masks.entries]
-    prunable = sum(masks.sizes)
+    prunable = sum(int(np.prod(k.shape)) for k in kernels)
 
     @tf.function
     def nudge(seed):

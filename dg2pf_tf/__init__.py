@@ -15,6 +15,8 @@ Public API:
     export                       SavedModel + sparse LiteRT files, checked
     deploy_report                can XNNPACK run this model sparse, per operator
     presets                      which layers to prune for an engine (xnnpack)
+    channel_groups               coupled channel groups of a model (structure='channel')
+    shrink                       a channel-pruned model rebuilt with fewer channels
 """
 
 from dg2pf_tf import presets, schedules, tasks
@@ -27,6 +29,8 @@ from dg2pf_tf.evaluation import evaluate
 from dg2pf_tf.pipeline import RunResult, run
 from dg2pf_tf.masking import update_masks
 from dg2pf_tf.prune import finalize, prune, strip
+from dg2pf_tf.shrink import shrink
+from dg2pf_tf.structure import ChannelStructure, channel_groups
 from dg2pf_tf.summary import SparsitySummary, sparsity_summary
 from dg2pf_tf.pruned_model import PrunedModel
 
@@ -34,12 +38,14 @@ __version__ = "0.1.0"
 
 
 __all__ = [
+    "ChannelStructure",
     "DeployReport",
     "Distiller",
     "PrunedModel",
     "RunResult",
     "SparsitySummary",
     "UpdateMasks",
+    "channel_groups",
     "deploy_report",
     "evaluate",
     "export",
@@ -49,6 +55,7 @@ __all__ = [
     "reestimate_batchnorm",
     "run",
     "schedules",
+    "shrink",
     "sparsity_summary",
     "strip",
     "tasks",

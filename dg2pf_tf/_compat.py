@@ -58,3 +58,20 @@ def conv_lstm_cell_class():
     from keras.src.layers.rnn.conv_lstm import ConvLSTMCell
 
     return ConvLSTMCell
+
+
+def graph_nodes(model):
+    """The layer calls of a Sequential or Functional `model` in execution order,
+    each with `.operation`, `.input_tensors` and `.outputs`; None for a model
+    that is not a layer graph (subclassed, or Sequential without an input).
+
+    Keras 3's public API lists a model's layers but not how they are
+    connected; the calls are the private `_nodes_by_depth` of the graph (a
+    built Sequential keeps that graph in its private `_functional`).
+    """
+    graph = getattr(model, "_functional", None) if isinstance(model, keras.Sequential) else model
+    by_depth = getattr(graph, "_nodes_by_depth", None)
+    if by_depth is None:
+        return None
+    return [node for depth in sorted(by_depth, reverse=True) for node in by_depth[depth]
+            if not node.is_input]

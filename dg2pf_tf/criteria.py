@@ -9,6 +9,11 @@ the weights are given, then in C order inside each array) is pruned first.
 import numpy as np
 
 SCOPES = ("global", "layer")
+# What a mask removes: single weights, or whole channels of coupled groups.
+STRUCTURES = ("unstructured", "channel")
+# `floor=None` means: ERK floor 1.0 for weights; for channels, each group
+# keeps at least half its uniform share, so the ranking stays global.
+DEFAULT_FLOORS = {"unstructured": 1.0, "channel": 0.5}
 
 
 def check_sparsity(sparsity, name="sparsity"):
@@ -36,6 +41,18 @@ def check_scope(scope):
             f"sparsity in each kernel). Got {scope!r}."
         )
     return scope
+
+
+def check_structure(structure):
+    """Returns `structure`; raises ValueError unless it is one of `STRUCTURES`."""
+    if structure not in STRUCTURES:
+        raise ValueError(f"`structure` must be one of {STRUCTURES}, got {structure!r}.")
+    return structure
+
+
+def floor_for(structure, floor):
+    """`floor`, or the default for `structure` when it is None; checked."""
+    return check_floor(DEFAULT_FLOORS[check_structure(structure)] if floor is None else floor)
 
 
 def zero_count(sparsity, size):
@@ -158,3 +175,42 @@ def _masks_global(weights, sparsity, floor):
         keep[tied[ties_to_prune:]] = True
         ties_to_prune = max(0, ties_to_prune - tied.size)
         yield keep.reshape(shape).astype(np.float32)
+
+
+def channel_floor_keeps(sizes, sparsity, floor):
+    """How many channels each group keeps at least: `floor` of its uniform
+    share `(1 - sparsity) * size`, rounded up, and never fewer than one."""
+    keep = 1.0 - float(sparsity)
+    return [max(1, int(np.ceil(floor * keep * n))) for n in sizes]
+
+
+def channel_removals(sizes, sparsity, floor):
+    """The exact number of channels removed over all groups: `round(s * N)`,
+    or fewer where the floors allow no more."""
+    total = sum(sizes)
+    return min(zero_count(sparsity, total), total - sum(channel_floor_keeps(sizes, sparsity, floor)))
+
+
+def channel_keep(scores, sparsity, floor=0.0):
+    """Which channels stay, one bool array per group of `scores` (each group's
+    channel scores, e.g. L2 norms of their coupled weights).
+
+    The `channel_removals` lowest-scoring channels go, ranked over all groups;
+    each group keeps its `channel_floor_keeps` highest. Ties go by position,
+    as for weights: the channel that comes first is removed first.
+    """
+    sizes = [len(s) for s in scores]
+    keeps = channel_floor_keeps(sizes, sparsity, floor)
+    removals = channel_removals(sizes, sparsity, floor)
+    eligible = []
+    offset = 0
+    for values, keep in zip(scores, keeps):
+        order = np.argsort(np.asarray(values), kind="stable")
+        eligible += [(values[i], offset + i) for i in order[:len(values) - keep]]
+        offset += len(values)
+    removed = {position for _, position in sorted(eligible)[:removals]}
+    flags, offset = [], 0
+    for n in sizes:
+        flags.append(np.array([offset + i not in removed for i in range(n)]))
+        offset += n
+    return flags

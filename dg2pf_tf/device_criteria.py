@@ -17,7 +17,7 @@ its largest, reserved, ties to the earliest positions).
 import numpy as np
 import tensorflow as tf
 
-from dg2pf_tf.criteria import check_floor, check_scope
+from dg2pf_tf.criteria import check_floor, check_scope, count_zeros, zero_count
 from dg2pf_tf.window_search import INT_MAX, WindowSearch, abs_bits
 
 FLAT_BELOW = 1 << 21       # smaller models: one radix select over all their weights at once
@@ -102,6 +102,8 @@ class DeviceCriterion:
         ValueError: bad `scope` or `floor`, or 2**31 weights or more in a kernel.
     """
 
+    unit = "weights"
+
     def __init__(self, shapes, scope="global", floor=0.0, *, jit_compile=None, flat=None):
         self.shapes = [tuple(int(d) for d in s) for s in shapes]
         self.scope = check_scope(scope)
@@ -117,6 +119,20 @@ class DeviceCriterion:
         if jit_compile is None:
             jit_compile = self.total >= XLA_FROM
         self._search = None if self.flat else WindowSearch(self.sizes, jit_compile=jit_compile)
+
+    def removals(self, level):
+        """How many weights `level` removes: `round(s * N)`, or per kernel with scope 'layer'."""
+        if self.scope == "layer":
+            return sum(zero_count(level, int(n)) for n in self.sizes)
+        return zero_count(level, self.total)
+
+    def realised(self, level):
+        """The fraction of zeros the masks hold at `level`: exact, from the shapes."""
+        return self.removals(level) / max(1, self.total)
+
+    def removed(self, masks):
+        """How many weights numpy `masks` remove."""
+        return sum(count_zeros(m) for m in masks)
 
     # Python loops over kernels build the graph; autograph would only slow the
     # tracing down (it converts every branch function anew).

@@ -5,7 +5,7 @@ import weakref
 import numpy as np
 import tensorflow as tf
 
-from dg2pf_tf import _compat, criteria
+from dg2pf_tf import _compat, channel_criteria, criteria
 from dg2pf_tf.device_criteria import DeviceCriterion
 from dg2pf_tf.pruned_model import PrunedModel
 
@@ -50,8 +50,8 @@ class MaskSet:
         self.hard = pruned.hard
         self.scope = pruned.scope
         self.floor = pruned.floor
+        self.structure = pruned.structure
         self.entries = list(zip(pruned.targets, pruned.masks))
-        self.sizes = [int(np.prod(m.shape)) for _, m in self.entries]
         self._criteria = {}
         self._update = tf.function(self.assign)
 
@@ -65,8 +65,7 @@ class MaskSet:
         key = (self.scope if scope is None else criteria.check_scope(scope),
                self.floor if floor is None else criteria.check_floor(floor))
         if key not in self._criteria:
-            shapes = [tuple(m.shape) for _, m in self.entries]
-            self._criteria[key] = DeviceCriterion(shapes, *key)
+            self._criteria[key] = _CRITERIA[self.structure](self, *key)
         return self._criteria[key]
 
     def assign(self, level, scope=None, floor=None):
@@ -91,20 +90,38 @@ class MaskSet:
         level = criteria.check_sparsity(level)
         self.criterion(scope, floor)  # its variables are made here, not while tracing
         self._update(tf.constant(level, tf.float64), scope, floor)
-        return self.realised(level, scope)
+        return self.realised(level, scope, floor)
 
-    def realised(self, level, scope=None):
-        """The fraction of zeros the masks hold at `level`: exact, from the shapes."""
-        scope = self.scope if scope is None else scope
-        total = sum(self.sizes)
-        if scope == "layer":
-            return sum(criteria.zero_count(level, n) for n in self.sizes) / max(1, total)
-        return criteria.zero_count(level, total) / max(1, total)
+    def realised(self, level, scope=None, floor=None):
+        """What `level` removes, exactly, from the shapes: the fraction of zeros
+        the masks hold, or of channels with structure 'channel'."""
+        return self.criterion(scope, floor).realised(level)
 
     def sparsity(self):
         """Fraction of zeros in the masks, counted on the device."""
         return mask_sparsity(self.pruned)
 
+
+def _weight_criterion(masks, scope, floor):
+    return DeviceCriterion([tuple(m.shape) for _, m in masks.entries], scope, floor)
+
+
+def _channel_criterion(masks, scope, floor):
+    if scope != "global":
+        raise ValueError(
+            "Channel pruning ranks channels globally; for the same share in every group, "
+            "use scope='global' with floor=1.0.")
+    targets = [w for w, _ in masks.entries]
+    groups, _ = channel_criteria.prunable_groups(masks.pruned.model, targets)
+    if not groups:
+        raise ValueError(
+            f"Model '{masks.pruned.model.name}' has no channel group that can be pruned; "
+            f"`dg2pf_tf.channel_groups(model)` lists them and why each stays dense.")
+    return channel_criteria.ChannelCriterion(groups, targets, floor)
+
+
+# The device code that computes masks, by `PrunedModel.structure`.
+_CRITERIA = {"unstructured": _weight_criterion, "channel": _channel_criterion}
 
 _SETS = weakref.WeakKeyDictionary()
 
@@ -148,20 +165,16 @@ def mask_sparsity(pruned):
 
 
 def check_invariant(pruned, sparsity, source="the model"):
-    """Raises ValueError unless the masks of `pruned` hold exactly the zeros the
-    criterion gives `sparsity` (`round(sparsity * n)` globally, or per weight
-    with scope 'layer') and, in hard mode, the masked weights are exactly 0."""
+    """Raises ValueError unless the masks of `pruned` remove exactly what the
+    criterion removes at `sparsity` (`round(sparsity * n)` weights, per weight
+    with scope 'layer', or channels) and, in hard mode, the masked weights are 0."""
     masks = [m.numpy() for m in pruned.masks]
-    total = sum(m.size for m in masks)
-    zeros = sum(criteria.count_zeros(m) for m in masks)
-    if pruned.scope == "layer":
-        expected = sum(criteria.zero_count(sparsity, m.size) for m in masks)
-    else:
-        expected = criteria.zero_count(sparsity, total)
-    if zeros != expected:
+    criterion = mask_set(pruned, source).criterion()
+    found, expected = criterion.removed(masks), criterion.removals(sparsity)
+    if found != expected:
         raise ValueError(
-            f"Sparsity invariant broken in {source}: the masks hold {zeros} zeros, "
-            f"the target {sparsity} needs {expected} of {total}.")
+            f"Sparsity invariant broken in {source}: the masks remove {found} {criterion.unit}, "
+            f"the target {sparsity} needs {expected} of {criterion.total}.")
     if float(pruned.hard.numpy()) != 1.0:
         return
     for weight, mask in zip(pruned.targets, masks):

@@ -10,7 +10,7 @@ import warnings
 import keras
 
 from dg2pf_tf import _compat, masking, registry, schedules
-from dg2pf_tf.criteria import check_floor, check_scope, check_sparsity
+from dg2pf_tf.criteria import check_scope, check_sparsity, floor_for
 from dg2pf_tf.pruned_model import PrunedModel, build_like
 
 
@@ -175,7 +175,8 @@ def prune(
     scope="global",
     exclude=None,
     recovery=True,
-    floor=1.0,
+    floor=None,
+    structure="unstructured",
 ):
     """Returns a `PrunedModel`: a copy of `model` whose prunable weights carry masks.
 
@@ -202,16 +203,24 @@ def prune(
         recovery: simulated pruning with weight recovery (DG2PF's gradual
             phase) if True, hard pruning if False.
         floor: with scope 'global', each weight keeps at least this share of
-            what an Erdos-Renyi-kernel allocation would give it (1.0, as in
-            `run`, keeps small layers from being pruned away at high
-            sparsity; 0 is pure global magnitude).
+            what an Erdos-Renyi-kernel allocation would give it (default 1.0,
+            as in `run`, keeps small layers from being pruned away at high
+            sparsity; 0 is pure global magnitude). With structure 'channel',
+            each channel group keeps at least this share of `1 - sparsity` of
+            its channels (default 0.5), and always one.
+        structure: 'unstructured' (single weights) or 'channel': whole
+            output channels of convolutions and units of Dense layers, with
+            every weight coupled to them (`dg2pf_tf.channel_groups` lists the
+            groups and the ones that stay dense), ranked globally by the L2
+            norm of those weights; `sparsity` is then the share of channels
+            removed, and `dg2pf_tf.shrink` turns the result into a smaller model.
 
     Raises:
         TypeError: not a Keras model, `exclude` or `schedule` of the wrong
             type, a subclassed model without `get_config()`.
-        ValueError: bad `sparsity`, `pruning_epochs`, `scope`, `floor` or
-            `exclude` name; an unbuilt or already pruned model; nothing left
-            to prune.
+        ValueError: bad `sparsity`, `pruning_epochs`, `scope`, `floor`,
+            `structure` or `exclude` name; an unbuilt or already pruned model;
+            nothing left to prune (for 'channel': no channel group that can be).
     """
     _check_model(model, "prune()")
     if schedule is None:
@@ -221,7 +230,7 @@ def prune(
             f"`schedule` must be a dg2pf_tf.schedules object (Linear, Polynomial, "
             f"Constant), got {schedule!r}.")
     check_scope(scope)
-    check_floor(floor)
+    floor = floor_for(structure, floor)
     if masking.pruned_models(model):
         raise ValueError(
             f"Model '{model.name}' is already pruned. Prune the original model again, or "
@@ -236,8 +245,11 @@ def prune(
             f"and what layers return from get_prunable_weights(); excluded: {exclude!r}).")
     _warn_unknown(model, found)
     index = {id(v): i for i, v in enumerate(model.weights)}
-    return PrunedModel(copy_model(model), [index[id(w.variable)] for w in found.chosen], recovery=recovery,
-                       schedule=schedule, scope=scope, floor=floor)
+    pruned = PrunedModel(copy_model(model), [index[id(w.variable)] for w in found.chosen],
+                         recovery=recovery, schedule=schedule, scope=scope, floor=floor,
+                         structure=structure)
+    masking.mask_set(pruned, "prune()").criterion()  # refuses a structure the model cannot take
+    return pruned
 
 
 def _stripped(pruned):

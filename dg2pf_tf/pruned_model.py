@@ -25,7 +25,7 @@ import tensorflow as tf
 from keras import ops
 
 from dg2pf_tf import _compat, schedules
-from dg2pf_tf.criteria import check_floor, check_scope
+from dg2pf_tf.criteria import check_floor, check_scope, check_structure
 
 
 class _MaskConstraint:
@@ -92,7 +92,10 @@ class PrunedModel(keras.Model):
             given none; it travels with the model through `.keras` files.
         scope: 'global' or 'layer', how masks allocate sparsity.
         floor: with scope 'global', the share of its Erdos-Renyi-kernel
-            allocation each weight keeps (see `criteria.magnitude_masks`).
+            allocation each weight keeps (see `criteria.magnitude_masks`);
+            with structure 'channel', of its uniform share each channel group keeps.
+        structure: 'unstructured' (masks remove single weights) or 'channel'
+            (whole channels of coupled groups, see `dg2pf_tf.channel_groups`).
         **kwargs: base model arguments; `name` defaults to the model's.
 
     Raises:
@@ -102,7 +105,7 @@ class PrunedModel(keras.Model):
     """
 
     def __init__(self, model, targets, *, recovery=True, schedule=None, scope="global",
-                 floor=1.0, **kwargs):
+                 floor=1.0, structure="unstructured", **kwargs):
         if not isinstance(model, keras.Model):
             raise TypeError(f"PrunedModel holds a keras.Model, got {type(model).__name__}.")
         kwargs.setdefault("name", model.name)
@@ -115,6 +118,7 @@ class PrunedModel(keras.Model):
         self.schedule = schedules.deserialize(schedule)
         self.scope = check_scope(scope)
         self.floor = check_floor(floor)
+        self.structure = check_structure(structure)
         if model.built:
             self._make_masks()
 
@@ -191,6 +195,7 @@ class PrunedModel(keras.Model):
             "schedule": schedules.serialize(self.schedule),
             "scope": self.scope,
             "floor": self.floor,
+            "structure": self.structure,
         }
 
     @classmethod

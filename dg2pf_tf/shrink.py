@@ -1,0 +1,83 @@
+"""`shrink()`: a channel-pruned model rebuilt physically smaller, as plain Keras layers."""
+
+import collections
+
+import keras
+import numpy as np
+
+from dg2pf_tf import masking, structure
+from dg2pf_tf.prune import strip
+
+_SIZE_KEYS = {keras.layers.Dense: "units"}  # every other producer is a convolution: "filters"
+
+
+def removed_channels(group):
+    """Channels of `group` (a `structure.ChannelGroup`) that no layer reads any
+    more: every kernel row consuming them is exactly zero. One is always kept."""
+    readers = [s for s in group.slices if s.role == structure.CONSUMES]
+    unread = np.full(group.size, bool(readers))
+    for s in readers:
+        unread &= ~np.any(s.per_channel() != 0, axis=1)
+    if unread.all():
+        unread[0] = False  # a layer needs at least one channel
+    return np.flatnonzero(unread)
+
+
+def shrink(model):
+    """A smaller plain Keras copy of `model` without its pruned channels.
+
+    A channel goes when nothing reads it any more: every kernel row that
+    consumes it (in any layer `structure.channel_groups` couples to it) is
+    exactly zero, as channel pruning leaves it. Its filters, BatchNorm
+    parameters and statistics go with it, so the copy computes what `model`
+    computes at inference, and it loads without dg2pf_tf. A pruned model is
+    stripped first. Raises ValueError for a model that is not a layer graph.
+    """
+    plain = strip(model) if masking.pruned_models(model) else model
+    found = structure.channel_groups(plain)
+    cut = collections.defaultdict(set)  # (id(variable), axis) -> positions removed
+    for group in found.groups:
+        removed = removed_channels(group)
+        for s in group.slices:
+            cut[(id(s.variable), s.axis)].update(s.rows[removed].reshape(-1).tolist())
+    sizes = {}
+    for group in found.groups:
+        for s in group.slices:
+            if s.role == structure.PRODUCES:
+                sizes[s.layer] = s.variable.shape[s.axis] - len(cut[(id(s.variable), s.axis)])
+
+    def rebuilt(layer):
+        reshaped = layer.name in found.reshapes
+        if not getattr(layer, "weights", None) and layer.name not in sizes and not reshaped:
+            return layer  # stateless (an op, a Lambda whose config may not load): shared
+        config = layer.get_config()
+        if layer.name in sizes:
+            config[_SIZE_KEYS.get(type(layer), "filters")] = int(sizes[layer.name])
+        if reshaped:  # (1, ..., 1, channels): the channels are what is left
+            config["target_shape"] = (*config["target_shape"][:-1], -1)
+        return type(layer).from_config(config)
+
+    small = keras.models.clone_model(plain, clone_function=rebuilt)
+    for old, new in zip(_layers(plain), _layers(small)):
+        values = [_cut(w, cut) for w in old.weights]
+        wanted = [tuple(w.shape) for w in new.weights]
+        if [v.shape for v in values] != wanted:
+            raise RuntimeError(
+                f"shrink(): layer '{old.name}' would get weights shaped "
+                f"{[v.shape for v in values]}, its rebuilt copy has {wanted}. Please report "
+                "this model: its channel groups were read wrongly.")
+        new.set_weights(values)
+    return small
+
+
+def _layers(model):
+    return [layer for layer in model.layers if layer.weights]
+
+
+def _cut(variable, cut):
+    value = keras.ops.convert_to_numpy(variable)
+    for axis in range(value.ndim):
+        positions = cut.get((id(variable), axis))
+        if positions:
+            value = np.delete(value, sorted(positions), axis=axis)
+    return value

@@ -1,0 +1,436 @@
+"""Coupled channel groups: which weights of a Keras layer graph lose a channel together.
+
+Channels are followed through the graph, as Torch-Pruning's dependency graph
+does for PyTorch. A convolution or Dense layer *produces* the channels of its
+output; per-channel layers (BatchNormalization, activations, pooling, padding,
+depthwise convolutions) pass them through; `Add`/`Multiply`-style merges tie
+their inputs' channels into one group (a squeeze-and-excitation gate
+included); `Concatenate` lays groups side by side; `Flatten` spreads each
+channel over one input of the next layer per position. A convolution or Dense
+layer reading a group *consumes* it through its kernel's input rows.
+
+A group that reaches anything else (a model output or input, a layer that
+mixes channels, an operation not known here) stays dense, with the reason.
+Only this module and `prune.py` walk a model's graph.
+"""
+
+import collections
+import dataclasses
+
+import keras
+import numpy as np
+
+from dg2pf_tf import _compat
+
+PRODUCES, PASSES, CONSUMES = "produces", "passes", "consumes"
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Slice:
+    """The entries of `variable` that hold a group's channels: along `axis`,
+    the positions `rows[c]` hold channel c (one row per channel). `role`:
+    PRODUCES for a kernel's output columns, CONSUMES for its input rows,
+    PASSES for per-channel weights (biases, BatchNorm, depthwise kernels)."""
+
+    variable: object
+    axis: int
+    rows: np.ndarray
+    layer: str
+    role: str
+
+    def per_channel(self, value=None):
+        """`(channels, entries)`: the slice's entries of `value` (default: the
+        variable's value), one row per channel."""
+        value = keras.ops.convert_to_numpy(self.variable) if value is None else value
+        moved = np.moveaxis(value, self.axis, 0)[self.rows.reshape(-1)]
+        return moved.reshape(self.rows.shape[0], -1)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ChannelGroup:
+    """Channels that must go together: every weight entry of each is in `slices`."""
+
+    size: int
+    slices: tuple
+
+    @property
+    def name(self):
+        producers = self.layers(PRODUCES)
+        return producers[0] + (f" (+{len(producers) - 1} tied)" if len(producers) > 1 else "")
+
+    def layers(self, role):
+        """Names of the layers that take part in the group as `role`, in graph order."""
+        return list(dict.fromkeys(s.layer for s in self.slices if s.role == role))
+
+    def trainable_slices(self):
+        return [s for s in self.slices if s.variable.trainable]
+
+    def norms(self):
+        """Each channel's L2 norm over all its trainable coupled weights."""
+        squares = sum(np.square(s.per_channel().astype(np.float64)).sum(axis=1)
+                      for s in self.trainable_slices())
+        return np.sqrt(squares)
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseGroup:
+    """Channels that stay dense, and why."""
+
+    name: str
+    size: int
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ChannelStructure:
+    """`groups` that can lose channels and `dense` ones that cannot;
+    `reshapes`: names of the `Reshape` layers channels pass through, whose
+    target shape names the channel count."""
+
+    groups: tuple
+    dense: tuple
+    reshapes: tuple = ()
+
+    def __str__(self):
+        lines = [f"{len(self.groups)} channel groups can be pruned, {len(self.dense)} stay dense"]
+        lines += [f"  {g.name}: {g.size} channels, {len(g.slices)} weight slices" for g in self.groups]
+        lines += [f"  kept dense: {d.name} ({d.size}): {d.reason}" for d in self.dense]
+        return "\n".join(lines)
+
+
+class _Space:
+    """Union-find node: a run of channels and everything that touches them."""
+
+    def __init__(self, size, name):
+        self.size, self.name, self.parent = size, name, self
+        self.slices, self.reasons = [], []
+        self.parts = []  # once split: the spaces that now hold its channels, in order
+
+    def root(self):
+        while self.parent is not self.parent.parent:
+            self.parent = self.parent.parent
+        return self.parent
+
+
+@dataclasses.dataclass(frozen=True)
+class _Block:
+    """Part of a tensor's last axis: position `p * width + offset(space) + c`
+    holds channel c of each space, for p in range(repeat)."""
+
+    spaces: tuple
+    repeat: int = 1
+
+    @property
+    def width(self):
+        return sum(s.size for s in self.spaces)
+
+
+class _Tracer:
+    """The channel layout (a tuple of `_Block`s) of every tensor seen so far."""
+
+    def __init__(self):
+        self.layouts, self.spaces, self.reshapes = {}, [], []
+
+    def space(self, size, name, reason=None):
+        space = _Space(int(size), name)
+        if reason:
+            space.reasons.append(reason)
+        self.spaces.append(space)
+        return space
+
+    def fresh(self, tensor, name, reason):
+        size = tensor.shape[-1] if tensor.shape else 1
+        return (_Block((self.space(size or 0, name, reason),)),)
+
+    def layout(self, tensor):
+        return self.expanded(self.layouts[id(tensor)])
+
+    def set(self, tensor, layout):
+        self.layouts[id(tensor)] = _joined(layout)
+
+    def block(self, layout, reason):
+        for b in layout:
+            for s in b.spaces:
+                s.root().reasons.append(reason)
+
+    def add_slices(self, layout, variable, axis, layer, role):
+        """Ties `variable`'s positions along `axis` to the channels of `layout`."""
+        offset = 0
+        for b in layout:
+            seg = 0
+            for s in b.spaces:
+                rows = (offset + seg + np.arange(s.size)[:, None]
+                        + b.width * np.arange(b.repeat)[None, :])
+                s.root().slices.append(Slice(variable, axis, rows, layer, role))
+                seg += s.size
+            offset += b.width * b.repeat
+
+    def union(self, a, b):
+        a, b = a.root(), b.root()
+        if a is not b:
+            b.parent = a
+            a.slices += b.slices
+            a.reasons += b.reasons
+
+    def leaves(self, space):
+        """The unsplit spaces that hold `space`'s channels, in order."""
+        root = space.root()
+        return [leaf for part in root.parts for leaf in self.leaves(part)] if root.parts else [root]
+
+    def expanded(self, layout):
+        return tuple(_Block(tuple(l for s in b.spaces for l in self.leaves(s)), b.repeat)
+                     for b in layout)
+
+    def split(self, space, sizes):
+        """Splits `space` into runs of `sizes` channels; its slices go with their rows."""
+        root = space.root()
+        start = 0
+        for size in sizes:
+            part = self.space(size, root.name)
+            part.reasons = list(root.reasons)
+            part.slices = [dataclasses.replace(s, rows=s.rows[start:start + size]) for s in root.slices]
+            root.parts.append(part)
+            start += size
+        root.slices = []
+
+    def refine(self, layouts):
+        """`layouts` (same blocks, repeats and widths) split to common boundaries."""
+        for i in range(len(layouts[0])):
+            cuts = sorted({c for l in layouts for c in _boundaries(l[i])})
+            for l in layouts:
+                start = 0
+                for space in l[i].spaces:
+                    inner = [c - start for c in cuts if start < c < start + space.size]
+                    if inner:
+                        edges = [0, *inner, space.size]
+                        self.split(space, [b - a for a, b in zip(edges, edges[1:])])
+                    start += space.size
+        return [self.expanded(l) for l in layouts]
+
+    def result(self):
+        groups, dense, seen = [], [], set()
+        for space in self.spaces:
+            root = space.root()
+            if id(root) in seen or root.parts:
+                continue
+            seen.add(id(root))
+            group = ChannelGroup(root.size, tuple(root.slices))
+            reason = (root.reasons[0] if root.reasons else
+                      "no convolution or Dense layer produces these channels"
+                      if not group.layers(PRODUCES) else
+                      "a single channel" if root.size < 2 else None)
+            if reason:
+                dense.append(DenseGroup(group.name if group.layers(PRODUCES) else root.name,
+                                        root.size, reason))
+            else:
+                groups.append(group)
+        return ChannelStructure(tuple(groups), tuple(dense), tuple(self.reshapes))
+
+
+def _joined(layout):
+    """`layout` with neighbouring unrepeated blocks made one, so equal layouts compare equal."""
+    blocks = []
+    for b in layout:
+        if blocks and b.repeat == 1 and blocks[-1].repeat == 1:
+            blocks[-1] = _Block(blocks[-1].spaces + b.spaces)
+        else:
+            blocks.append(b)
+    return tuple(blocks)
+
+
+def _opaque(why):
+    def rule(tracer, node):
+        op = node.operation
+        reason = f"read by '{op.name}' ({type(op).__name__}), {why}"
+        for t in node.input_tensors:
+            tracer.block(tracer.layout(t), reason)
+        for t in node.outputs:
+            tracer.set(t, tracer.fresh(t, op.name, f"made by '{op.name}' ({type(op).__name__}), {why}"))
+    return rule
+
+
+_UNKNOWN = _opaque("which is not known to keep channels apart")
+
+
+def _only_input(node):
+    return node.input_tensors[0]
+
+
+def _channels_last(layer):
+    return getattr(layer, "data_format", "channels_last") == "channels_last"
+
+
+def _produce(tracer, node):
+    """Conv and Dense: consume the input's channels, produce new ones."""
+    layer = node.operation
+    kernel = layer.kernel
+    tracer.add_slices(tracer.layout(_only_input(node)), kernel, len(kernel.shape) - 2, layer.name, CONSUMES)
+    space = tracer.space(kernel.shape[-1], layer.name)
+    out = (_Block((space,)),)
+    tracer.add_slices(out, kernel, len(kernel.shape) - 1, layer.name, PRODUCES)
+    if getattr(layer, "bias", None) is not None:
+        tracer.add_slices(out, layer.bias, 0, layer.name, PASSES)
+    tracer.set(node.outputs[0], out)
+
+
+def _pass(variables):
+    """Per-channel layers: the output has the input's channels; `variables(layer)`
+    lists `(variable, channel axis)` of the layer's per-channel weights."""
+    def rule(tracer, node):
+        layout = tracer.layout(_only_input(node))
+        per_channel = variables(node.operation)
+        if per_channel and any(b.repeat > 1 for b in layout):
+            return _opaque("whose weights see flattened channels")(tracer, node)
+        for variable, axis in per_channel:
+            tracer.add_slices(layout, variable, axis, node.operation.name, PASSES)
+        tracer.set(node.outputs[0], layout)
+    return rule
+
+
+def _no_weights(layer):
+    return []
+
+
+def _batchnorm_weights(layer):
+    return [(v, 0) for v in (layer.gamma, layer.beta, layer.moving_mean, layer.moving_variance)
+            if v is not None]
+
+
+def _depthwise_weights(layer):
+    found = [(layer.kernel, len(layer.kernel.shape) - 2)]
+    return found + ([(layer.bias, 0)] if getattr(layer, "bias", None) is not None else [])
+
+
+def _boundaries(block):
+    edges, start = set(), 0
+    for space in block.spaces:
+        start += space.size
+        edges.add(start)
+    return edges
+
+
+def _merge(tracer, node):
+    """Elementwise merges: inputs of one channel broadcast; the others' channels
+    are tied one to one (split where their groups are cut differently)."""
+    layouts = [tracer.layout(t) for t in node.input_tensors]
+    wide = [l for l in layouts if sum(b.width * b.repeat for b in l) > 1]
+    if not wide:
+        return tracer.set(node.outputs[0], layouts[0])
+    shape = [(b.repeat, b.width) for b in wide[0]]
+    if any([(b.repeat, b.width) for b in l] != shape for l in wide[1:]):
+        return _opaque("whose inputs' channels are laid out differently")(tracer, node)
+    wide = tracer.refine(wide)
+    for other in wide[1:]:
+        for a, b in zip(wide[0], other):
+            for sa, sb in zip(a.spaces, b.spaces):
+                tracer.union(sa, sb)
+    tracer.set(node.outputs[0], wide[0])
+
+
+def _concatenate(tracer, node):
+    rank = len(node.outputs[0].shape)
+    if node.operation.axis not in (-1, rank - 1):
+        return _merge(tracer, node)
+    layouts = [tracer.layout(t) for t in node.input_tensors]
+    tracer.set(node.outputs[0], tuple(b for l in layouts for b in l))
+
+
+def _flatten(tracer, node):
+    x = _only_input(node)
+    layout = tracer.layout(x)
+    if len(x.shape) <= 2:
+        return tracer.set(node.outputs[0], layout)
+    positions = int(np.prod(x.shape[1:-1]))
+    if any(b.repeat > 1 for b in layout) or not _channels_last(node.operation):
+        return _opaque("which flattens channels in an order not followed here")(tracer, node)
+    tracer.set(node.outputs[0], (_Block(tuple(s for b in layout for s in b.spaces), positions),))
+
+
+def _reshape(tracer, node):
+    """Only reshapes that add or drop dimensions of size 1 keep channels in place."""
+    x, y = _only_input(node), node.outputs[0]
+    if x.shape[-1] == y.shape[-1] and all(d == 1 for d in (*x.shape[1:-1], *y.shape[1:-1])):
+        tracer.reshapes.append(node.operation.name)
+        return tracer.set(y, tracer.layout(x))
+    return _opaque("which moves channels")(tracer, node)
+
+
+def _mixing_activation(layer):
+    return getattr(layer, "activation", None) in (keras.activations.softmax,
+                                                 keras.activations.log_softmax)
+
+
+def _rule(node):
+    """The rule for one layer call, chosen by the layer's type and settings.
+    Subclasses of the producing layers may compute anything: they are opaque."""
+    L, layer = keras.layers, node.operation
+    if not _channels_last(layer):
+        return _opaque("which is channels_first")
+    if _mixing_activation(layer):
+        return _opaque("whose activation mixes channels")
+    if type(layer) in (L.Conv1D, L.Conv2D, L.Conv3D, L.Dense):
+        if getattr(layer, "groups", 1) != 1:
+            return _opaque("a grouped convolution")
+        if not isinstance(layer.kernel, keras.Variable):
+            return _opaque("whose kernel is not a plain variable (LoRA or quantized)")
+        return _produce
+    if isinstance(layer, (L.DepthwiseConv1D, L.DepthwiseConv2D)):
+        if layer.depth_multiplier != 1:
+            return _opaque("a depthwise convolution with depth_multiplier > 1")
+        return _pass(_depthwise_weights)
+    if isinstance(layer, L.BatchNormalization):
+        if layer.axis not in (-1, len(_only_input(node).shape) - 1):
+            return _opaque("which normalises another axis")
+        return _pass(_batchnorm_weights)
+    for kinds, rule in _TABLE:
+        if isinstance(layer, kinds):
+            return rule
+    return _UNKNOWN
+
+
+def _pass_types():
+    L = keras.layers
+    return (L.ReLU, L.LeakyReLU, L.ELU, L.Dropout, L.SpatialDropout1D, L.SpatialDropout2D,
+            L.SpatialDropout3D, L.GaussianNoise, L.GaussianDropout, L.AlphaDropout,
+            L.ZeroPadding1D, L.ZeroPadding2D, L.ZeroPadding3D, L.Cropping1D, L.Cropping2D,
+            L.Cropping3D, L.UpSampling1D, L.UpSampling2D, L.UpSampling3D,
+            L.MaxPooling1D, L.MaxPooling2D, L.MaxPooling3D, L.AveragePooling1D,
+            L.AveragePooling2D, L.AveragePooling3D, L.GlobalAveragePooling1D,
+            L.GlobalAveragePooling2D, L.GlobalAveragePooling3D, L.GlobalMaxPooling1D,
+            L.GlobalMaxPooling2D, L.GlobalMaxPooling3D, L.Identity, L.ActivityRegularization,
+            L.Activation)
+
+
+_TABLE = (
+    (_pass_types(), _pass(_no_weights)),
+    ((keras.layers.Add, keras.layers.Subtract, keras.layers.Multiply, keras.layers.Average,
+      keras.layers.Maximum, keras.layers.Minimum), _merge),
+    ((keras.layers.Concatenate,), _concatenate),
+    ((keras.layers.Flatten,), _flatten),
+    ((keras.layers.Reshape,), _reshape),
+)
+
+
+def channel_groups(model):
+    """The coupled channel groups of Sequential or Functional `model`, as a
+    `ChannelStructure`: the groups that can lose channels, and the ones that
+    stay dense with the reason. Raises ValueError for any other model."""
+    nodes = _compat.graph_nodes(model)
+    if nodes is None or not isinstance(model, keras.Model):
+        raise ValueError(
+            f"Channel structure is read from a layer graph: '{getattr(model, 'name', model)}' "
+            f"({type(model).__name__}) is not a built Sequential or Functional model. Build "
+            "it with keras.Input, or rebuild a subclassed model functionally.")
+    tracer = _Tracer()
+    for t in model.inputs:
+        tracer.set(t, tracer.fresh(t, _compat.producer(t).name, "the model's input"))
+    calls = collections.Counter(id(n.operation) for n in nodes)
+    for node in nodes:
+        layer = node.operation
+        rule = _opaque("a layer called more than once") if calls[id(layer)] > 1 else _rule(node)
+        if len(node.outputs) != 1 and rule is not _UNKNOWN:
+            rule = _opaque("with several outputs")
+        rule(tracer, node)
+    for t in model.outputs:
+        tracer.block(tracer.layout(t), "a model output")
+    return tracer.result()

@@ -1,0 +1,266 @@
+"""Channel groups read from Keras graphs, and `shrink()` removing zeroed channels exactly."""
+
+import keras
+import numpy as np
+import pytest
+
+import dg2pf_tf
+from dg2pf_tf import structure
+from helpers import run_python
+
+L = keras.layers
+
+
+def randomized(model, seed=0):
+    """`model` with its vectors (biases, BatchNorm parameters and statistics)
+    random too, not the initial 0s and 1s, so that no removed channel would
+    happen to contribute nothing; kernels keep their random initial values."""
+    rng = np.random.default_rng(seed)
+    for v in model.weights:
+        if len(v.shape) == 1:
+            positive = any(k in v.path for k in ("variance", "gamma"))
+            value = rng.uniform(0.5, 1.5, v.shape) if positive else rng.normal(0, 0.1, v.shape)
+            v.assign(value.astype(v.dtype))
+    return model
+
+
+def zero_channels(group, channels, roles=(structure.PRODUCES, structure.PASSES, structure.CONSUMES)):
+    """Zeroes the trainable weight entries of `channels` of `group` that take
+    part in it as one of `roles`, as channel pruning does."""
+    for s in group.trainable_slices():
+        if s.role not in roles:
+            continue
+        value = np.moveaxis(keras.ops.convert_to_numpy(s.variable), s.axis, 0).copy()
+        value[s.rows[channels].reshape(-1)] = 0
+        s.variable.assign(np.moveaxis(value, 0, s.axis))
+
+
+def prune_half_of_every_group(model, seed=0, **roles):
+    """Zeroes a random half of the channels of every prunable group; returns the structure."""
+    found = structure.channel_groups(model)
+    rng = np.random.default_rng(seed)
+    for group in found.groups:
+        zero_channels(group, rng.choice(group.size, group.size // 2, replace=False), **roles)
+    return found
+
+
+def assert_same_outputs(a, b, x):
+    ya, yb = a.predict(x, verbose=0), b.predict(x, verbose=0)
+    scale = max(1.0, float(np.max(np.abs(ya))))
+    np.testing.assert_allclose(yb, ya, atol=1e-5 * scale, rtol=0)
+
+
+def gated_cnn():
+    """Residual add, depthwise, a concatenation gated squeeze-and-excitation
+    style, a one-channel spatial gate, Flatten into Dense."""
+    x = keras.Input((8, 8, 3), name="image")
+    a = L.Conv2D(8, 3, padding="same", name="stem")(x)
+    a = L.ReLU()(L.BatchNormalization(name="stem_bn")(a))
+    b = L.BatchNormalization(name="branch_bn")(L.Conv2D(8, 1, name="branch")(a))
+    c = L.Activation("relu")(L.Add(name="add")([a, b]))
+    d = L.Conv2D(4, 1, name="widen")(L.DepthwiseConv2D(3, padding="same", name="dw")(c))
+    cat = L.Concatenate(name="cat")([c, d])
+    gate = L.GlobalAveragePooling2D(keepdims=True)(cat)
+    gate = L.Conv2D(3, 1, activation="relu", name="se_reduce")(gate)
+    gate = L.Conv2D(12, 1, activation="sigmoid", name="se_expand")(gate)
+    y = L.Multiply(name="se")([cat, gate])
+    y = L.Multiply(name="spatial")([y, L.Conv2D(1, 1, activation="sigmoid", name="where")(y)])
+    y = L.Flatten()(L.MaxPooling2D()(y))
+    y = L.Dense(16, activation="relu", name="hidden")(y)
+    return keras.Model(x, L.Dense(5, name="logits")(y))
+
+
+def test_groups_follow_residuals_concatenation_gates_and_flatten():
+    found = structure.channel_groups(gated_cnn())
+    groups = {g.layers(structure.PRODUCES)[0]: g for g in found.groups}
+    assert sorted(groups) == ["hidden", "se_reduce", "stem", "widen"]
+    # The residual ties stem and branch; the SE gate's first 8 outputs join them.
+    stem = groups["stem"]
+    assert stem.size == 8 and stem.layers(structure.PRODUCES) == ["stem", "branch", "se_expand"]
+    assert set(stem.layers(structure.PASSES)) == {"stem", "stem_bn", "branch", "branch_bn", "dw",
+                                                  "se_expand"}  # biases, BatchNorm, depthwise
+    assert set(stem.layers(structure.CONSUMES)) == {"branch", "widen", "se_reduce", "where", "hidden"}
+    # The gate's last 4 outputs belong to `widen`'s channels, at rows 8-11 of its kernel.
+    widen = groups["widen"]
+    expand = [s for s in widen.slices if s.layer == "se_expand" and s.role == structure.PRODUCES]
+    assert expand[0].rows[:, 0].tolist() == [8, 9, 10, 11]
+    # Flatten: channel c of the 12 concatenated ones feeds rows c, c+12, ... of `hidden`.
+    flat = [s for s in widen.slices if s.layer == "hidden"][0]
+    assert flat.rows.shape == (4, 16) and flat.rows[1, :3].tolist() == [9, 21, 33]
+    dense = {d.name: d.reason for d in found.dense}
+    assert dense["where"] == "a single channel"
+    assert dense["logits"] == "a model output"
+    assert dense["image"] == "the model's input"
+
+
+def test_shrink_removes_zeroed_channels_and_computes_the_same():
+    model = randomized(gated_cnn())
+    found = prune_half_of_every_group(model)
+    small = dg2pf_tf.shrink(model)
+    assert small.get_layer("stem").filters == 4 and small.get_layer("widen").filters == 2
+    assert small.get_layer("hidden").units == 8 and small.get_layer("se_expand").filters == 6
+    assert small.get_layer("hidden").kernel.shape == (16 * 6, 8)
+    assert small.count_params() < 0.5 * model.count_params()
+    assert len(found.groups) == 4
+    x = np.random.default_rng(1).normal(size=(4, 8, 8, 3)).astype("float32")
+    assert_same_outputs(model, small, x)
+
+
+def test_channels_nothing_reads_go_even_where_their_filters_and_batchnorm_are_not_zero():
+    model = randomized(gated_cnn())
+    prune_half_of_every_group(model, roles=(structure.CONSUMES,))
+    small = dg2pf_tf.shrink(model)
+    assert small.get_layer("stem").filters == 4 and small.get_layer("stem_bn").gamma.shape == (4,)
+    x = np.random.default_rng(1).normal(size=(4, 8, 8, 3)).astype("float32")
+    assert_same_outputs(model, small, x)
+
+
+def test_a_channel_still_read_anywhere_is_kept():
+    model = randomized(gated_cnn())
+    stem = [g for g in structure.channel_groups(model).groups if g.name.startswith("stem")][0]
+    zero_channels(stem, [0, 1])
+    kernel = model.get_layer("hidden").kernel
+    value = keras.ops.convert_to_numpy(kernel)
+    value[1, 0] = 0.5  # channel 1 still reaches `hidden` at one position
+    kernel.assign(value)
+    assert dg2pf_tf.shrink(model).get_layer("stem").filters == 7
+
+
+@pytest.mark.parametrize("layer, reason", [
+    (lambda: L.LayerNormalization(name="mixer"), "read by 'mixer' (LayerNormalization)"),
+    (lambda: L.Activation("softmax", name="mixer"), "whose activation mixes channels"),
+    (lambda: L.Reshape((4, 8, 4), name="mixer"), "which moves channels"),
+    (lambda: L.Lambda(lambda t: t[..., ::-1], name="mixer"), "not known to keep channels apart"),
+])
+def test_groups_reaching_a_layer_that_mixes_channels_stay_dense_with_the_reason(layer, reason):
+    x = keras.Input((4, 4, 3))
+    y = layer()(L.Conv2D(8, 1, name="conv")(x))
+    model = keras.Model(x, L.Dense(2)(L.GlobalAveragePooling2D()(L.Conv2D(6, 1, name="after")(y))))
+    found = structure.channel_groups(model)
+    dense = {d.name: d.reason for d in found.dense}
+    assert reason in dense["conv"]
+    assert [g.name for g in found.groups] == ["after"]
+    small = dg2pf_tf.shrink(randomized(model))
+    assert small.get_layer("conv").filters == 8
+
+
+def test_channel_groups_refuse_a_subclassed_model():
+    class Net(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.dense = L.Dense(3)
+
+        def call(self, x):
+            return self.dense(x)
+
+    net = Net()
+    net(np.zeros((1, 4), "float32"))
+    with pytest.raises(ValueError, match="not a built Sequential or Functional model"):
+        structure.channel_groups(net)
+
+
+def test_a_shrunk_model_saves_and_loads_without_dg2pf_tf(tmp_path):
+    model = randomized(gated_cnn())
+    prune_half_of_every_group(model)
+    small = dg2pf_tf.shrink(model)
+    path = str(tmp_path / "small.keras")
+    small.save(path)
+    x = np.random.default_rng(2).normal(size=(2, 8, 8, 3)).astype("float32")
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", model.predict(x, verbose=0))
+    out = run_python(f"""
+import sys, numpy as np, keras
+m = keras.models.load_model({path!r})
+assert "dg2pf_tf" not in sys.modules
+y = m.predict(np.load({str(tmp_path / 'x.npy')!r}), verbose=0)
+ref = np.load({str(tmp_path / 'y.npy')!r})
+print("max diff", float(np.max(np.abs(y - ref)) / max(1.0, np.max(np.abs(ref)))))
+""")
+    assert float(out.strip().split()[-1]) <= 1e-5
+
+
+APPLICATIONS = {
+    "ResNet50": lambda: keras.applications.ResNet50(weights=None, input_shape=(32, 32, 3)),
+    "MobileNetV2": lambda: keras.applications.MobileNetV2(weights=None, alpha=0.35,
+                                                          input_shape=(32, 32, 3)),
+    "DenseNet121": lambda: keras.applications.DenseNet121(weights=None, input_shape=(32, 32, 3)),
+    "EfficientNetB0": lambda: keras.applications.EfficientNetB0(weights=None, input_shape=(32, 32, 3)),
+    "MobileNetV3Small": lambda: keras.applications.MobileNetV3Small(weights=None, input_shape=(32, 32, 3)),
+    "ConvNeXtTiny": lambda: keras.applications.ConvNeXtTiny(weights=None, input_shape=(32, 32, 3)),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(APPLICATIONS))
+def test_shrink_of_keras_applications_computes_what_the_zeroed_model_computes(name):
+    keras.utils.set_random_seed(0)
+    model = randomized(APPLICATIONS[name]())
+    found = prune_half_of_every_group(model)
+    assert found.groups, str(found)
+    small = dg2pf_tf.shrink(model)
+    assert small.count_params() < model.count_params()
+    x = np.random.default_rng(0).uniform(0, 255, size=(2, 32, 32, 3)).astype("float32")
+    assert_same_outputs(model, small, x)
+
+
+@pytest.mark.parametrize("sparsity, floor", [(0.3, 0.0), (0.5, 0.5), (0.7, 1.0), (0.9, 0.2)])
+def test_device_channel_selection_equals_the_numpy_reference_with_ties(sparsity, floor):
+    from dg2pf_tf import channel_criteria, criteria
+
+    model = randomized(gated_cnn())
+    pruned = dg2pf_tf.prune(model, structure="channel", floor=floor)
+    criterion = channel_criteria.ChannelCriterion(
+        *channel_criteria.prunable_groups(pruned.model, pruned.targets)[:1], pruned.targets, floor)
+    rng = np.random.default_rng(3)
+    scores = rng.integers(0, 4, criterion.total).astype("float32")  # many ties
+    device = criterion.keep(scores, sparsity).numpy()
+    reference = np.concatenate(criteria.channel_keep(
+        np.split(scores, np.cumsum(criterion.sizes)[:-1]), sparsity, floor))
+    np.testing.assert_array_equal(device, reference)
+    assert (~device).sum() == criteria.channel_removals(criterion.sizes, sparsity, floor)
+
+
+def test_channel_pruning_masks_whole_channels_and_shrinks_to_the_same_outputs():
+    model = randomized(gated_cnn())
+    pruned = dg2pf_tf.prune(model, structure="channel")
+    assert dg2pf_tf.update_masks(pruned, 0.5) == pytest.approx(16 / 31)
+    x = np.random.default_rng(1).normal(size=(4, 8, 8, 3)).astype("float32")
+    small = dg2pf_tf.shrink(pruned)  # strips first; the recovery-mode forward pass is masked too
+    assert_same_outputs(pruned, small, x)
+    dg2pf_tf.finalize(pruned)
+    from dg2pf_tf import masking
+    masking.check_invariant(pruned, 0.5)
+    kept = sum(getattr(small.get_layer(n), "filters", None) or small.get_layer(n).units
+               for n in ("stem", "widen", "se_reduce", "hidden"))
+    assert kept == 31 - 16
+    # Each group keeps at least one channel and half its uniform share (the default floor).
+    assert small.get_layer("se_reduce").filters >= 1 and small.get_layer("hidden").units >= 4
+
+
+def test_channel_pruned_model_round_trips_through_a_keras_file(tmp_path):
+    pruned = dg2pf_tf.prune(randomized(gated_cnn()), structure="channel", floor=0.0)
+    dg2pf_tf.update_masks(pruned, 0.4)
+    path = str(tmp_path / "pruned.keras")
+    pruned.save(path)
+    loaded = keras.models.load_model(path)
+    assert loaded.get_config()["structure"] == "channel" and loaded.floor == 0.0
+    x = np.random.default_rng(1).normal(size=(2, 8, 8, 3)).astype("float32")
+    assert_same_outputs(pruned, loaded, x)
+    dg2pf_tf.update_masks(loaded, 0.6)
+    assert dg2pf_tf.shrink(loaded).get_layer("hidden").units < 16
+
+
+def test_channel_pruning_refuses_what_it_cannot_do():
+    with pytest.raises(ValueError, match="`structure` must be one of"):
+        dg2pf_tf.prune(gated_cnn(), structure="filters")
+    with pytest.raises(ValueError, match="ranks channels globally"):
+        dg2pf_tf.prune(gated_cnn(), structure="channel", scope="layer")
+    single = keras.Sequential([keras.Input((4,)), L.Dense(3)])
+    with pytest.raises(ValueError, match="no channel group that can be pruned"):
+        dg2pf_tf.prune(single, structure="channel")
+    excluded = dg2pf_tf.channel_groups  # the excluded layer's groups stay dense, with why
+    pruned = dg2pf_tf.prune(gated_cnn(), structure="channel", exclude=["hidden"])
+    from dg2pf_tf import channel_criteria
+    groups, dense = channel_criteria.prunable_groups(pruned.model, pruned.targets)
+    assert excluded(pruned.model).groups and "stem" not in [g.layers(structure.PRODUCES)[0] for g in groups]
+    assert any("'hidden' is not pruned" in d.reason for d in dense)
