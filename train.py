@@ -175,7 +175,8 @@ def main(argv):
         temperature=cfg.temperature, alpha=cfg.alpha, patience=cfg.patience,
         max_epochs=cfg.max_epochs, seed=cfg.seed, strategy=strategy, scope=cfg.scope,
         backup_dir=backup,
-        floor=cfg.floor, learning_rate=cfg.learning_rate, steps_per_epoch=cfg.steps_per_epoch,
+        floor=cfg.floor, structure=cfg.structure, learning_rate=cfg.learning_rate,
+        steps_per_epoch=cfg.steps_per_epoch,
         steps_per_execution=cfg.steps_per_execution, jit_compile=cfg.jit_compile,
         finetune_learning_rate=cfg.finetune_learning_rate, verbose=1,
         callbacks=[keras.callbacks.TensorBoard(os.path.join(out, "tensorboard"))],
@@ -234,6 +235,10 @@ def main(argv):
     if report["entirely_zero"]:
         print(f"weights entirely zero: {', '.join(report['entirely_zero'])}")
     print(f"{'nonzero parameters':<28}{dense.count_params():>12,}{report['params_nonzero']:>12,}")
+    if "channels_removed" in report:
+        print(f"{'channels (prunable groups)':<28}{report['channels_total']:>12,}"
+              f"{report['channels_total'] - report['channels_removed']:>12,}")
+        print(f"{'parameters (shrunk)':<28}{dense.count_params():>12,}{report['params_shrunk']:>12,}")
     print(f"{'.keras file (bytes)':<28}{sizes['dense.keras']:>12,}{sizes['pruned.keras']:>12,}")
     print("images/s (with validation): " + ", ".join(f"{k} {v:,.1f}" for k, v in images_per_second.items()))
     if "model.tflite" in exported["files"]:

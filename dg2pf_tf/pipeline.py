@@ -22,12 +22,13 @@ import tensorflow as tf
 
 from dg2pf_tf import checkpoint, checks, masking, schedules, tasks
 from dg2pf_tf.batchnorm import batchnorm_layers, reestimate_batchnorm
-from dg2pf_tf.criteria import check_floor, check_scope, check_sparsity
+from dg2pf_tf.criteria import check_floor, check_scope, check_sparsity, check_structure, floor_for
 from dg2pf_tf.data import TrainData, as_dataset, task_of
 from dg2pf_tf.distill import Distiller
 from dg2pf_tf.evaluation import Evaluator
 from dg2pf_tf.loop import EpochLoop, MaskUpdates, is_chief, steps_in
 from dg2pf_tf.prune import prune, strip
+from dg2pf_tf.shrink import shrink
 from dg2pf_tf.summary import report_counts
 
 
@@ -67,6 +68,7 @@ class RunConfig:
     pruning_epochs: int
     scope: str
     floor: float
+    structure: str
     temperature: float
     alpha: float
     patience: int
@@ -90,6 +92,7 @@ class RunConfig:
         check_sparsity(self.sparsity)
         check_scope(self.scope)
         check_floor(self.floor)
+        check_structure(self.structure)
         for name in ("pruning_epochs", "patience", "max_epochs", "bn_batches"):
             checks.positive_int(name, getattr(self, name))
         for name in ("steps_per_epoch", "mask_update_steps", "batch_size"):
@@ -178,7 +181,8 @@ def run(
     callbacks=None,
     verbose="auto",
     scope="global",
-    floor=1.0,
+    floor=None,
+    structure="unstructured",
     exclude=None,
     batch_size=32,
     learning_rate=3e-3,
@@ -220,11 +224,14 @@ def run(
             the labels: class indices or one-hot rows are categorical, 0/1 or
             multi-hot labels binary, other real values regression.
         sparsity, pruning_epochs, scope, exclude: as in `dg2pf_tf.prune`.
-        floor: as in `dg2pf_tf.prune`. The default 1.0 gives each kernel its
-            Erdos-Renyi-kernel share of the surviving weights (magnitude
-            picks them inside the kernel): on small networks at 98-99%
-            sparsity one global threshold prunes whole layers away. 0 is the
-            paper's pure global magnitude.
+        floor: as in `dg2pf_tf.prune`. The default (1.0 for weights) gives
+            each kernel its Erdos-Renyi-kernel share of the surviving weights
+            (magnitude picks them inside the kernel): on small networks at
+            98-99% sparsity one global threshold prunes whole layers away. 0
+            is the paper's pure global magnitude.
+        structure: as in `dg2pf_tf.prune`. With 'channel', `sparsity` is the
+            share of channels removed and `RunResult.model` is the shrunk
+            model (`dg2pf_tf.shrink`): fewer filters and units, same outputs.
         teacher: the distillation teacher; default a frozen copy of `model`.
         temperature, alpha: the KD loss (see `Distiller`).
         patience: epochs without a better validation score that end a phase.
@@ -273,7 +280,8 @@ def run(
     started = time.perf_counter()
     strategy = strategy or tf.distribute.get_strategy()
     config = RunConfig(
-        sparsity=sparsity, pruning_epochs=pruning_epochs, scope=scope, floor=floor,
+        sparsity=sparsity, pruning_epochs=pruning_epochs, scope=scope,
+        floor=floor_for(structure, floor), structure=structure,
         temperature=temperature, alpha=alpha, patience=patience, max_epochs=max_epochs, seed=seed,
         batch_size=batch_size, learning_rate=learning_rate, weight_decay=weight_decay,
         clipnorm=clipnorm, finetune_learning_rate=finetune_learning_rate, finetune=bool(finetune),
@@ -294,7 +302,8 @@ def run(
     task, probabilities = task_of(model, train, val, task)
     with strategy.scope():
         student = prune(model, schedule=schedules.Linear(config.sparsity, config.pruning_epochs),
-                        scope=config.scope, exclude=exclude, recovery=config.recovery, floor=config.floor)
+                        scope=config.scope, exclude=exclude, recovery=config.recovery, floor=config.floor,
+                        structure=config.structure)
         teacher = strip(model) if teacher is None else teacher
         optimizers = {
             "adamw": keras.optimizers.AdamW(learning_rate=config.learning_rate,
@@ -336,8 +345,10 @@ class _Procedure:
         self.say(f"[dg2pf] task: {task.name} ({'probabilities' if probabilities else 'logits'}); "
                  f"validation metric: {task.metric}")
         self.dense_metric, _ = Evaluator(teacher, task, probabilities)(val)
+        what = (f"{self.masks.criterion().total} channels" if config.structure == "channel"
+                else f"{len(self.masks.entries)} weights")
         self.say(f"[dg2pf] dense validation {task.metric} {self.dense_metric:.4f}; pruning "
-                 f"{len(self.masks.entries)} weights to {config.sparsity:.1%} ({config.scope})")
+                 f"{what} to {config.sparsity:.1%} ({config.scope})")
 
     def say(self, message):
         if self.verbose:
@@ -456,9 +467,18 @@ class _Procedure:
             reestimate_batchnorm(self.student, self.train.for_epoch(self.state.epoch), self.config.bn_batches)
         masking.check_invariant(self.student, self.config.sparsity, source="the pruned model")
 
+    def _channel_counts(self, final):
+        """Channels removed and the shrunk model's size, for structure 'channel'."""
+        if self.config.structure != "channel":
+            return {}
+        criterion = self.masks.criterion()
+        return {"channels_removed": criterion.removals(self.config.sparsity),
+                "channels_total": criterion.total, "params_shrunk": final.count_params()}
+
     def result(self, started):
-        """The `RunResult`: the stripped model, the history and the report."""
-        final = strip(self.student)
+        """The `RunResult`: the stripped model (shrunk, for channels), the history and the report."""
+        stripped = strip(self.student)
+        final = shrink(stripped) if self.config.structure == "channel" else stripped
         metric = self.task.metric
         final_metric, final_loss = Evaluator(final, self.task, self.probabilities)(self.val)
         state = self.state
@@ -469,7 +489,8 @@ class _Procedure:
             f"pruned_val_{metric}": final_metric,
             "pruned_val_loss": final_loss,
             "target_sparsity": self.config.sparsity,
-            **report_counts(self.student, final),
+            **report_counts(self.student, stripped),
+            **self._channel_counts(final),
             "best_epoch": self.best.epoch,
             "best_phase": self.best.phase,
             "epochs": dict(state.phase_epochs),
@@ -478,6 +499,9 @@ class _Procedure:
         }
         if self.checkpoint is not None:
             self.checkpoint.mark_done(report)
+        if "channels_removed" in report:
+            self.say(f"[dg2pf] {report['channels_removed']:,} of {report['channels_total']:,} channels "
+                     f"removed: {report['params_total']:,} -> {report['params_shrunk']:,} parameters")
         self.say(f"[dg2pf] done: {metric} {self.dense_metric:.4f} -> {final_metric:.4f}; "
                  f"{report['sparsity_prunable']:.2%} of {report['params_prunable']:,} prunable weights "
                  f"are zero ({report['params_dense_by_choice']:,} left dense by choice; best: epoch "

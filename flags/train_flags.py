@@ -28,7 +28,12 @@ def define_flags():
     flags.DEFINE_integer("patience", 4, "Epochs without improvement that end a phase.", lower_bound=1)
     flags.DEFINE_integer("max_epochs", 30, "Epochs at most per plateau-ended phase.", lower_bound=1)
     flags.DEFINE_enum("scope", "global", ("global", "layer"), "Sparsity allocation.")
-    flags.DEFINE_float("floor", 1.0, "Share of its Erdos-Renyi-kernel allocation each kernel keeps (0: pure global magnitude).")
+    flags.DEFINE_float("floor", None, "Share of its Erdos-Renyi-kernel allocation each kernel keeps (0: pure "
+                       "global magnitude; default 1.0), or with --structure=channel, of its uniform "
+                       "share each channel group keeps (default 0.5).")
+    flags.DEFINE_enum("structure", "unstructured", ("unstructured", "channel"),
+                      "What pruning removes: single weights, or whole channels (then --sparsity is "
+                      "the share of channels, and pruned.keras and the export are the shrunk model).")
     flags.DEFINE_float("learning_rate", 3e-3, "AdamW learning rate of the distillation phases.")
     flags.DEFINE_float("finetune_learning_rate", 1e-3, "SGD learning rate of pruned fine-tuning.")
     flags.DEFINE_float("dense_learning_rate", 3e-3, "Adam learning rate of dense training.")
@@ -57,7 +62,8 @@ def define_flags():
                              message="--sparsity must be in [0, 1) (0.95 keeps 5% of the weights).")
     flags.register_validator("alpha", lambda v: 0.0 <= v <= 1.0, message="--alpha must be in [0, 1].")
     flags.register_validator("temperature", lambda v: v > 0, message="--temperature must be > 0.")
-    flags.register_validator("floor", lambda v: 0.0 <= v <= 1.0, message="--floor must be in [0, 1].")
+    flags.register_validator("floor", lambda v: v is None or 0.0 <= v <= 1.0,
+                             message="--floor must be in [0, 1].")
     for name in ("learning_rate", "finetune_learning_rate", "dense_learning_rate"):
         flags.register_validator(name, lambda v: v > 0, message=f"--{name} must be > 0.")
     flags.register_validator(

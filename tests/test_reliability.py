@@ -91,7 +91,7 @@ CHANGED = {
     "alpha": 0.5, "patience": 2, "max_epochs": 3, "seed": 1, "batch_size": 32,
     "learning_rate": 1e-3, "weight_decay": 0.0, "clipnorm": None, "finetune_learning_rate": 1e-4,
     "finetune": False, "recovery": False, "mask_update_steps": 2, "recalibrate_bn": False,
-    "bn_batches": 10, "steps_per_epoch": 4, "task": "binary",
+    "bn_batches": 10, "steps_per_epoch": 4, "task": "binary", "structure": "channel",
 }
 
 

@@ -264,3 +264,28 @@ def test_channel_pruning_refuses_what_it_cannot_do():
     groups, dense = channel_criteria.prunable_groups(pruned.model, pruned.targets)
     assert excluded(pruned.model).groups and "stem" not in [g.layers(structure.PRODUCES)[0] for g in groups]
     assert any("'hidden' is not pruned" in d.reason for d in dense)
+
+
+def test_run_with_channel_structure_returns_the_shrunk_model_and_counts_its_channels():
+    from zoo.data import digits_arrays
+    from zoo.models import small_cnn
+
+    (xtr, ytr), (xte, yte) = digits_arrays()
+    keras.utils.set_random_seed(0)
+    dense = small_cnn()
+    dense.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
+    dense.fit(xtr, ytr, epochs=3, batch_size=64, verbose=0)
+    result = dg2pf_tf.run(dense, (xtr[:1000], ytr[:1000]), (xtr[1000:], ytr[1000:]), sparsity=0.5,
+                          structure="channel", pruning_epochs=2, patience=1, max_epochs=2,
+                          seed=0, verbose=0)
+    report, small = result.report, result.model
+    found = dg2pf_tf.channel_groups(dense)
+    assert report["channels_total"] == sum(g.size for g in found.groups)
+    assert report["channels_removed"] == round(0.5 * report["channels_total"])
+    assert report["params_shrunk"] == small.count_params() < 0.6 * dense.count_params()
+    assert not dg2pf_tf.channel_groups(small).groups or all(
+        g.size <= o.size for g, o in zip(dg2pf_tf.channel_groups(small).groups, found.groups))
+    # The shrunk model is what the report scored: its validation accuracy is the reported one.
+    accuracy = float(np.mean(small.predict(xtr[1000:], verbose=0).argmax(-1) == ytr[1000:]))
+    assert accuracy == pytest.approx(report["pruned_val_accuracy"], abs=1e-6)
+    assert accuracy > 0.5

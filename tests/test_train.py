@@ -158,3 +158,28 @@ print(json.dumps({{"acc": float((logits.argmax(-1) == yte).mean()), "dg2pf": "dg
     assert result["dg2pf"] is False
     assert result["acc"] == pytest.approx(report["pruned_test_accuracy"], abs=1e-6)
     assert report["test_split"] == "test" and set(report["images_per_second"]) >= {"dense_training", "gradual", "finetune"}
+
+
+@pytest.mark.slow
+def test_channel_structure_ships_the_shrunk_model(tmp_path):
+    import keras
+
+    out = tmp_path / "run"
+    done = _train("--structure=channel", "--sparsity=0.5", "--dense_epochs=3", "--pruning_epochs=1",
+                  "--patience=1", "--max_epochs=1", f"--output_dir={out}", timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["channels_removed"] == round(0.5 * report["channels_total"])
+    shipped = keras.models.load_model(out / "pruned.keras")
+    assert shipped.count_params() == report["params_shrunk"] < 0.6 * report["params_dense"]
+    assert "channels (prunable groups)" in done.stdout
+    # The LiteRT file is the shrunk model's, and computes what it computes.
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(out / "export" / "model.tflite"))
+    interpreter.allocate_tensors()
+    x = np.random.default_rng(0).uniform(size=(1, 8, 8, 1)).astype("float32")
+    interpreter.set_tensor(interpreter.get_input_details()[0]["index"], x)
+    interpreter.invoke()
+    y = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+    np.testing.assert_allclose(y, shipped.predict(x, verbose=0), atol=1e-5)
