@@ -7,12 +7,15 @@ by fine-tuning at the final sparsity, for as many epochs in total as DG2PF
 used (own process, TF_USE_LEGACY_KERAS=1, Adam 1e-3, batch 32). Ablations
 (`--ablations`, at `--ablation_sparsities`) switch off one part of DG2PF each:
 distillation (alpha=0), weight recovery (hard masks from the first step),
-global allocation (per-layer sparsity), pruned fine-tuning. Prints a table
-(mean, min, max test accuracy and the loss against dense), writes JSON and a
-PNG plot of accuracy vs sparsity.
+global allocation (per-layer sparsity), pruned fine-tuning. With
+`--structure channel` DG2PF removes whole channels (sparsity = share of
+channels; tfmot has no channel pruning and is left out) and the rows also
+give the shrunk model's parameters. Prints a table (mean, min, max test
+accuracy and the loss against dense), writes JSON and a PNG plot of accuracy
+vs sparsity.
 
 Run: python benchmarks/digits_vs_tfmot.py [--sparsities 0.9,0.95,0.98,0.99] [--seeds 4]
-         [--ablation_sparsities 0.95,0.98] [--ablation_seeds 3]
+         [--ablation_sparsities 0.95,0.98] [--ablation_seeds 3] [--structure unstructured]
 """
 
 import argparse
@@ -84,6 +87,7 @@ def main():
                         help="comma-separated subset of %s, or '' for none" % ", ".join(ABLATIONS))
     parser.add_argument("--ablation_sparsities", default="0.95,0.98")
     parser.add_argument("--ablation_seeds", type=int, default=3)
+    parser.add_argument("--structure", default="unstructured", choices=("unstructured", "channel"))
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "digits_vs_tfmot.json"))
     args = parser.parse_args()
     ablations = [a for a in args.ablations.split(",") if a]
@@ -114,10 +118,11 @@ def main():
     def ours(method, sparsity, seed):
         start = time.perf_counter()
         result = dg2pf_tf.run(dense, (xtr, ytr), (xval, yval), sparsity=sparsity, pruning_epochs=10,
-                              seed=seed, verbose=0, **ABLATIONS.get(method, {}))
+                              seed=seed, verbose=0, structure=args.structure, **ABLATIONS.get(method, {}))
         return {"sparsity": sparsity, "seed": seed, "method": method,
                 "accuracy": dg2pf_tf.evaluate(result.model, test)[0],
                 "epochs": sum(result.report["epochs"].values()),
+                "params": result.model.count_params(),
                 "seconds": time.perf_counter() - start}
 
     results = []
@@ -130,6 +135,8 @@ def main():
         for seed in range(args.seeds):
             row = ours("dg2pf", sparsity, seed)
             record(row)
+            if args.structure == "channel":
+                continue
             # tfmot gets as many epochs as DG2PF used on the same seed.
             record({"sparsity": sparsity, "seed": seed, "method": "tfmot", "epochs": row["epochs"],
                     "accuracy": tfmot_accuracy(weights_file, sparsity, seed, row["epochs"])})
@@ -143,20 +150,23 @@ def main():
     summary = []
     for sparsity in sorted({r["sparsity"] for r in results}):
         for method in ["dg2pf", "tfmot", *ablations]:
-            accs = [r["accuracy"] for r in results
+            runs = [r for r in results
                     if r["sparsity"] == sparsity and r["method"] == method and r["accuracy"] is not None]
+            accs = [r["accuracy"] for r in runs]
             if not accs:
                 continue
             mean = float(np.mean(accs))
             summary.append({"sparsity": sparsity, "method": method, "seeds": len(accs), "mean": mean,
                             "min": min(accs), "max": max(accs), "loss_points": 100 * (dense_acc - mean),
-                            "worst_loss_points": 100 * (dense_acc - min(accs))})
+                            "worst_loss_points": 100 * (dense_acc - min(accs)),
+                            "params": float(np.mean([r.get("params", dense.count_params()) for r in runs]))})
             print(f"{sparsity:>8.2f}  {method:<12} {len(accs):>5} {mean:>7.4f} {min(accs):>7.4f} "
                   f"{max(accs):>7.4f} {100 * (dense_acc - mean):>16.2f}")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"command": "python benchmarks/digits_vs_tfmot.py " + " ".join(sys.argv[1:]),
-                   "dense": dense_acc, "runs": results, "summary": summary}, f, indent=2)
+                   "dense": dense_acc, "dense_params": dense.count_params(), "runs": results,
+                   "summary": summary}, f, indent=2)
     import matplotlib
 
     matplotlib.use("Agg")

@@ -1,4 +1,6 @@
 #!/usr/bin/env bash
-# Runs the whole test suite (slow end-to-end tests included) in ./.venv.
+# Runs the whole test suite (slow end-to-end tests included) in ./.venv, on two
+# worker processes: much of a test's time is single-threaded (tracing, Python),
+# so two of them keep both cores busy. Pass -n 0 to run in this process.
 source "$(dirname "$0")/env.sh"
-exec python -m pytest -q "$@"
+exec python -m pytest -q -n 2 --dist worksteal "$@"
