@@ -38,6 +38,9 @@ def test_readme_examples_run_as_written(tmp_path, monkeypatch, capsys):
     assert os.path.isfile("pruned.keras") and os.path.isfile("out/model_int8.tflite")
     assert namespace["result"].report["sparsity_prunable"] == pytest.approx(0.95, abs=1e-3)
     assert "prunable weights" in capsys.readouterr().out
+    small, model = namespace["small"], namespace["model"]
+    assert small.count_params() < 0.5 * model.count_params()  # channels physically removed
+    assert namespace["channels"].report["channels_removed"] > 0
     loaded = keras.models.load_model("pruned.keras")
     x = namespace["x_val"][:8]
     np.testing.assert_allclose(loaded(x), namespace["plain"](x), atol=1e-6)
