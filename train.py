@@ -138,8 +138,14 @@ def main(argv):
     import keras
 
     import dg2pf_tf
-    from dg2pf_tf import atomic, loop
+    from dg2pf_tf import atomic, criteria, loop
     from zoo.data import DataUnavailable, load
+
+    try:
+        sparsity = criteria.sparsity_for(cfg.structure, cfg.sparsity, default=0.95)
+    except ValueError as error:
+        _fail(f"--structure={cfg.structure}, --sparsity={cfg.sparsity}: {error}")
+    pattern = cfg.structure if criteria.nm_pattern(cfg.structure) else None
 
     keras.utils.set_random_seed(cfg.seed)
     if cfg.mixed_precision:
@@ -169,9 +175,9 @@ def main(argv):
         os.makedirs(out, exist_ok=True)
         _save_keras(dense, os.path.join(out, "dense.keras"))
 
-    log(f"DG2PF to {cfg.sparsity:.0%} sparsity, {cfg.pruning_epochs} pruning epochs")
+    log(f"DG2PF to {sparsity:.0%} sparsity, {cfg.pruning_epochs} pruning epochs")
     result = dg2pf_tf.run(
-        dense, info["train_for_epoch"], val, sparsity=cfg.sparsity, pruning_epochs=cfg.pruning_epochs,
+        dense, info["train_for_epoch"], val, sparsity=sparsity, pruning_epochs=cfg.pruning_epochs,
         temperature=cfg.temperature, alpha=cfg.alpha, patience=cfg.patience,
         max_epochs=cfg.max_epochs, seed=cfg.seed, strategy=strategy, scope=cfg.scope,
         backup_dir=backup,
@@ -186,7 +192,7 @@ def main(argv):
     t = time.perf_counter()
     log("Exporting the SavedModel" + (" and LiteRT files" if cfg.tflite else ""))
     exported = dg2pf_tf.export(
-        pruned, os.path.join(out, "export"), tflite=cfg.tflite,
+        pruned, os.path.join(out, "export"), tflite=cfg.tflite, pattern=pattern,
         quantize=None if cfg.quantize == "none" else cfg.quantize,
         representative_data=train.take(max(1, 128 // cfg.batch_size)), overwrite=True)
     times["export"] = time.perf_counter() - t

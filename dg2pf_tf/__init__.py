@@ -6,6 +6,7 @@ Public API:
     UpdateMasks                  the `fit` callback that applies a schedule
     update_masks                 set a sparsity level by hand (custom loops)
     sparsity_summary             per-layer and total zero counts
+    pattern_report               which kernels hold an N:M pattern (structure='2:4')
     schedules                    Linear, Polynomial, Constant
     Distiller                    KD training of a student on a frozen teacher
     run, RunResult               the whole DG2PF procedure on a trained model
@@ -31,7 +32,7 @@ from dg2pf_tf.masking import update_masks
 from dg2pf_tf.prune import finalize, prune, strip
 from dg2pf_tf.shrink import shrink
 from dg2pf_tf.structure import ChannelStructure, channel_groups
-from dg2pf_tf.summary import SparsitySummary, sparsity_summary
+from dg2pf_tf.summary import PatternReport, SparsitySummary, pattern_report, sparsity_summary
 from dg2pf_tf.pruned_model import PrunedModel
 
 __version__ = "0.1.0"
@@ -41,6 +42,7 @@ __all__ = [
     "ChannelStructure",
     "DeployReport",
     "Distiller",
+    "PatternReport",
     "PrunedModel",
     "RunResult",
     "SparsitySummary",
@@ -50,6 +52,7 @@ __all__ = [
     "evaluate",
     "export",
     "finalize",
+    "pattern_report",
     "presets",
     "prune",
     "reestimate_batchnorm",

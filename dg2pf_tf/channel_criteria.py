@@ -82,6 +82,7 @@ class ChannelCriterion:
         return masks
 
     unit = "channels"
+    max_level = 1.0
 
     def removals(self, level):
         """How many channels `level` removes (`criteria.channel_removals`)."""
@@ -99,6 +100,10 @@ class ChannelCriterion:
                 rows = np.moveaxis(mask, axis, 0).reshape(mask.shape[axis], -1)
                 gone.update(index[(rows == 0).all(axis=1) & (index < self.total)].tolist())
         return len(gone)
+
+    def pattern_problems(self, masks):
+        """None: whole channels are what `removed` counts."""
+        return []
 
 
 def _inverse(order, values):

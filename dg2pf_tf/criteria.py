@@ -9,11 +9,15 @@ the weights are given, then in C order inside each array) is pruned first.
 import numpy as np
 
 SCOPES = ("global", "layer")
-# What a mask removes: single weights, or whole channels of coupled groups.
-STRUCTURES = ("unstructured", "channel")
+# What a mask removes: single weights, whole channels of coupled groups, or
+# weights in an N:M pattern ('2:4': at most 2 nonzeros in every 4 inputs).
+STRUCTURES = ("unstructured", "channel", "N:M")
 # `floor=None` means: ERK floor 1.0 for weights; for channels, each group
-# keeps at least half its uniform share, so the ranking stays global.
+# keeps at least half its uniform share, so the ranking stays global. An N:M
+# pattern fixes every block's share, so it has no floor.
 DEFAULT_FLOORS = {"unstructured": 1.0, "channel": 0.5}
+DEFAULT_SPARSITY = 0.9
+_LARGEST_M = 64
 
 
 def check_sparsity(sparsity, name="sparsity"):
@@ -43,16 +47,62 @@ def check_scope(scope):
     return scope
 
 
+def nm_pattern(structure):
+    """`(n, m)` of an N:M structure such as '2:4', else None. No checks."""
+    parts = structure.split(":") if isinstance(structure, str) else ()
+    if len(parts) == 2 and all(p.strip().isdigit() for p in parts):
+        return int(parts[0]), int(parts[1])
+    return None
+
+
 def check_structure(structure):
-    """Returns `structure`; raises ValueError unless it is one of `STRUCTURES`."""
-    if structure not in STRUCTURES:
-        raise ValueError(f"`structure` must be one of {STRUCTURES}, got {structure!r}.")
+    """Returns `structure`; raises ValueError unless it is 'unstructured',
+    'channel' or 'N:M' with 1 <= N < M <= 64 (e.g. '2:4')."""
+    pattern = nm_pattern(structure)
+    if pattern is not None:
+        n, m = pattern
+        if not 1 <= n < m <= _LARGEST_M:
+            raise ValueError(
+                f"`structure` {structure!r}: an N:M pattern keeps N of every M weights, so it "
+                f"needs 1 <= N < M <= {_LARGEST_M} (e.g. '2:4').")
+        return f"{n}:{m}"
+    if structure not in STRUCTURES[:2]:
+        raise ValueError(
+            f"`structure` must be 'unstructured', 'channel' or an N:M pattern such as '2:4', "
+            f"got {structure!r}.")
     return structure
 
 
 def floor_for(structure, floor):
-    """`floor`, or the default for `structure` when it is None; checked."""
-    return check_floor(DEFAULT_FLOORS[check_structure(structure)] if floor is None else floor)
+    """`floor`, or the default for `structure` when it is None; checked.
+
+    Raises ValueError for a bad `floor`, or any floor but 0 with an N:M pattern.
+    """
+    structure = check_structure(structure)
+    if nm_pattern(structure) is None:
+        return check_floor(DEFAULT_FLOORS[structure] if floor is None else floor)
+    if floor not in (None, 0, 0.0):
+        raise ValueError(
+            f"`floor` has no meaning with structure {structure!r}: every block keeps the same "
+            f"share, so no layer can be emptied. Leave `floor` unset; got {floor!r}.")
+    return 0.0
+
+
+def sparsity_for(structure, sparsity, default=DEFAULT_SPARSITY):
+    """The target sparsity: `sparsity` (`default` when None); for an N:M
+    pattern 1 - N/M, the only target it has.
+
+    Raises ValueError for a bad `sparsity`, or one other than 1 - N/M with N:M.
+    """
+    pattern = nm_pattern(check_structure(structure))
+    if pattern is None:
+        return check_sparsity(default if sparsity is None else sparsity)
+    target = 1.0 - pattern[0] / pattern[1]
+    if sparsity is not None and abs(check_sparsity(sparsity) - target) > 1e-9:
+        raise ValueError(
+            f"With structure {structure!r} the final sparsity is 1 - {pattern[0]}/{pattern[1]} "
+            f"= {target:g}: leave `sparsity` unset or give {target:g}; got {sparsity!r}.")
+    return target
 
 
 def zero_count(sparsity, size):
@@ -214,3 +264,37 @@ def channel_keep(scores, sparsity, floor=0.0):
         flags.append(np.array([offset + i not in removed for i in range(n)]))
         offset += n
     return flags
+
+
+def nm_candidates(weight, axis, n, m):
+    """Where N:M pruning may remove weights: True for the `m - n` smallest
+    magnitudes of every block of `m` consecutive weights along `axis` (ties:
+    the earlier position). `weight.shape[axis]` must be a multiple of `m`."""
+    moved = np.moveaxis(np.abs(np.asarray(weight, np.float32)), axis, -1)
+    blocks = moved.reshape(-1, m)
+    order = np.argsort(blocks, axis=1, kind="stable")
+    chosen = np.zeros(blocks.shape, bool)
+    np.put_along_axis(chosen, order[:, :m - n], True, axis=1)
+    return np.moveaxis(chosen.reshape(moved.shape), -1, axis)
+
+
+def nm_masks(weights, axes, sparsity, n, m, scope="global"):
+    """Masks for N:M pruning at `sparsity` (at most 1 - n/m): the
+    `round(sparsity * N)` smallest magnitudes among the `nm_candidates` of
+    `weights` (inputs along `axes`), ranked globally or per weight (`scope`);
+    at 1 - n/m every block of `m` keeps exactly its `n` largest.
+
+    Raises ValueError for a `sparsity` above 1 - n/m.
+    """
+    if check_sparsity(sparsity) > 1.0 - n / m + 1e-12:
+        raise ValueError(f"An {n}:{m} pattern removes at most {1 - n / m:g} of the weights; got {sparsity}.")
+    bounded = [np.where(nm_candidates(w, axis, n, m), np.abs(np.asarray(w, np.float32)), np.inf)
+               for w, axis in zip(weights, axes)]
+    return magnitude_masks(bounded, sparsity, scope)
+
+
+def nm_violations(weight, axis, n, m):
+    """How many blocks of `m` consecutive entries of `weight` along `axis` hold
+    more than `n` nonzeros."""
+    blocks = np.moveaxis(np.asarray(weight), axis, -1).reshape(-1, m)
+    return int(np.count_nonzero(np.count_nonzero(blocks, axis=1) > n))

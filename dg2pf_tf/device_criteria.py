@@ -103,6 +103,7 @@ class DeviceCriterion:
     """
 
     unit = "weights"
+    max_level = 1.0  # the highest sparsity the masks can reach (below 1)
 
     def __init__(self, shapes, scope="global", floor=0.0, *, jit_compile=None, flat=None):
         self.shapes = [tuple(int(d) for d in s) for s in shapes]
@@ -133,6 +134,10 @@ class DeviceCriterion:
     def removed(self, masks):
         """How many weights numpy `masks` remove."""
         return sum(count_zeros(m) for m in masks)
+
+    def pattern_problems(self, masks):
+        """`(index, count)` for each mask that breaks a pattern: none for single weights."""
+        return []
 
     # Python loops over kernels build the graph; autograph would only slow the
     # tracing down (it converts every branch function anew).

@@ -14,8 +14,9 @@ import warnings
 import tensorflow as tf
 
 from dg2pf_tf import atomic, litert, litert_convert, litert_sparse
-from dg2pf_tf.criteria import count_zeros
-from dg2pf_tf.summary import sparsity_summary
+from dg2pf_tf.criteria import count_zeros, nm_pattern
+from dg2pf_tf.masking import pruned_models
+from dg2pf_tf.summary import pattern_report, sparsity_summary
 
 QUANTIZE = (None, "dynamic", "int8")
 _INT8_AGREEMENT = 0.99
@@ -42,7 +43,7 @@ def _check_path(path, overwrite):
 
 
 def export(model, path, *, tflite=True, quantize=None, representative_data=None,
-           explicit_padding=False, input_shape=None, overwrite=False, verbose=1):
+           explicit_padding=False, input_shape=None, pattern=None, overwrite=False, verbose=1):
     """Writes what ships of `model` (pruned or stripped) into directory `path`.
 
     Files: `saved_model/` (a `serving_default` signature that needs only
@@ -59,25 +60,48 @@ def export(model, path, *, tflite=True, quantize=None, representative_data=None,
     XNNPACK's sparse path needs (see `deploy_report`). LiteRT files take
     inputs of a fixed size: `input_shape` (without the batch axis) fixes the
     size of a Sequential/Functional model built for any (`None` dimensions).
+    `pattern` ('2:4'; default: the N:M structure of a pruned model given) is
+    checked in every kernel with zeros before anything is written, and
+    recorded in `export.json`.
 
     Raises:
         FileNotFoundError: the parent of `path` does not exist.
         FileExistsError: `path` is a file, or a non-empty directory and not
             `overwrite`.
-        ValueError: bad `quantize`, 'int8' without `representative_data`; with
+        ValueError: bad `quantize`, 'int8' without `representative_data`; a
+            kernel that breaks `pattern` (named); with
             `tflite=True`, a model with several inputs or outputs, or with
             inputs of no fixed size (pass `input_shape`).
         RuntimeError: a LiteRT file that the interpreter refuses in every form.
         ImportError: `tflite=True` without the `ai-edge-litert` package.
     """
     _check_arguments(tflite, quantize, representative_data)
+    patterns = _check_pattern(model, pattern)
     with litert_convert.named_errors("export()"):
         return _export(model, path, tflite, quantize, representative_data, explicit_padding,
-                       input_shape, overwrite, verbose)
+                       input_shape, overwrite, verbose, patterns)
+
+
+def _check_pattern(model, pattern):
+    """export.json's `pattern` entry ({} without one); raises ValueError for a broken kernel."""
+    if pattern is None:
+        pattern = next((m.structure for m in pruned_models(model) if nm_pattern(m.structure)), None)
+        if pattern is None:
+            return {}
+    report = pattern_report(model, pattern)
+    if report.broken:
+        names = ", ".join(f"{path} ({blocks} blocks)" for path, blocks in report.broken[:8])
+        raise ValueError(
+            f"export(): {len(report.broken)} kernels break the {report.pattern} pattern (blocks "
+            f"of inputs keeping more than allowed): {names}. Finish the pruning schedule first: "
+            f"at its final sparsity every block holds the pattern.")
+    if not report.checked:
+        raise ValueError(f"export(): no kernel of '{model.name}' holds zeros in a {report.pattern} pattern.")
+    return {"pattern": report.to_dict()}
 
 
 def _export(model, path, tflite, quantize, representative_data, explicit_padding, input_shape,
-            overwrite, verbose):
+            overwrite, verbose, patterns):
     """`export()` once its arguments are checked."""
     plain = litert_convert.plain_model(model, input_shape)
     shapes = litert_convert.input_shapes(plain)
@@ -97,6 +121,7 @@ def _export(model, path, tflite, quantize, representative_data, explicit_padding
             "params_total": summary.total_params,
             "params_nonzero": summary.total_params - summary.total_zeros,
             "files": {"saved_model": {"bytes": _tree_bytes(saved_model)}},
+            **patterns,
         }
         if tflite:
             inputs, reference = litert_convert.check_data(plain, shapes[0], representative_data)

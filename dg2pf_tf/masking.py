@@ -5,8 +5,9 @@ import weakref
 import numpy as np
 import tensorflow as tf
 
-from dg2pf_tf import _compat, channel_criteria, criteria
+from dg2pf_tf import _compat, channel_criteria, criteria, registry
 from dg2pf_tf.device_criteria import DeviceCriterion
+from dg2pf_tf.nm_criteria import NMCriterion
 from dg2pf_tf.pruned_model import PrunedModel
 
 
@@ -65,7 +66,8 @@ class MaskSet:
         key = (self.scope if scope is None else criteria.check_scope(scope),
                self.floor if floor is None else criteria.check_floor(floor))
         if key not in self._criteria:
-            self._criteria[key] = _CRITERIA[self.structure](self, *key)
+            kind = "N:M" if criteria.nm_pattern(self.structure) else self.structure
+            self._criteria[key] = _CRITERIA[kind](self, *key)
         return self._criteria[key]
 
     def assign(self, level, scope=None, floor=None):
@@ -88,7 +90,12 @@ class MaskSet:
         Raises ValueError for a bad `level`, `scope` or `floor`.
         """
         level = criteria.check_sparsity(level)
-        self.criterion(scope, floor)  # its variables are made here, not while tracing
+        # Its variables are made here, not while tracing.
+        ceiling = self.criterion(scope, floor).max_level
+        if level > ceiling + 1e-12:
+            raise ValueError(
+                f"Sparsity {level} is above what structure '{self.structure}' can reach "
+                f"({ceiling:g}).")
         self._update(tf.constant(level, tf.float64), scope, floor)
         return self.realised(level, scope, floor)
 
@@ -120,8 +127,17 @@ def _channel_criterion(masks, scope, floor):
     return channel_criteria.ChannelCriterion(groups, targets, floor)
 
 
-# The device code that computes masks, by `PrunedModel.structure`.
-_CRITERIA = {"unstructured": _weight_criterion, "channel": _channel_criterion}
+def _nm_criterion(masks, scope, floor):
+    if floor:
+        raise ValueError("An N:M pattern takes no `floor`: every block keeps the same share.")
+    n, m = criteria.nm_pattern(masks.structure)
+    targets = [w for w, _ in masks.entries]
+    axes = registry.input_axes(masks.pruned.model, targets)
+    return NMCriterion([tuple(t.shape) for t in targets], axes, n, m, scope)
+
+
+# The device code that computes masks, by `PrunedModel.structure` ('N:M' for every pattern).
+_CRITERIA = {"unstructured": _weight_criterion, "channel": _channel_criterion, "N:M": _nm_criterion}
 
 _SETS = weakref.WeakKeyDictionary()
 
@@ -175,6 +191,12 @@ def check_invariant(pruned, sparsity, source="the model"):
         raise ValueError(
             f"Sparsity invariant broken in {source}: the masks remove {found} {criterion.unit}, "
             f"the target {sparsity} needs {expected} of {criterion.total}.")
+    broken = criterion.pattern_problems(masks)
+    if broken:
+        index, blocks = broken[0]
+        raise ValueError(
+            f"Pattern {pruned.structure} broken in {source}: {blocks} blocks of the mask of "
+            f"'{pruned.targets[index].path}' keep too many weights ({len(broken)} kernels so).")
     if float(pruned.hard.numpy()) != 1.0:
         return
     for weight, mask in zip(pruned.targets, masks):

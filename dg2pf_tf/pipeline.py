@@ -22,7 +22,8 @@ import tensorflow as tf
 
 from dg2pf_tf import checkpoint, checks, masking, schedules, tasks
 from dg2pf_tf.batchnorm import batchnorm_layers, reestimate_batchnorm
-from dg2pf_tf.criteria import check_floor, check_scope, check_sparsity, check_structure, floor_for
+from dg2pf_tf.criteria import (check_floor, check_scope, check_sparsity, check_structure, floor_for,
+                               sparsity_for)
 from dg2pf_tf.data import TrainData, as_dataset, task_of
 from dg2pf_tf.distill import Distiller
 from dg2pf_tf.evaluation import Evaluator
@@ -169,7 +170,7 @@ def run(
     train_data,
     validation_data,
     *,
-    sparsity=0.9,
+    sparsity=None,
     pruning_epochs=10,
     teacher=None,
     temperature=4.0,
@@ -232,6 +233,8 @@ def run(
         structure: as in `dg2pf_tf.prune`. With 'channel', `sparsity` is the
             share of channels removed and `RunResult.model` is the shrunk
             model (`dg2pf_tf.shrink`): fewer filters and units, same outputs.
+            With an N:M pattern ('2:4'), `sparsity` is 1 - N/M and the result
+            holds the pattern (checked, as the sparsity is, before it returns).
         teacher: the distillation teacher; default a frozen copy of `model`.
         temperature, alpha: the KD loss (see `Distiller`).
         patience: epochs without a better validation score that end a phase.
@@ -280,8 +283,8 @@ def run(
     started = time.perf_counter()
     strategy = strategy or tf.distribute.get_strategy()
     config = RunConfig(
-        sparsity=sparsity, pruning_epochs=pruning_epochs, scope=scope,
-        floor=floor_for(structure, floor), structure=structure,
+        sparsity=sparsity_for(structure, sparsity), pruning_epochs=pruning_epochs, scope=scope,
+        floor=floor_for(structure, floor), structure=check_structure(structure),
         temperature=temperature, alpha=alpha, patience=patience, max_epochs=max_epochs, seed=seed,
         batch_size=batch_size, learning_rate=learning_rate, weight_decay=weight_decay,
         clipnorm=clipnorm, finetune_learning_rate=finetune_learning_rate, finetune=bool(finetune),

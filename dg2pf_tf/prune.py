@@ -10,7 +10,7 @@ import warnings
 import keras
 
 from dg2pf_tf import _compat, masking, registry, schedules
-from dg2pf_tf.criteria import check_scope, check_sparsity, floor_for
+from dg2pf_tf.criteria import check_scope, check_structure, floor_for, nm_pattern, sparsity_for
 from dg2pf_tf.pruned_model import PrunedModel, build_like
 
 
@@ -166,9 +166,34 @@ def _warn_unknown(model, found):
         f"and silence this, exclude that layer.", stacklevel=3)
 
 
+def _nm_eligible(chosen, structure):
+    """`chosen` without the weights an N:M `structure` cannot take, which are
+    named in a warning (they stay dense). Raises ValueError if none is left."""
+    n, m = nm_pattern(structure)
+    kept, left = [], []
+    for weight in chosen:
+        axis = registry.input_axis(weight)
+        if axis is None:
+            left.append(f"{weight.variable.path} (no input axis)")
+        elif weight.variable.shape[axis] % m:
+            left.append(f"{weight.variable.path} ({weight.variable.shape[axis]} inputs)")
+        else:
+            kept.append(weight)
+    if not kept:
+        raise ValueError(
+            f"No prunable weight can take the {structure} pattern: it needs the kernel of a Dense, "
+            f"EinsumDense, convolution or recurrent layer whose inputs are a multiple of {m}.")
+    if left:
+        names = ", ".join(left[:8]) + (", ..." if len(left) > 8 else "")
+        warnings.warn(
+            f"prune(): {len(left)} prunable weights stay dense: the {structure} pattern runs along "
+            f"a kernel's inputs in blocks of {m}, which these lack: {names}.", stacklevel=3)
+    return tuple(kept)
+
+
 def prune(
     model,
-    sparsity=0.9,
+    sparsity=None,
     pruning_epochs=10,
     *,
     schedule=None,
@@ -191,7 +216,8 @@ def prune(
 
     Args:
         model: a built Keras model.
-        sparsity: final fraction of zeros over the pruned weights, in [0, 1).
+        sparsity: final fraction of zeros over the pruned weights, in [0, 1)
+            (default 0.9); with an N:M structure 1 - N/M, its only value.
         pruning_epochs: epochs of the linear schedule (`s_e` in DG2PF).
         schedule: a `dg2pf_tf.schedules` object, used instead of the linear
             schedule that `sparsity` and `pruning_epochs` describe.
@@ -214,6 +240,11 @@ def prune(
             groups and the ones that stay dense), ranked globally by the L2
             norm of those weights; `sparsity` is then the share of channels
             removed, and `dg2pf_tf.shrink` turns the result into a smaller model.
+            Or an N:M pattern such as '2:4' (NVIDIA's sparse tensor cores):
+            at the end at most N nonzeros in every M consecutive inputs of each
+            kernel (Dense, EinsumDense, convolution and recurrent kernels whose
+            inputs are a multiple of M; the others stay dense, with a warning),
+            reached by the same schedule, ranking and recovery; no `floor`.
 
     Raises:
         TypeError: not a Keras model, `exclude` or `schedule` of the wrong
@@ -223,12 +254,15 @@ def prune(
             nothing left to prune (for 'channel': no channel group that can be).
     """
     _check_model(model, "prune()")
+    structure = check_structure(structure)
     if schedule is None:
-        schedule = schedules.Linear(check_sparsity(sparsity), pruning_epochs)
+        schedule = schedules.Linear(sparsity_for(structure, sparsity), pruning_epochs)
     elif not isinstance(schedule, schedules.Schedule):
         raise TypeError(
             f"`schedule` must be a dg2pf_tf.schedules object (Linear, Polynomial, "
             f"Constant), got {schedule!r}.")
+    else:
+        sparsity_for(structure, schedule.sparsity)  # an N:M pattern has one target
     check_scope(scope)
     floor = floor_for(structure, floor)
     if masking.pruned_models(model):
@@ -244,8 +278,9 @@ def prune(
             f"Dense, EinsumDense and convolution layers, Embedding tables, recurrent kernels, "
             f"and what layers return from get_prunable_weights(); excluded: {exclude!r}).")
     _warn_unknown(model, found)
+    chosen = found.chosen if nm_pattern(structure) is None else _nm_eligible(found.chosen, structure)
     index = {id(v): i for i, v in enumerate(model.weights)}
-    pruned = PrunedModel(copy_model(model), [index[id(w.variable)] for w in found.chosen],
+    pruned = PrunedModel(copy_model(model), [index[id(w.variable)] for w in chosen],
                          recovery=recovery, schedule=schedule, scope=scope, floor=floor,
                          structure=structure)
     masking.mask_set(pruned, "prune()").criterion()  # refuses a structure the model cannot take

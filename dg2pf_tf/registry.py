@@ -48,6 +48,25 @@ PRUNABLE_WEIGHTS = (
 )
 
 
+# Layer class -> {weight attribute: the axis its inputs run along}, for N:M
+# patterns (blocks of M consecutive weights along that axis, the reduction
+# axis that sparse tensor cores read). First match wins; weights not listed
+# (depthwise and transposed convolutions, embedding tables) have none.
+# EinsumDense's axis comes from its equation (`_einsum_input_axis`).
+INPUT_AXES = (
+    (keras.layers.SeparableConv1D, {"pointwise_kernel": -2}),
+    (keras.layers.SeparableConv2D, {"pointwise_kernel": -2}),
+    (keras.layers.Dense, {"kernel": 0}),
+    (keras.layers.Conv1D, {"kernel": -2}),
+    (keras.layers.Conv2D, {"kernel": -2}),
+    (keras.layers.Conv3D, {"kernel": -2}),
+    (keras.layers.SimpleRNNCell, {"kernel": 0, "recurrent_kernel": 0}),
+    (keras.layers.LSTMCell, {"kernel": 0, "recurrent_kernel": 0}),
+    (keras.layers.GRUCell, {"kernel": 0, "recurrent_kernel": 0}),
+    (_compat.conv_lstm_cell_class(), {"kernel": -2, "recurrent_kernel": -2}),
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class PrunableWeight:
     """One weight a layer offers for pruning: `layer`, the attribute `name`, the `variable`."""
@@ -93,3 +112,44 @@ def _declared(layer):
 
 def _is_float_variable(value):
     return isinstance(value, keras.Variable) and "float" in str(value.dtype)
+
+
+def input_axis(weight):
+    """The axis of `weight` (a `PrunableWeight`) along which its layer reads
+    inputs, as a non-negative int, or None where the layer has none that an
+    N:M pattern can run along."""
+    layer, rank = weight.layer, len(weight.variable.shape)
+    if isinstance(layer, keras.layers.EinsumDense) and weight.name == "kernel":
+        axis = _einsum_input_axis(layer.equation)
+    else:
+        axis = next((axes.get(weight.name) for cls, axes in INPUT_AXES if isinstance(layer, cls)), None)
+    return None if axis is None or rank < 2 else axis % rank
+
+
+def _einsum_input_axis(equation):
+    """The last kernel axis an einsum `equation` sums over ('abc,cd->abd': 0)."""
+    inputs, output = equation.replace(" ", "").split("->")
+    kernel = inputs.split(",")[-1]
+    if "." in kernel:
+        return None
+    summed = [i for i, letter in enumerate(kernel) if letter not in output]
+    return summed[-1] if summed else None
+
+
+def input_axes(model, variables):
+    """`input_axis` of each of `variables`, weights that layers inside `model` offer.
+
+    Raises ValueError for a variable no layer offers, or one without an input axis.
+    """
+    offered = {id(w.variable): w for layer in [model, *_compat.sublayers(model, recursive=True)]
+               for w in prunable_weights(layer)}
+    axes = []
+    for variable in variables:
+        weight = offered.get(id(variable))
+        axis = None if weight is None else input_axis(weight)
+        if axis is None:
+            raise ValueError(
+                f"'{variable.path}' has no input axis an N:M pattern can run along (only the "
+                f"kernels of Dense, EinsumDense, convolution and recurrent layers have one).")
+        axes.append(axis)
+    return axes

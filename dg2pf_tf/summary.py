@@ -8,8 +8,8 @@ stripped copy agree; a pruned model also says which weights carry masks.
 
 import dataclasses
 
-
-from dg2pf_tf.criteria import count_zeros
+from dg2pf_tf import registry
+from dg2pf_tf.criteria import check_structure, count_zeros, nm_pattern, nm_violations
 from dg2pf_tf.masking import pruned_models
 from dg2pf_tf.prune import find_prunable
 
@@ -135,11 +135,7 @@ def sparsity_summary(model):
     Rows cover every prunable weight (as `prune()` finds them), as the forward
     pass sees it (`weight * mask` where masked). Returns a `SparsitySummary`.
     """
-    effective, bookkeeping = {}, set()
-    for pruned in pruned_models(model):
-        bookkeeping.update(id(v) for v in [pruned.hard, *pruned.masks])
-        for variable, mask in zip(pruned.targets, pruned.masks):
-            effective[id(variable)] = variable.numpy() * mask.numpy()
+    effective, bookkeeping = _effective(model)
     masked = bool(effective)
     rows = []
     for weight in find_prunable(model).chosen:
@@ -157,6 +153,62 @@ def sparsity_summary(model):
         total_params += value.size
         total_zeros += count_zeros(value)
     return SparsitySummary(tuple(rows), total_params, total_zeros)
+
+
+def _effective(model):
+    """`({id(variable): weight * mask}, ids of the masks and flags)` of the pruned models in `model`."""
+    effective, bookkeeping = {}, set()
+    for pruned in pruned_models(model):
+        bookkeeping.update(id(v) for v in [pruned.hard, *pruned.masks])
+        for variable, mask in zip(pruned.targets, pruned.masks):
+            effective[id(variable)] = variable.numpy() * mask.numpy()
+    return effective, bookkeeping
+
+
+@dataclasses.dataclass(frozen=True)
+class PatternReport:
+    """How a model's kernels hold an N:M `pattern`: the `checked` kernels (those
+    with zeros) and their `blocks` of M, the `dense` ones (no zeros), and
+    `broken`: `(path, blocks keeping more than N)`."""
+
+    pattern: str
+    checked: tuple
+    blocks: int
+    dense: tuple
+    broken: tuple
+
+    def to_dict(self):
+        return {"pattern": self.pattern, "kernels_checked": len(self.checked), "blocks": self.blocks,
+                "dense": list(self.dense), "broken": [list(b) for b in self.broken]}
+
+
+def pattern_report(model, pattern):
+    """Checks the N:M `pattern` ('2:4') in every kernel of `model` that can hold
+    one (inputs along `registry.input_axis`, a multiple of M), as the forward
+    pass sees it. Returns a `PatternReport`.
+
+    Raises ValueError if `pattern` is not N:M.
+    """
+    found = nm_pattern(check_structure(pattern))
+    if found is None:
+        raise ValueError(f"`pattern` must be N:M, such as '2:4'; got {pattern!r}.")
+    n, m = found
+    effective, _ = _effective(model)
+    checked, dense, broken, blocks = [], [], [], 0
+    for weight in find_prunable(model).chosen:
+        axis, value = registry.input_axis(weight), effective.get(id(weight.variable))
+        value = weight.variable.numpy() if value is None else value
+        if axis is None or value.shape[axis] % m:
+            continue
+        if not count_zeros(value):
+            dense.append(weight.variable.path)
+            continue
+        checked.append(weight.variable.path)
+        blocks += value.size // m
+        bad = nm_violations(value, axis, n, m)
+        if bad:
+            broken.append((weight.variable.path, bad))
+    return PatternReport(f"{n}:{m}", tuple(checked), blocks, tuple(dense), tuple(broken))
 
 
 def report_counts(pruned, stripped):

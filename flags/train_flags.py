@@ -1,6 +1,7 @@
 """Flags of train.py: `define_flags()` defines and validates them; nothing else."""
 
 import os
+import re
 
 from absl import flags
 
@@ -21,7 +22,8 @@ def define_flags():
     flags.DEFINE_enum("dataset", "digits", DATASETS, "Data set.")
     flags.DEFINE_string("data_dir", None, "tensorflow-datasets data directory.")
     flags.DEFINE_integer("image_size", None, "ImageNet crop size (default 224).", lower_bound=32)
-    flags.DEFINE_float("sparsity", 0.95, "Target fraction of zeros over prunable weights, in [0, 1).")
+    flags.DEFINE_float("sparsity", None, "Target fraction of zeros over prunable weights, in [0, 1) "
+                       "(default 0.95; with an N:M --structure, 1 - N/M).")
     flags.DEFINE_integer("pruning_epochs", 10, "Epochs of the linear schedule.", lower_bound=1)
     flags.DEFINE_float("temperature", 4.0, "KD temperature.")
     flags.DEFINE_float("alpha", 0.75, "Weight of the KD term, in [0, 1].")
@@ -31,9 +33,11 @@ def define_flags():
     flags.DEFINE_float("floor", None, "Share of its Erdos-Renyi-kernel allocation each kernel keeps (0: pure "
                        "global magnitude; default 1.0), or with --structure=channel, of its uniform "
                        "share each channel group keeps (default 0.5).")
-    flags.DEFINE_enum("structure", "unstructured", ("unstructured", "channel"),
-                      "What pruning removes: single weights, or whole channels (then --sparsity is "
-                      "the share of channels, and pruned.keras and the export are the shrunk model).")
+    flags.DEFINE_string("structure", "unstructured",
+                        "What pruning removes: 'unstructured' (single weights), 'channel' (whole "
+                        "channels: --sparsity is their share, and pruned.keras and the export are "
+                        "the shrunk model), or an N:M pattern such as '2:4' (at most N nonzeros in "
+                        "every M inputs, checked in the export).")
     flags.DEFINE_float("learning_rate", 3e-3, "AdamW learning rate of the distillation phases.")
     flags.DEFINE_float("finetune_learning_rate", 1e-3, "SGD learning rate of pruned fine-tuning.")
     flags.DEFINE_float("dense_learning_rate", 3e-3, "Adam learning rate of dense training.")
@@ -58,8 +62,11 @@ def define_flags():
     flags.DEFINE_enum("quantize", "none", ("none", "dynamic", "int8"),
                       "Also export an int8 .tflite (int8: full-integer, calibrated on training batches).")
 
-    flags.register_validator("sparsity", lambda v: 0.0 <= v < 1.0,
+    flags.register_validator("sparsity", lambda v: v is None or 0.0 <= v < 1.0,
                              message="--sparsity must be in [0, 1) (0.95 keeps 5% of the weights).")
+    flags.register_validator(
+        "structure", lambda v: v in ("unstructured", "channel") or re.fullmatch(r"\d+:\d+", v),
+        message="--structure must be 'unstructured', 'channel' or N:M such as '2:4'.")
     flags.register_validator("alpha", lambda v: 0.0 <= v <= 1.0, message="--alpha must be in [0, 1].")
     flags.register_validator("temperature", lambda v: v > 0, message="--temperature must be > 0.")
     flags.register_validator("floor", lambda v: v is None or 0.0 <= v <= 1.0,

@@ -251,7 +251,7 @@ def test_channel_pruned_model_round_trips_through_a_keras_file(tmp_path):
 
 
 def test_channel_pruning_refuses_what_it_cannot_do():
-    with pytest.raises(ValueError, match="`structure` must be one of"):
+    with pytest.raises(ValueError, match="`structure` must be .unstructured., .channel. or an N:M pattern"):
         dg2pf_tf.prune(gated_cnn(), structure="filters")
     with pytest.raises(ValueError, match="ranks channels globally"):
         dg2pf_tf.prune(gated_cnn(), structure="channel", scope="layer")

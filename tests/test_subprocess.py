@@ -28,28 +28,29 @@ def test_stripped_model_loads_and_runs_without_dg2pf_tf(tmp_path, images):
 
 
 @pytest.mark.slow
-def test_mirrored_strategy_on_two_logical_cpus_trains_to_exact_sparsity():
-    out = run_python(TWO_CPUS + textwrap.dedent("""
+@pytest.mark.parametrize("structure, sparsity", [("unstructured", 0.8), ("2:4", 0.5)])
+def test_mirrored_strategy_on_two_logical_cpus_trains_to_exact_sparsity(structure, sparsity):
+    out = run_python(TWO_CPUS + textwrap.dedent(f"""
         import keras, numpy as np, dg2pf_tf
         from helpers import replicas_agree, residual_cnn
         keras.utils.set_random_seed(0)
         rng = np.random.default_rng(0)
         x = rng.normal(size=(64, 8, 8, 1)).astype("float32"); y = rng.integers(0, 10, 64)
         with strategy.scope():
-            pruned = dg2pf_tf.prune(residual_cnn(), sparsity=0.8, pruning_epochs=2)
+            pruned = dg2pf_tf.prune(residual_cnn(), sparsity={sparsity}, pruning_epochs=2,
+                                    structure={structure!r})
             pruned.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         history = pruned.fit(x, y, batch_size=16, epochs=3, verbose=0,
                              callbacks=[dg2pf_tf.UpdateMasks()])
         dg2pf_tf.finalize(pruned)
         pruned.fit(x, y, batch_size=16, epochs=1, verbose=0)
-        summary = dg2pf_tf.sparsity_summary(pruned)
-        print(strategy.num_replicas_in_sync, summary.prunable_zeros,
-              summary.prunable_weights, history.history["loss"][-1],
-              replicas_agree(pruned))
+        rows = [r for r in dg2pf_tf.sparsity_summary(pruned).rows if r.pruned]
+        print(strategy.num_replicas_in_sync, sum(r.zeros for r in rows), sum(r.weights for r in rows),
+              history.history["loss"][-1], replicas_agree(pruned))
     """), env={"PYTHONPATH": f"{ROOT}:{ROOT}/tests"})
     replicas, zeros, total, loss, agree = out.strip().splitlines()[-1].split()
     assert int(replicas) == 2
-    assert int(zeros) == round(0.8 * int(total))
+    assert int(zeros) == round(sparsity * int(total))
     assert np.isfinite(float(loss))
     assert agree == "True"
 

@@ -19,6 +19,7 @@ def _train(*args, timeout=600):
 
 @pytest.mark.parametrize("flag, expected", [
     ("--sparsity=1.2", "--sparsity must be in [0, 1)"),
+    ("--structure=filters", "--structure must be 'unstructured', 'channel' or N:M"),
     ("--model=no_such_model", "--model"),
     ("--dataset=mnist_like", "--dataset"),
     ("--weights=/nonexistent/dense.keras", "--weights"),
@@ -31,6 +32,12 @@ def test_bad_flags_exit_nonzero_with_one_clear_line_and_write_nothing(flag, expe
     assert expected in done.stderr
     assert "Traceback" not in done.stderr
     assert not out.exists() or not os.listdir(out)
+
+
+def test_a_sparsity_an_n_m_pattern_cannot_have_is_refused_before_any_work(tmp_path):
+    done = _train("--structure=2:4", "--sparsity=0.9", f"--output_dir={tmp_path / 'out'}", timeout=120)
+    assert done.returncode == 2 and "final sparsity is 1 - 2/4 = 0.5" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()
 
 
 def test_help_lists_our_flags_and_exits_zero():
