@@ -10,7 +10,10 @@ distillation (alpha=0), weight recovery (hard masks from the first step),
 global allocation (per-layer sparsity), pruned fine-tuning. With
 `--structure channel` DG2PF removes whole channels (sparsity = share of
 channels; tfmot has no channel pruning and is left out) and the rows also
-give the shrunk model's parameters. Prints a table (mean, min, max test
+give the shrunk model's parameters. With `--structure 2:4` both prune in the
+2:4 pattern: DG2PF on its schedule, tfmot with `sparsity_m_by_n=(2, 4)`, which
+applies the pattern from the first step (layers whose inputs are no multiple
+of 4 stay dense in both). Prints a table (mean, min, max test
 accuracy and the loss against dense), writes JSON and a PNG plot of accuracy
 vs sparsity.
 
@@ -48,13 +51,26 @@ x = keras.layers.GlobalAveragePooling2D()(x); x = keras.layers.Dropout(0.3)(x)
 model = keras.Model(i, keras.layers.Dense(10)(x))
 model.set_weights(list(np.load(weights_file, allow_pickle=True)))
 steps = int(np.ceil(len(xtr) / 32))
-schedule = tfmot.sparsity.keras.PolynomialDecay(0.0, sparsity, 0, 10 * steps, frequency=steps // 4 or 1)
-pruned = tfmot.sparsity.keras.prune_low_magnitude(model, pruning_schedule=schedule)
+if ":" in sys.argv[6]:
+    # tfmot's N:M (its 2:4 tutorial): per layer, the pattern from the first step on;
+    # layers whose inputs are no multiple of M (the 1-channel stem) stay dense, as in ours.
+    pattern = tuple(int(v) for v in sys.argv[6].split(":"))
+    wrap = lambda l: (tfmot.sparsity.keras.prune_low_magnitude(l, sparsity_m_by_n=pattern)
+                      if isinstance(l, (keras.layers.Conv2D, keras.layers.Dense))
+                      and l.get_weights()[0].shape[-2] % pattern[1] == 0 else l.__class__.from_config(l.get_config()))
+    pruned = keras.models.clone_model(model, clone_function=wrap)
+    for new, old in zip(pruned.layers, model.layers):
+        (new.layer if hasattr(new, "layer") else new).set_weights(old.get_weights())
+else:
+    schedule = tfmot.sparsity.keras.PolynomialDecay(0.0, sparsity, 0, 10 * steps, frequency=steps // 4 or 1)
+    pruned = tfmot.sparsity.keras.prune_low_magnitude(model, pruning_schedule=schedule)
 pruned.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
 pruned.fit(xtr, ytr, batch_size=32, epochs=epochs, verbose=0, callbacks=[tfmot.sparsity.keras.UpdatePruningStep()])
 final = tfmot.sparsity.keras.strip_pruning(pruned)
 final.compile(metrics=["accuracy"], loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-print(json.dumps({"accuracy": float(final.evaluate(xte, yte, verbose=0)[1])}))
+kernels = [w for w in final.get_weights() if w.ndim >= 2]
+print(json.dumps({"accuracy": float(final.evaluate(xte, yte, verbose=0)[1]),
+                  "kernel_zeros": [float((k == 0).mean()) for k in kernels]}))
 """
 
 
@@ -67,16 +83,17 @@ ABLATIONS = {
 }
 
 
-def tfmot_accuracy(weights_file, sparsity, seed, epochs):
-    """Test accuracy of tfmot's gradual magnitude pruning, or None if it failed."""
+def tfmot_accuracy(weights_file, sparsity, seed, epochs, structure):
+    """Test accuracy of tfmot's gradual magnitude pruning (or its N:M pruning; None if it
+    failed) and the share of zeros in each kernel of its result."""
     done = subprocess.run(
-        [sys.executable, "-c", TFMOT, ROOT, weights_file, str(sparsity), str(seed), str(epochs)],
+        [sys.executable, "-c", TFMOT, ROOT, weights_file, str(sparsity), str(seed), str(epochs), structure],
         capture_output=True, text=True, env={**os.environ, "TF_USE_LEGACY_KERAS": "1"},
     )
     if done.returncode != 0:
         print(done.stderr[-1500:], file=sys.stderr)
-        return None
-    return json.loads(done.stdout.strip().splitlines()[-1])["accuracy"]
+        return {"accuracy": None}
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main():
@@ -87,7 +104,8 @@ def main():
                         help="comma-separated subset of %s, or '' for none" % ", ".join(ABLATIONS))
     parser.add_argument("--ablation_sparsities", default="0.95,0.98")
     parser.add_argument("--ablation_seeds", type=int, default=3)
-    parser.add_argument("--structure", default="unstructured", choices=("unstructured", "channel"))
+    parser.add_argument("--structure", default="unstructured",
+                        help="unstructured, channel, or an N:M pattern such as 2:4 (then --sparsities 0.5)")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "digits_vs_tfmot.json"))
     args = parser.parse_args()
     ablations = [a for a in args.ablations.split(",") if a]
@@ -139,7 +157,7 @@ def main():
                 continue
             # tfmot gets as many epochs as DG2PF used on the same seed.
             record({"sparsity": sparsity, "seed": seed, "method": "tfmot", "epochs": row["epochs"],
-                    "accuracy": tfmot_accuracy(weights_file, sparsity, seed, row["epochs"])})
+                    **tfmot_accuracy(weights_file, sparsity, seed, row["epochs"], args.structure)})
     for sparsity in [float(s) for s in args.ablation_sparsities.split(",") if s] if ablations else []:
         for method in ablations:
             for seed in range(args.ablation_seeds):

@@ -2,7 +2,8 @@
 
 Prints two tables and writes JSON (default benchmarks/results/phase_speed.json):
 - one mask update (`dg2pf_tf.update_masks`) on ResNet-50, ResNet-152 and
-  EfficientNetV2L, for each scope and floor: median seconds over updates whose
+  EfficientNetV2L, for each scope and floor (or, with `--structure 2:4`, the
+  N:M masks for each scope): median seconds over updates whose
   weights moved in between (as in training), compiled and warm; the first
   call's time (tracing and XLA compilation); peak resident memory during the
   updates above what the process held before, as a multiple of the prunable
@@ -18,7 +19,7 @@ Prints two tables and writes JSON (default benchmarks/results/phase_speed.json):
   own process, Adam for both).
 
 Run: python benchmarks/phase_speed.py [--steps 8] [--models resnet50,mobilenet_v2]
-         [--update_models resnet50,resnet152,efficientnetv2l]
+         [--update_models resnet50,resnet152,efficientnetv2l] [--structure 2:4]
 """
 
 import argparse
@@ -35,6 +36,7 @@ import keras  # noqa: E402
 from core_speed import median, run_tf_keras, write_json  # noqa: E402  (benchmarks/ is on the path)
 
 SETTINGS = [("global", 0.0), ("global", 1.0), ("global", 0.5), ("layer", 0.0)]
+NM_SETTINGS = [("global", 0.0), ("layer", 0.0)]  # an N:M pattern has no floor
 UPDATE_MODELS = {"resnet50": "ResNet50", "resnet152": "ResNet152", "efficientnetv2l": "EfficientNetV2L"}
 STEP_MODELS = {"resnet50": ("ResNet50", {}), "mobilenet_v2": ("MobileNetV2", {"alpha": 0.35})}
 BATCH = 64
@@ -100,7 +102,7 @@ class _Memory:
         return self._read("VmHWM") - self.base
 
 
-def mask_updates(name, updates=6):
+def mask_updates(name, updates=6, structure="unstructured"):
     """Rows of mask-update measurements for one `keras.applications` model."""
     import numpy as np
     import tensorflow as tf
@@ -109,7 +111,8 @@ def mask_updates(name, updates=6):
     from dg2pf_tf import masking
 
     model = getattr(keras.applications, UPDATE_MODELS[name])(input_shape=(32, 32, 3), weights=None, classes=1000)
-    pruned = dg2pf_tf.prune(model, sparsity=0.9, pruning_epochs=1)
+    nm = ":" in structure
+    pruned = dg2pf_tf.prune(model, sparsity=None if nm else 0.9, pruning_epochs=1, structure=structure)
     del model
     masks = masking.mask_set(pruned)
     kernels = [kernel for kernel, _ in masks.entries]
@@ -123,24 +126,25 @@ def mask_updates(name, updates=6):
             kernel.assign_add(noise * tf.abs(kernel))
 
     rows, memory = [], _Memory()
-    for scope, floor in SETTINGS:
+    base = 0.3 if nm else 0.6  # levels below an N:M pattern's ceiling
+    for scope, floor in NM_SETTINGS if nm else SETTINGS:
         nudge(tf.constant(0))
         start = time.perf_counter()
-        masks.update(0.5, scope, floor)
+        masks.update(base - 0.1, scope, floor)
         first = time.perf_counter() - start
-        masks.update(0.6 - 1e-4, scope, floor)
+        masks.update(base - 1e-4, scope, floor)
         seconds = []
         memory.reset()
         for i in range(updates):
             nudge(tf.constant(i + 1))
-            level = 0.6 + 1e-4 * i  # a step of a 10-epoch schedule of ~1,000 steps an epoch
+            level = base + 1e-4 * i  # a step of a 10-epoch schedule of ~1,000 steps an epoch
             start = time.perf_counter()
             masks.update(level, scope, floor)
             _ = masks.entries[0][1][..., :1].numpy()  # waits for the device
             seconds.append(time.perf_counter() - start)
         peak = memory.extra_peak()
         zeros = prunable - sum(int(np.count_nonzero(m.numpy())) for _, m in masks.entries)
-        row = {"model": name, "prunable_weights": prunable, "scope": scope, "floor": floor,
+        row = {"model": name, "structure": structure, "prunable_weights": prunable, "scope": scope, "floor": floor,
                "seconds": median(seconds), "first_call_seconds": first,
                "peak_extra_over_weight_bytes": peak / (4 * prunable),
                "exact": zeros == round(masks.realised(level, scope) * prunable)}
@@ -265,6 +269,8 @@ def main():
     parser.add_argument("--models", default=",".join(STEP_MODELS))
     parser.add_argument("--update_models", default=",".join(UPDATE_MODELS))
     parser.add_argument("--no_tfmot", action="store_true")
+    parser.add_argument("--structure", default="unstructured",
+                        help="masks of the update rows: unstructured, or an N:M pattern such as 2:4")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "phase_speed.json"))
     args = parser.parse_args()
     models = [m for m in args.models.split(",") if m]
@@ -277,7 +283,7 @@ def main():
     updates = []
     for name in update_models:
         print(f"Mask updates on {name}...", flush=True)
-        updates += mask_updates(name)
+        updates += mask_updates(name, structure=args.structure)
     phases, baseline = {}, {}
     for name in models:
         print(f"Training steps of {name}: dense fit, then each phase of run()...", flush=True)
@@ -288,10 +294,10 @@ def main():
             baseline[name] = tfmot_steps(name, args.steps)
             print(json.dumps(baseline[name]), flush=True)
 
-    print(f"\n{'model':<16}{'weights':>12}{'scope':>8}{'floor':>7}{'update ms':>11}{'first s':>9}"
+    print(f"\n{'model':<16}{'masks':>13}{'weights':>12}{'scope':>8}{'floor':>7}{'update ms':>11}{'first s':>9}"
           f"{'peak/weights':>14}{'exact':>7}")
     for r in updates:
-        print(f"{r['model']:<16}{r['prunable_weights']:>12,}{r['scope']:>8}{r['floor']:>7.1f}"
+        print(f"{r['model']:<16}{r['structure']:>13}{r['prunable_weights']:>12,}{r['scope']:>8}{r['floor']:>7.1f}"
               f"{1000 * r['seconds']:>11.1f}{r['first_call_seconds']:>9.1f}"
               f"{r['peak_extra_over_weight_bytes']:>14.2f}{str(r['exact']):>7}")
     print(f"\n{'model':<14}" + "".join(f"{p:>17}" for p in (*PHASES, "tfmot/1", "tfmot/100")))

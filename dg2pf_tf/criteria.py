@@ -269,7 +269,9 @@ def channel_keep(scores, sparsity, floor=0.0):
 def nm_candidates(weight, axis, n, m):
     """Where N:M pruning may remove weights: True for the `m - n` smallest
     magnitudes of every block of `m` consecutive weights along `axis` (ties:
-    the earlier position). `weight.shape[axis]` must be a multiple of `m`."""
+    the earlier position). Raises ValueError unless `weight.shape[axis]` is a multiple of `m`."""
+    if np.shape(weight)[axis] % m:
+        raise ValueError(f"{np.shape(weight)[axis]} inputs along axis {axis} do not split into blocks of {m}.")
     moved = np.moveaxis(np.abs(np.asarray(weight, np.float32)), axis, -1)
     blocks = moved.reshape(-1, m)
     order = np.argsort(blocks, axis=1, kind="stable")

@@ -13,25 +13,24 @@ import numpy as np
 import tensorflow as tf
 
 from dg2pf_tf.criteria import nm_violations
-from dg2pf_tf.device_criteria import DeviceCriterion
+from dg2pf_tf.device_criteria import XLA_FROM, DeviceCriterion
 from dg2pf_tf.window_search import abs_bits
 
 
 def candidates(kernel, axis, n, m):
     """`criteria.nm_candidates` in TensorFlow ops: True for the m - n smallest
     magnitudes of each block of m along `axis`, ties to the earlier position."""
-    rank = len(kernel.shape)
-    perm = [i for i in range(rank) if i != axis] + [axis]
-    moved = tf.transpose(kernel, perm)
-    blocks = tf.reshape(abs_bits(tf.reshape(moved, [-1])), [-1, m])
+    shape = [int(d) for d in kernel.shape]
+    # Blocks as axis 2 of [before, blocks, m, after]: no transposed copy.
+    grouped = [int(np.prod(shape[:axis])), shape[axis] // m, m, int(np.prod(shape[axis + 1:]))]
+    bits = tf.reshape(abs_bits(tf.reshape(kernel, [-1])), grouped)
     # Each weight's place in its block's stable order: smaller ones, and equal ones before it.
-    places = tf.zeros_like(blocks)
+    places = tf.zeros_like(bits)
     for j in range(m):
-        other = blocks[:, j:j + 1]
-        before = tf.constant([j < i for i in range(m)])
-        places += tf.cast((other < blocks) | ((other == blocks) & before), tf.int32)
-    chosen = tf.reshape(places < m - n, tf.shape(moved))
-    return tf.transpose(chosen, np.argsort(perm).tolist())
+        other = bits[:, :, j:j + 1, :]
+        before = tf.reshape(tf.constant([j < i for i in range(m)]), [1, 1, m, 1])
+        places += tf.cast((other < bits) | ((other == bits) & before), tf.int32)
+    return tf.reshape(places < m - n, shape)
 
 
 class NMCriterion(DeviceCriterion):
@@ -55,6 +54,9 @@ class NMCriterion(DeviceCriterion):
         self.axes, self.n, self.m = list(axes), n, m
         self.max_level = 1.0 - n / m
         self.pattern = f"{n}:{m}"
+        # XLA fuses the block comparisons into one pass over the weights (as `DeviceCriterion`
+        # compiles its own passes), from the same size on.
+        self._bounded = tf.function(self._bound, jit_compile=self.total >= XLA_FROM, autograph=False)
 
     def removals(self, level):
         return super().removals(min(float(level), self.max_level))
@@ -62,9 +64,12 @@ class NMCriterion(DeviceCriterion):
     @tf.autograph.experimental.do_not_convert
     def masks(self, kernels, sparsity):
         level = tf.minimum(tf.cast(sparsity, tf.float64), self.max_level)
-        bounded = [tf.where(candidates(k, axis, self.n, self.m), k, tf.constant(np.inf, k.dtype))
-                   for k, axis in zip(kernels, self.axes)]
-        return super().masks(bounded, level)
+        return super().masks(self._bounded(list(kernels)), level)
+
+    def _bound(self, kernels):
+        """The kernels with every weight that is no candidate set to +inf (never pruned)."""
+        return [tf.where(candidates(k, axis, self.n, self.m), k, tf.constant(np.inf, k.dtype))
+                for k, axis in zip(kernels, self.axes)]
 
     def pattern_problems(self, masks):
         """`(index, blocks)` for each numpy mask with blocks of m that keep more than n."""

@@ -177,6 +177,14 @@ class PatternReport:
     dense: tuple
     broken: tuple
 
+    def __str__(self):
+        lines = [f"{self.pattern}: {len(self.checked)} kernels hold zeros, {self.blocks:,} blocks checked, "
+                 f"{len(self.broken)} kernels break the pattern"]
+        lines += [f"  broken: {path} ({blocks} blocks)" for path, blocks in self.broken]
+        if self.dense:
+            lines.append(f"  dense ({len(self.dense)}): " + ", ".join(self.dense))
+        return "\n".join(lines)
+
     def to_dict(self):
         return {"pattern": self.pattern, "kernels_checked": len(self.checked), "blocks": self.blocks,
                 "dense": list(self.dense), "broken": [list(b) for b in self.broken]}

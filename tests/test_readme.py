@@ -7,6 +7,7 @@ import keras
 import numpy as np
 import pytest
 
+import dg2pf_tf
 from helpers import ROOT
 
 with open(os.path.join(ROOT, "README.md")) as f:
@@ -41,6 +42,8 @@ def test_readme_examples_run_as_written(tmp_path, monkeypatch, capsys):
     small, model = namespace["small"], namespace["model"]
     assert small.count_params() < 0.5 * model.count_params()  # channels physically removed
     assert namespace["channels"].report["channels_removed"] > 0
+    pattern = dg2pf_tf.pattern_report(namespace["sparse24"].model, "2:4")
+    assert pattern.broken == () and len(pattern.checked) == 3  # conv2, conv3, the head
     loaded = keras.models.load_model("pruned.keras")
     x = namespace["x_val"][:8]
     np.testing.assert_allclose(loaded(x), namespace["plain"](x), atol=1e-6)
