@@ -134,14 +134,3 @@ def test_per_layer_scope_prunes_each_kernel_to_its_own_count(digits):
     # One global round(0.98 * n) would differ from the per-kernel sum here.
     assert sum(r.zeros for r in rows) != round(0.98 * sum(r.weights for r in rows))
 
-
-def test_run_with_a_2_to_4_pattern_returns_a_model_that_holds_it(digits):
-    (xtr, ytr), (xte, yte) = digits
-    with pytest.warns(UserWarning, match="conv1/kernel"):  # one input channel: stays dense
-        result = dg2pf_tf.run(_trained(digits), (xtr, ytr), (xte, yte), structure="2:4",
-                              pruning_epochs=2, patience=1, max_epochs=2, seed=0, verbose=0)
-    report = result.report
-    assert report["target_sparsity"] == 0.5 and report["sparsity_pruned"] == 0.5
-    pattern = dg2pf_tf.pattern_report(result.model, "2:4")
-    assert pattern.broken == () and len(pattern.checked) == 3 and pattern.dense == ()
-    assert report["pruned_val_accuracy"] >= report["dense_val_accuracy"] - 0.03

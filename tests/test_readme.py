@@ -42,8 +42,11 @@ def test_readme_examples_run_as_written(tmp_path, monkeypatch, capsys):
     small, model = namespace["small"], namespace["model"]
     assert small.count_params() < 0.5 * model.count_params()  # channels physically removed
     assert namespace["channels"].report["channels_removed"] > 0
+    sparse24 = namespace["sparse24"].report  # the first convolution has one input: dense
+    assert sparse24["target_sparsity"] == 0.5 and sparse24["sparsity_pruned"] == 0.5
+    assert sparse24["pruned_val_accuracy"] >= sparse24["dense_val_accuracy"] - 0.03
     pattern = dg2pf_tf.pattern_report(namespace["sparse24"].model, "2:4")
-    assert pattern.broken == () and len(pattern.checked) == 3  # conv2, conv3, the head
+    assert pattern.broken == () and len(pattern.checked) == 3 and pattern.dense == ()
     loaded = keras.models.load_model("pruned.keras")
     x = namespace["x_val"][:8]
     np.testing.assert_allclose(loaded(x), namespace["plain"](x), atol=1e-6)
