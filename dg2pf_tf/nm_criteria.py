@@ -53,7 +53,6 @@ class NMCriterion(DeviceCriterion):
                     f"multiple of {m}: it cannot take an {n}:{m} pattern. Keep its layer dense.")
         self.axes, self.n, self.m = list(axes), n, m
         self.max_level = 1.0 - n / m
-        self.pattern = f"{n}:{m}"
         # XLA fuses the block comparisons into one pass over the weights (as `DeviceCriterion`
         # compiles its own passes), from the same size on.
         self._bounded = tf.function(self._bound, jit_compile=self.total >= XLA_FROM, autograph=False)

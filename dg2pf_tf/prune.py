@@ -172,11 +172,9 @@ def _nm_eligible(chosen, structure):
     n, m = nm_pattern(structure)
     kept, left = [], []
     for weight in chosen:
-        axis = registry.input_axis(weight)
+        axis, why = registry.pattern_axis(weight, m)
         if axis is None:
-            left.append(f"{weight.variable.path} (no input axis)")
-        elif weight.variable.shape[axis] % m:
-            left.append(f"{weight.variable.path} ({weight.variable.shape[axis]} inputs)")
+            left.append(f"{weight.variable.path} ({why})")
         else:
             kept.append(weight)
     if not kept:

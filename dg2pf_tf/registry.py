@@ -126,6 +126,16 @@ def input_axis(weight):
     return None if axis is None or rank < 2 else axis % rank
 
 
+def pattern_axis(weight, m):
+    """`(axis, None)` if `weight` (a `PrunableWeight`) can hold blocks of `m`
+    along its `input_axis`, else `(None, why)`."""
+    axis = input_axis(weight)
+    if axis is None:
+        return None, "no input axis"
+    inputs = weight.variable.shape[axis]
+    return (axis, None) if inputs % m == 0 else (None, f"{inputs} inputs")
+
+
 def _einsum_input_axis(equation):
     """The last kernel axis an einsum `equation` sums over ('abc,cd->abd': 0)."""
     inputs, output = equation.replace(" ", "").split("->")

@@ -192,7 +192,7 @@ class PatternReport:
 
 def pattern_report(model, pattern):
     """Checks the N:M `pattern` ('2:4') in every kernel of `model` that can hold
-    one (inputs along `registry.input_axis`, a multiple of M), as the forward
+    one (`registry.pattern_axis`), as the forward
     pass sees it. Returns a `PatternReport`.
 
     Raises ValueError if `pattern` is not N:M.
@@ -204,10 +204,11 @@ def pattern_report(model, pattern):
     effective, _ = _effective(model)
     checked, dense, broken, blocks = [], [], [], 0
     for weight in find_prunable(model).chosen:
-        axis, value = registry.input_axis(weight), effective.get(id(weight.variable))
-        value = weight.variable.numpy() if value is None else value
-        if axis is None or value.shape[axis] % m:
+        axis, _ = registry.pattern_axis(weight, m)
+        if axis is None:
             continue
+        value = effective.get(id(weight.variable))
+        value = weight.variable.numpy() if value is None else value
         if not count_zeros(value):
             dense.append(weight.variable.path)
             continue
