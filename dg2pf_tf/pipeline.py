@@ -232,10 +232,11 @@ def run(
             is the paper's pure global magnitude.
         structure: as in `dg2pf_tf.prune`. With 'channel', `sparsity` is the
             share of channels removed and `RunResult.model` is the shrunk
-            model (`dg2pf_tf.shrink`): fewer filters and units, same outputs.
+            model (`dg2pf_tf.shrink`): fewer filters, units and heads, same outputs.
             With an N:M pattern ('2:4'), `sparsity` is 1 - N/M and the result
             holds the pattern (checked, as the sparsity is, before it returns).
-        teacher: the distillation teacher; default a frozen copy of `model`.
+        teacher: the distillation teacher (a frozen copy of it is used, the
+            model itself is not changed); default `model`.
         temperature, alpha: the KD loss (see `Distiller`).
         patience: epochs without a better validation score that end a phase.
         max_epochs: upper bound on the epochs of each phase after the
@@ -307,7 +308,8 @@ def run(
         student = prune(model, schedule=schedules.Linear(config.sparsity, config.pruning_epochs),
                         scope=config.scope, exclude=exclude, recovery=config.recovery, floor=config.floor,
                         structure=config.structure)
-        teacher = strip(model) if teacher is None else teacher
+        # A frozen copy: the user's teacher keeps its `trainable` (Distiller freezes what it gets).
+        teacher = strip(model if teacher is None else teacher)
         optimizers = {
             "adamw": keras.optimizers.AdamW(learning_rate=config.learning_rate,
                                             weight_decay=config.weight_decay, clipnorm=config.clipnorm),

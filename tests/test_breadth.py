@@ -173,6 +173,17 @@ def test_run_handles_binary_multi_label_and_regression_models(outputs, activatio
     assert got == pytest.approx(report[f"pruned_val_{metric}"], rel=1e-5)
 
 
+def test_run_leaves_a_given_teacher_trainable_and_unchanged():
+    x, y = _regression_data()
+    model, teacher = _mlp(3), _mlp(3)
+    before = [w.numpy().copy() for w in teacher.weights]
+    _short_run(model, (x, y), (x[:32], y[:32]), teacher=teacher)
+    assert teacher.trainable and len(teacher.trainable_weights) == 4
+    assert all(np.array_equal(a, w.numpy()) for a, w in zip(before, teacher.weights))
+    # so the same model can be pruned again, or be the student of another run
+    assert _short_run(teacher, (x, y), (x[:32], y[:32])).report["sparsity_pruned"] > 0
+
+
 def test_distillation_of_sigmoid_and_regression_outputs_is_zero_on_the_teacher_itself():
     x, y = _regression_data(8)
     for task, outputs, activation in (("binary", 3, "sigmoid"), ("regression", 3, None)):
