@@ -62,7 +62,8 @@ def conv_lstm_cell_class():
 
 def graph_nodes(model):
     """The layer calls of a Sequential or Functional `model` in execution order,
-    each with `.operation`, `.input_tensors` and `.outputs`; None for a model
+    each with `.operation`, `.input_tensors`, `.outputs` and `.arguments`
+    (the call's `.args` and `.kwargs`); None for a model
     that is not a layer graph (subclassed, or Sequential without an input).
 
     Keras 3's public API lists a model's layers but not how they are

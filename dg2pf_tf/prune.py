@@ -233,8 +233,9 @@ def prune(
             each channel group keeps at least this share of `1 - sparsity` of
             its channels (default 0.5), and always one.
         structure: 'unstructured' (single weights) or 'channel': whole
-            output channels of convolutions and units of Dense layers, with
-            every weight coupled to them (`dg2pf_tf.channel_groups` lists the
+            output channels of convolutions, units of Dense and EinsumDense
+            layers and heads of MultiHeadAttention, with every weight coupled
+            to them (`dg2pf_tf.channel_groups` lists the
             groups and the ones that stay dense), ranked globally by the L2
             norm of those weights; `sparsity` is then the share of channels
             removed, and `dg2pf_tf.shrink` turns the result into a smaller model.

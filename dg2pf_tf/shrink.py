@@ -8,9 +8,6 @@ import numpy as np
 from dg2pf_tf import masking, structure
 from dg2pf_tf.prune import strip
 
-_SIZE_KEYS = {keras.layers.Dense: "units"}  # every other producer is a convolution: "filters"
-
-
 def removed_channels(group):
     """Channels of `group` (a `structure.ChannelGroup`) that no layer reads any
     more: every kernel row consuming them is exactly zero. One is always kept."""
@@ -28,8 +25,8 @@ def shrink(model):
 
     A channel goes when nothing reads it any more: every kernel row that
     consumes it (in any layer `structure.channel_groups` couples to it) is
-    exactly zero, as channel pruning leaves it. Its filters, BatchNorm
-    parameters and statistics go with it, so the copy computes what `model`
+    exactly zero, as channel pruning leaves it. Its filters (units, attention
+    heads), BatchNorm parameters and statistics go with it, so the copy computes what `model`
     computes at inference, and it loads without dg2pf_tf. A pruned model is
     stripped first. Raises ValueError for a model that is not a layer graph.
     """
@@ -40,19 +37,21 @@ def shrink(model):
         removed = removed_channels(group)
         for s in group.slices:
             cut[(id(s.variable), s.axis)].update(s.rows[removed].reshape(-1).tolist())
-    sizes = {}
+    sizes = collections.defaultdict(dict)  # layer name -> {config key: channels left}
+    for layer, key, size in found.pinned:
+        sizes[layer][key] = size
     for group in found.groups:
         for s in group.slices:
             if s.role == structure.PRODUCES:
-                sizes[s.layer] = s.variable.shape[s.axis] - len(cut[(id(s.variable), s.axis)])
+                sizes[s.layer][s.size_key] = s.variable.shape[s.axis] - len(cut[(id(s.variable), s.axis)])
 
     def rebuilt(layer):
         reshaped = layer.name in found.reshapes
         if not getattr(layer, "weights", None) and layer.name not in sizes and not reshaped:
             return layer  # stateless (an op, a Lambda whose config may not load): shared
         config = layer.get_config()
-        if layer.name in sizes:
-            config[_SIZE_KEYS.get(type(layer), "filters")] = int(sizes[layer.name])
+        for key, size in sizes.get(layer.name, {}).items():
+            config[key] = _resized(config[key], int(size))
         if reshaped:  # (1, ..., 1, channels): the channels are what is left
             config["target_shape"] = (*config["target_shape"][:-1], -1)
         return type(layer).from_config(config)
@@ -68,6 +67,12 @@ def shrink(model):
                 "this model: its channel groups were read wrongly.")
         new.set_weights(values)
     return small
+
+
+def _resized(entry, size):
+    """A size entry of a layer config with its channel count set to `size`:
+    a count, or a shape (EinsumDense's `output_shape`) whose last entry it is."""
+    return size if entry is None or isinstance(entry, int) else (*entry[:-1], size)
 
 
 def _layers(model):

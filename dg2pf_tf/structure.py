@@ -6,8 +6,11 @@ output; per-channel layers (BatchNormalization, activations, pooling, padding,
 depthwise convolutions) pass them through; `Add`/`Multiply`-style merges tie
 their inputs' channels into one group (a squeeze-and-excitation gate
 included); `Concatenate` lays groups side by side; `Flatten` spreads each
-channel over one input of the next layer per position. A convolution or Dense
-layer reading a group *consumes* it through its kernel's input rows.
+channel over one input of the next layer per position. A convolution, Dense
+or EinsumDense layer reading a group *consumes* it through its kernel's input
+rows. `MultiHeadAttention` consumes its inputs' channels, produces its output
+projection's, and its heads are a group inside it: produced by the query, key
+and value projections, consumed by the output projection.
 
 A group that reaches anything else (a model output or input, a layer that
 mixes channels, an operation not known here) stays dense, with the reason.
@@ -16,6 +19,7 @@ Only this module and `prune.py` walk a model's graph.
 
 import collections
 import dataclasses
+import inspect
 
 import keras
 import numpy as np
@@ -30,13 +34,17 @@ class Slice:
     """The entries of `variable` that hold a group's channels: along `axis`,
     the positions `rows[c]` hold channel c (one row per channel). `role`:
     PRODUCES for a kernel's output columns, CONSUMES for its input rows,
-    PASSES for per-channel weights (biases, BatchNorm, depthwise kernels)."""
+    PASSES for per-channel weights (biases, BatchNorm, depthwise kernels).
+    `size_key`, for PRODUCES: the entry of the layer's config that counts
+    these channels ('filters', 'units', 'num_heads', or the last entry of
+    'output_shape')."""
 
     variable: object
     axis: int
     rows: np.ndarray
     layer: str
     role: str
+    size_key: str = None
 
     def per_channel(self, value=None):
         """`(channels, entries)`: the slice's entries of `value` (default: the
@@ -56,7 +64,9 @@ class ChannelGroup:
     @property
     def name(self):
         producers = self.layers(PRODUCES)
-        return producers[0] + (f" (+{len(producers) - 1} tied)" if len(producers) > 1 else "")
+        heads = any(s.size_key == "num_heads" for s in self.slices)
+        return (producers[0] + (" heads" if heads else "")
+                + (f" (+{len(producers) - 1} tied)" if len(producers) > 1 else ""))
 
     def layers(self, role):
         """Names of the layers that take part in the group as `role`, in graph order."""
@@ -85,11 +95,13 @@ class DenseGroup:
 class ChannelStructure:
     """`groups` that can lose channels and `dense` ones that cannot;
     `reshapes`: names of the `Reshape` layers channels pass through, whose
-    target shape names the channel count."""
+    target shape names the channel count; `pinned`: `(layer, config key,
+    value)` of sizes Keras would otherwise infer from a shrunk input."""
 
     groups: tuple
     dense: tuple
     reshapes: tuple = ()
+    pinned: tuple = ()
 
     def __str__(self):
         lines = [f"{len(self.groups)} channel groups can be pruned, {len(self.dense)} stay dense"]
@@ -129,7 +141,7 @@ class _Tracer:
     """The channel layout (a tuple of `_Block`s) of every tensor seen so far."""
 
     def __init__(self):
-        self.layouts, self.spaces, self.reshapes = {}, [], []
+        self.layouts, self.spaces, self.reshapes, self.pinned = {}, [], [], []
 
     def space(self, size, name, reason=None):
         space = _Space(int(size), name)
@@ -153,7 +165,7 @@ class _Tracer:
             for s in b.spaces:
                 s.root().reasons.append(reason)
 
-    def add_slices(self, layout, variable, axis, layer, role):
+    def add_slices(self, layout, variable, axis, layer, role, size_key=None):
         """Ties `variable`'s positions along `axis` to the channels of `layout`."""
         offset = 0
         for b in layout:
@@ -161,7 +173,7 @@ class _Tracer:
             for s in b.spaces:
                 rows = (offset + seg + np.arange(s.size)[:, None]
                         + b.width * np.arange(b.repeat)[None, :])
-                s.root().slices.append(Slice(variable, axis, rows, layer, role))
+                s.root().slices.append(Slice(variable, axis, rows, layer, role, size_key))
                 seg += s.size
             offset += b.width * b.repeat
 
@@ -224,7 +236,7 @@ class _Tracer:
                                         root.size, reason))
             else:
                 groups.append(group)
-        return ChannelStructure(tuple(groups), tuple(dense), tuple(self.reshapes))
+        return ChannelStructure(tuple(groups), tuple(dense), tuple(self.reshapes), tuple(self.pinned))
 
 
 def _joined(layout):
@@ -260,17 +272,88 @@ def _channels_last(layer):
     return getattr(layer, "data_format", "channels_last") == "channels_last"
 
 
+def _project(tracer, layer, layout, kernel, axes, bias, size_key):
+    """A projection: `kernel` reads the channels of `layout` along `axes[0]`
+    and makes new ones along `axes[1]`, with `bias` (or None) per new
+    channel along its last axis. Returns the new channels' layout."""
+    tracer.add_slices(layout, kernel, axes[0], layer.name, CONSUMES)
+    out = (_Block((tracer.space(kernel.shape[axes[1]], layer.name),)),)
+    tracer.add_slices(out, kernel, axes[1], layer.name, PRODUCES, size_key)
+    if bias is not None:
+        tracer.add_slices(out, bias, len(bias.shape) - 1, layer.name, PASSES)
+    return out
+
+
 def _produce(tracer, node):
     """Conv and Dense: consume the input's channels, produce new ones."""
     layer = node.operation
-    kernel = layer.kernel
-    tracer.add_slices(tracer.layout(_only_input(node)), kernel, len(kernel.shape) - 2, layer.name, CONSUMES)
-    space = tracer.space(kernel.shape[-1], layer.name)
-    out = (_Block((space,)),)
-    tracer.add_slices(out, kernel, len(kernel.shape) - 1, layer.name, PRODUCES)
-    if getattr(layer, "bias", None) is not None:
-        tracer.add_slices(out, layer.bias, 0, layer.name, PASSES)
+    rank = len(layer.kernel.shape)
+    key = "units" if isinstance(layer, keras.layers.Dense) else "filters"
+    out = _project(tracer, layer, tracer.layout(_only_input(node)), layer.kernel, (rank - 2, rank - 1),
+                   getattr(layer, "bias", None), key)
     tracer.set(node.outputs[0], out)
+
+
+def einsum_axes(layer):
+    """`(read, made, bias)`: the kernel axes of EinsumDense `layer` that read
+    its input's last axis and make its output's last axis, and whether its
+    bias runs along the output's last axis; None if the equation does not
+    work that way (an ellipsis there, or channels carried past the kernel)."""
+    inputs, out = layer.equation.replace(" ", "").split("->")
+    source, kernel = inputs.split(",")
+    read, made = source[-1:], out[-1:]
+    if "." in kernel + read + made or read not in kernel or read in out or made not in kernel \
+            or made in source:
+        return None
+    return kernel.index(read), kernel.index(made), made in (layer.bias_axes or "")
+
+
+def _einsum(tracer, node):
+    layer = node.operation
+    read, made, biased = einsum_axes(layer)
+    out = _project(tracer, layer, tracer.layout(_only_input(node)), layer.kernel, (read, made),
+                   layer.bias if biased else None, "output_shape")
+    tracer.set(node.outputs[0], out)
+
+
+def _attention(tracer, node):
+    """MultiHeadAttention: query, key and value projections consume their
+    inputs' channels and make `num_heads` heads, which the output projection
+    consumes (a head is all its query, key and value columns, and its rows of
+    the output kernel); the output projection makes new channels."""
+    layer = node.operation
+    bound = inspect.signature(layer.call).bind(*node.arguments.args, **node.arguments.kwargs)
+    query, value = bound.arguments["query"], bound.arguments["value"]
+    key = bound.arguments.get("key") if bound.arguments.get("key") is not None else value
+    reads = [(layer.query_dense, query), (layer.key_dense, key), (layer.value_dense, value)]
+    for t in node.input_tensors:
+        if not any(t is x for _, x in reads):
+            tracer.block(tracer.layout(t), f"read by '{layer.name}' (MultiHeadAttention) as a mask")
+    heads = (_Block((tracer.space(layer.num_heads, layer.name),)),)
+    for dense, x in reads:
+        tracer.add_slices(tracer.layout(x), dense.kernel, 0, layer.name, CONSUMES)
+        tracer.add_slices(heads, dense.kernel, 1, layer.name, PRODUCES, "num_heads")
+        if dense.bias is not None:
+            tracer.add_slices(heads, dense.bias, 0, layer.name, PASSES)
+    output = layer.output_dense
+    out = _project(tracer, layer, heads, output.kernel, (0, 2), output.bias, "output_shape")
+    # Without `output_shape` the width would follow the (maybe shrunk) query.
+    tracer.pinned.append((layer.name, "output_shape", int(output.kernel.shape[-1])))
+    tracer.set(node.outputs[0], out)
+
+
+def _attention_problem(layer):
+    """Why MultiHeadAttention `layer`'s heads cannot be followed, or None."""
+    config = layer.get_config()
+    if config.get("use_gate"):
+        return "a gated MultiHeadAttention"
+    shape = config.get("output_shape")
+    if shape is not None and not isinstance(shape, int) and len(shape) != 1:
+        return "a MultiHeadAttention with a multi-dimensional output_shape"
+    kernels = (layer.query_dense, layer.key_dense, layer.value_dense, layer.output_dense)
+    if any(not isinstance(d.kernel, keras.Variable) or len(d.kernel.shape) != 3 for d in kernels):
+        return "a MultiHeadAttention whose kernels are not plain 3-D variables"
+    return None
 
 
 def _pass(variables):
@@ -374,6 +457,13 @@ def _rule(node):
         if not isinstance(layer.kernel, keras.Variable):
             return _opaque("whose kernel is not a plain variable (LoRA or quantized)")
         return _produce
+    if type(layer) is L.EinsumDense:
+        if not isinstance(layer.kernel, keras.Variable):
+            return _opaque("whose kernel is not a plain variable (LoRA or quantized)")
+        return _einsum if einsum_axes(layer) else _opaque("whose equation moves channels")
+    if type(layer) is L.MultiHeadAttention:
+        problem = _attention_problem(layer)
+        return _opaque(problem) if problem else _attention
     if isinstance(layer, (L.DepthwiseConv1D, L.DepthwiseConv2D)):
         if layer.depth_multiplier != 1:
             return _opaque("a depthwise convolution with depth_multiplier > 1")

@@ -131,6 +131,7 @@ def test_a_channel_still_read_anywhere_is_kept():
     (lambda: L.Activation("softmax", name="mixer"), "whose activation mixes channels"),
     (lambda: L.Reshape((4, 8, 4), name="mixer"), "which moves channels"),
     (lambda: L.Lambda(lambda t: t[..., ::-1], name="mixer"), "not known to keep channels apart"),
+    (lambda: L.EinsumDense("abcd,ce->abde", (4, 8, 5), name="mixer"), "whose equation moves channels"),
 ])
 def test_groups_reaching_a_layer_that_mixes_channels_stay_dense_with_the_reason(layer, reason):
     x = keras.Input((4, 4, 3))
@@ -142,6 +143,70 @@ def test_groups_reaching_a_layer_that_mixes_channels_stay_dense_with_the_reason(
     assert [g.name for g in found.groups] == ["after"]
     small = dg2pf_tf.shrink(randomized(model))
     assert small.get_layer("conv").filters == 8
+
+
+def attention_and_einsum():
+    """Self-attention with a mask input, cross-attention with its own widths,
+    EinsumDense projections (one making an extra axis), Flatten into Dense."""
+    x, mask = keras.Input((6, 16), name="x"), keras.Input((6, 6), name="mask")
+    h = L.Dense(16, name="embed")(x)
+    a = L.MultiHeadAttention(4, 8, name="self")(h, h, attention_mask=mask)
+    a = L.MultiHeadAttention(3, 5, value_dim=7, output_shape=12, name="cross")(a, h, h)
+    e = L.EinsumDense("abc,cd->abd", (6, 10), bias_axes="d", activation="relu", name="ein")(a)
+    e = L.EinsumDense("abc,cde->abde", (6, 3, 4), bias_axes="e", name="ein2")(e)
+    return keras.Model([x, mask], L.Dense(2, name="logits")(L.Flatten()(e)))
+
+
+def test_attention_heads_and_einsum_units_are_groups_and_shrink_computes_the_same():
+    model = randomized(attention_and_einsum())
+    found = prune_half_of_every_group(model)
+    assert {g.name: g.size for g in found.groups} == {
+        "embed": 16, "self heads": 4, "self": 16, "cross heads": 3, "cross": 12, "ein": 10, "ein2": 4}
+    heads = next(g for g in found.groups if g.name == "cross heads")
+    assert sorted(s.variable.path for s in heads.slices if s.role == structure.CONSUMES) == [
+        "cross/attention_output/kernel"]
+    small = dg2pf_tf.shrink(model)
+    assert (small.get_layer("self").num_heads, small.get_layer("cross").num_heads) == (2, 2)
+    assert small.get_layer("cross").output.shape[-1] == 6 and small.get_layer("ein2").output.shape[-1] == 2
+    rng = np.random.default_rng(0)
+    x = [rng.normal(size=(3, 6, 16)).astype("float32"), (rng.uniform(size=(3, 6, 6)) > 0.3).astype("float32")]
+    assert_same_outputs(model, small, x)
+
+
+def encoder(length=6, width=16):
+    """A post-norm transformer encoder block on token ids."""
+    tokens = keras.Input((length,), dtype="int32")
+    x = L.Embedding(50, width)(tokens)
+    x = L.LayerNormalization()(L.Add()([x, L.MultiHeadAttention(4, 4, name="mha")(x, x)]))
+    f = L.Dense(32, activation="gelu", name="ff_in")(x)
+    f = L.EinsumDense("abc,cd->abd", (length, width), bias_axes="d", name="ff_out")(f)
+    x = L.LayerNormalization()(L.Add()([x, f]))
+    return keras.Model(tokens, L.Dense(3, name="head")(L.GlobalAveragePooling1D()(x)))
+
+
+def test_channel_pruning_removes_attention_heads_and_feed_forward_units(tmp_path):
+    pruned = dg2pf_tf.prune(randomized(encoder()), structure="channel")
+    found = dg2pf_tf.channel_groups(pruned.model)
+    assert {g.name: g.size for g in found.groups} == {"mha heads": 4, "ff_in": 32}
+    assert "LayerNormalization" in {d.name: d.reason for d in found.dense}["ff_out"]  # the model width
+    assert dg2pf_tf.update_masks(pruned, 0.5) == pytest.approx(18 / 36)
+    small = dg2pf_tf.shrink(pruned)
+    heads, units = small.get_layer("mha").num_heads, small.get_layer("ff_in").units
+    assert heads + units == 18 and heads >= 1 and units >= 8  # the floor: half of a uniform share
+    tokens = np.random.default_rng(0).integers(0, 50, (4, 6)).astype("int32")
+    assert_same_outputs(pruned, small, tokens)
+    small.save(str(tmp_path / "small.keras"))
+    assert_same_outputs(small, keras.models.load_model(str(tmp_path / "small.keras")), tokens)
+
+
+def test_attention_that_structure_cannot_follow_stays_dense_with_the_reason():
+    x = keras.Input((6, 16))
+    h = L.Dense(16, name="embed")(x)
+    y = L.MultiHeadAttention(2, 4, use_gate=True, name="gated")(h, h)
+    model = keras.Model(x, L.Dense(2)(L.Flatten()(L.Dense(4, name="after")(y))))
+    found = structure.channel_groups(model)
+    assert "a gated MultiHeadAttention" in {d.name: d.reason for d in found.dense}["embed"]
+    assert [g.name for g in found.groups] == ["after"]
 
 
 def test_channel_groups_refuse_a_subclassed_model():
