@@ -284,14 +284,25 @@ def _project(tracer, layer, layout, kernel, axes, bias, size_key):
     return out
 
 
-def _produce(tracer, node):
-    """Conv and Dense: consume the input's channels, produce new ones."""
+def _projection(tracer, node):
+    """Conv, Dense and EinsumDense: consume the input's channels, produce new ones."""
     layer = node.operation
+    read, made, bias, key = _projection_axes(layer)
+    out = _project(tracer, layer, tracer.layout(_only_input(node)), layer.kernel, (read, made),
+                   bias, key)
+    tracer.set(node.outputs[0], out)
+
+
+def _projection_axes(layer):
+    """`(read, made, bias, size_key)` of a Conv, Dense or EinsumDense layer:
+    the kernel axes that read and make channels, the bias of the made
+    channels (or None), and the config entry that counts them."""
+    if isinstance(layer, keras.layers.EinsumDense):
+        read, made, biased = einsum_axes(layer)
+        return read, made, layer.bias if biased else None, "output_shape"
     rank = len(layer.kernel.shape)
     key = "units" if isinstance(layer, keras.layers.Dense) else "filters"
-    out = _project(tracer, layer, tracer.layout(_only_input(node)), layer.kernel, (rank - 2, rank - 1),
-                   getattr(layer, "bias", None), key)
-    tracer.set(node.outputs[0], out)
+    return rank - 2, rank - 1, getattr(layer, "bias", None), key
 
 
 def einsum_axes(layer):
@@ -308,14 +319,6 @@ def einsum_axes(layer):
     return kernel.index(read), kernel.index(made), made in (layer.bias_axes or "")
 
 
-def _einsum(tracer, node):
-    layer = node.operation
-    read, made, biased = einsum_axes(layer)
-    out = _project(tracer, layer, tracer.layout(_only_input(node)), layer.kernel, (read, made),
-                   layer.bias if biased else None, "output_shape")
-    tracer.set(node.outputs[0], out)
-
-
 def _attention(tracer, node):
     """MultiHeadAttention: query, key and value projections consume their
     inputs' channels and make `num_heads` heads, which the output projection
@@ -324,7 +327,8 @@ def _attention(tracer, node):
     layer = node.operation
     bound = inspect.signature(layer.call).bind(*node.arguments.args, **node.arguments.kwargs)
     query, value = bound.arguments["query"], bound.arguments["value"]
-    key = bound.arguments.get("key") if bound.arguments.get("key") is not None else value
+    key = bound.arguments.get("key")
+    key = value if key is None else key
     reads = [(layer.query_dense, query), (layer.key_dense, key), (layer.value_dense, value)]
     for t in node.input_tensors:
         if not any(t is x for _, x in reads):
@@ -451,16 +455,14 @@ def _rule(node):
         return _opaque("which is channels_first")
     if _mixing_activation(layer):
         return _opaque("whose activation mixes channels")
-    if type(layer) in (L.Conv1D, L.Conv2D, L.Conv3D, L.Dense):
+    if type(layer) in (L.Conv1D, L.Conv2D, L.Conv3D, L.Dense, L.EinsumDense):
         if getattr(layer, "groups", 1) != 1:
             return _opaque("a grouped convolution")
         if not isinstance(layer.kernel, keras.Variable):
             return _opaque("whose kernel is not a plain variable (LoRA or quantized)")
-        return _produce
-    if type(layer) is L.EinsumDense:
-        if not isinstance(layer.kernel, keras.Variable):
-            return _opaque("whose kernel is not a plain variable (LoRA or quantized)")
-        return _einsum if einsum_axes(layer) else _opaque("whose equation moves channels")
+        if type(layer) is L.EinsumDense and einsum_axes(layer) is None:
+            return _opaque("whose equation moves channels")
+        return _projection
     if type(layer) is L.MultiHeadAttention:
         problem = _attention_problem(layer)
         return _opaque(problem) if problem else _attention
