@@ -10,7 +10,10 @@ distillation (alpha=0), weight recovery (hard masks from the first step),
 global allocation (per-layer sparsity), pruned fine-tuning. With
 `--structure channel` DG2PF removes whole channels (sparsity = share of
 channels; tfmot has no channel pruning and is left out) and the rows also
-give the shrunk model's parameters. With `--structure 2:4` both prune in the
+give the shrunk model's parameters; `--then_sparsity S` then prunes each
+shrunk model again, single weights to S inside the surviving channels
+(`run(small, structure="unstructured", sparsity=S, teacher=dense)`), rows
+"dg2pf+zeros" with the nonzero parameters left. With `--structure 2:4` both prune in the
 2:4 pattern: DG2PF on its schedule, tfmot with `sparsity_m_by_n=(2, 4)`, which
 applies the pattern from the first step (layers whose inputs are no multiple
 of 4 stay dense in both). Prints a table (mean, min, max test
@@ -19,6 +22,7 @@ vs sparsity.
 
 Run: python benchmarks/digits_vs_tfmot.py [--sparsities 0.9,0.95,0.98,0.99] [--seeds 4]
          [--ablation_sparsities 0.95,0.98] [--ablation_seeds 3] [--structure unstructured]
+         [--then_sparsity 0.9 (with --structure channel)]
 """
 
 import argparse
@@ -106,12 +110,17 @@ def main():
     parser.add_argument("--ablation_seeds", type=int, default=3)
     parser.add_argument("--structure", default="unstructured",
                         help="unstructured, channel, or an N:M pattern such as 2:4 (then --sparsities 0.5)")
+    parser.add_argument("--then_sparsity", type=float, default=None,
+                        help="with --structure channel: prune each shrunk model again to this "
+                             "unstructured sparsity inside the surviving channels")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "digits_vs_tfmot.json"))
     args = parser.parse_args()
     ablations = [a for a in args.ablations.split(",") if a]
     unknown = sorted(set(ablations) - set(ABLATIONS))
     if unknown:
         parser.error(f"unknown --ablations {unknown}; choose from {', '.join(ABLATIONS)}")
+    if args.then_sparsity is not None and args.structure != "channel":
+        parser.error("--then_sparsity prunes the survivors of channel pruning: add --structure channel")
     import keras
     import numpy as np
     import tensorflow as tf
@@ -133,15 +142,19 @@ def main():
     np.save(weights_file, np.array(dense.get_weights(), dtype=object), allow_pickle=True)
     test = tf.data.Dataset.from_tensor_slices((xte, yte)).batch(256)
 
-    def ours(method, sparsity, seed):
+    def ours(method, sparsity, seed, model=dense, structure=args.structure, row_sparsity=None):
+        """One DG2PF run from `model` (distilled from `dense`): its table row and its result."""
         start = time.perf_counter()
-        result = dg2pf_tf.run(dense, (xtr, ytr), (xval, yval), sparsity=sparsity, pruning_epochs=10,
-                              seed=seed, verbose=0, structure=args.structure, **ABLATIONS.get(method, {}))
-        return {"sparsity": sparsity, "seed": seed, "method": method,
-                "accuracy": dg2pf_tf.evaluate(result.model, test)[0],
+        result = dg2pf_tf.run(model, (xtr, ytr), (xval, yval), sparsity=sparsity, pruning_epochs=10,
+                              seed=seed, verbose=0, structure=structure, teacher=dense,
+                              **ABLATIONS.get(method, {}))
+        weights = result.model.get_weights()
+        return {"sparsity": sparsity if row_sparsity is None else row_sparsity, "seed": seed,
+                "method": method, "accuracy": dg2pf_tf.evaluate(result.model, test)[0],
                 "epochs": sum(result.report["epochs"].values()),
                 "params": result.model.count_params(),
-                "seconds": time.perf_counter() - start}
+                "nonzero": int(sum(np.count_nonzero(w) for w in weights)),
+                "seconds": time.perf_counter() - start}, result.model
 
     results = []
 
@@ -151,8 +164,11 @@ def main():
 
     for sparsity in [float(s) for s in args.sparsities.split(",")]:
         for seed in range(args.seeds):
-            row = ours("dg2pf", sparsity, seed)
+            row, small = ours("dg2pf", sparsity, seed)
             record(row)
+            if args.then_sparsity is not None:
+                record(ours("dg2pf+zeros", args.then_sparsity, seed, model=small,
+                            structure="unstructured", row_sparsity=sparsity)[0])
             if args.structure == "channel":
                 continue
             # tfmot gets as many epochs as DG2PF used on the same seed.
@@ -161,13 +177,13 @@ def main():
     for sparsity in [float(s) for s in args.ablation_sparsities.split(",") if s] if ablations else []:
         for method in ablations:
             for seed in range(args.ablation_seeds):
-                record(ours(method, sparsity, seed))
+                record(ours(method, sparsity, seed)[0])
 
     print(f"\n{'sparsity':>8}  {'method':<12} {'seeds':>5} {'mean':>7} {'min':>7} {'max':>7} "
-          f"{'mean loss (pts)':>16}")
+          f"{'mean loss (pts)':>16} {'params':>8} {'nonzero':>8}")
     summary = []
     for sparsity in sorted({r["sparsity"] for r in results}):
-        for method in ["dg2pf", "tfmot", *ablations]:
+        for method in ["dg2pf", "dg2pf+zeros", "tfmot", *ablations]:
             runs = [r for r in results
                     if r["sparsity"] == sparsity and r["method"] == method and r["accuracy"] is not None]
             accs = [r["accuracy"] for r in runs]
@@ -177,9 +193,11 @@ def main():
             summary.append({"sparsity": sparsity, "method": method, "seeds": len(accs), "mean": mean,
                             "min": min(accs), "max": max(accs), "loss_points": 100 * (dense_acc - mean),
                             "worst_loss_points": 100 * (dense_acc - min(accs)),
-                            "params": float(np.mean([r.get("params", dense.count_params()) for r in runs]))})
+                            "params": float(np.mean([r.get("params", dense.count_params()) for r in runs])),
+                            "nonzero": float(np.mean([r.get("nonzero", np.nan) for r in runs]))})
             print(f"{sparsity:>8.2f}  {method:<12} {len(accs):>5} {mean:>7.4f} {min(accs):>7.4f} "
-                  f"{max(accs):>7.4f} {100 * (dense_acc - mean):>16.2f}")
+                  f"{max(accs):>7.4f} {100 * (dense_acc - mean):>16.2f} {summary[-1]['params']:>8.0f} "
+                  f"{summary[-1]['nonzero']:>8.0f}")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"command": "python benchmarks/digits_vs_tfmot.py " + " ".join(sys.argv[1:]),
@@ -191,7 +209,7 @@ def main():
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for method in ["dg2pf", "tfmot", *ablations]:
+    for method in ["dg2pf", "dg2pf+zeros", "tfmot", *ablations]:
         rows = [s for s in summary if s["method"] == method]
         if not rows:
             continue
