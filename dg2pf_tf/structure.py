@@ -12,8 +12,10 @@ rows. `MultiHeadAttention` consumes its inputs' channels, produces its output
 projection's, and its heads are a group inside it: produced by the query, key
 and value projections, consumed by the output projection.
 
+Weightless operations not known by type (`keras.ops` arithmetic, a Lambda)
+pass channels when running them shows they keep them apart (`channel_probe`).
 A group that reaches anything else (a model output or input, a layer that
-mixes channels, an operation not known here) stays dense, with the reason.
+mixes channels, an operation that fails the probe) stays dense, with the reason.
 Only this module and `prune.py` walk a model's graph.
 """
 
@@ -24,7 +26,7 @@ import inspect
 import keras
 import numpy as np
 
-from dg2pf_tf import _compat
+from dg2pf_tf import _compat, channel_probe
 
 PRODUCES, PASSES, CONSUMES = "produces", "passes", "consumes"
 
@@ -448,8 +450,9 @@ def _mixing_activation(layer):
 
 
 def _rule(node):
-    """The rule for one layer call, chosen by the layer's type and settings.
-    Subclasses of the producing layers may compute anything: they are opaque."""
+    """The rule for one layer call, chosen by the layer's type and settings,
+    else by probing a weightless one. Subclasses of the producing layers may
+    compute anything: they are opaque."""
     L, layer = keras.layers, node.operation
     if not _channels_last(layer):
         return _opaque("which is channels_first")
@@ -477,7 +480,7 @@ def _rule(node):
     for kinds, rule in _TABLE:
         if isinstance(layer, kinds):
             return rule
-    return _UNKNOWN
+    return _merge if channel_probe.keeps_channels_apart(node) else _UNKNOWN
 
 
 def _pass_types():

@@ -132,6 +132,11 @@ def test_a_channel_still_read_anywhere_is_kept():
     (lambda: L.Reshape((4, 8, 4), name="mixer"), "which moves channels"),
     (lambda: L.Lambda(lambda t: t[..., ::-1], name="mixer"), "not known to keep channels apart"),
     (lambda: L.EinsumDense("abcd,ce->abde", (4, 8, 5), name="mixer"), "whose equation moves channels"),
+    # keras.ops calls are probed: these mix, reorder or count the channels.
+    (lambda: keras.ops.softmax, "read by 'softmax' (Softmax), which is not known to keep"),
+    (lambda: lambda t: keras.ops.flip(t, axis=-1), "which is not known to keep channels apart"),
+    (lambda: lambda t: t * keras.ops.arange(8.0), "which is not known to keep channels apart"),
+    (lambda: lambda t: t + keras.ops.ones((8,)), "which is not known to keep channels apart"),
 ])
 def test_groups_reaching_a_layer_that_mixes_channels_stay_dense_with_the_reason(layer, reason):
     x = keras.Input((4, 4, 3))
@@ -143,6 +148,40 @@ def test_groups_reaching_a_layer_that_mixes_channels_stay_dense_with_the_reason(
     assert [g.name for g in found.groups] == ["after"]
     small = dg2pf_tf.shrink(randomized(model))
     assert small.get_layer("conv").filters == 8
+
+
+def ops_gated_cnn():
+    """MobileNetV3's squeeze-and-excitation in keras.ops arithmetic: a spatial
+    mean, a hard-sigmoid gate (`relu6(x + 3) / 6`), a product and a clip."""
+    x = keras.Input((6, 6, 3))
+    a = L.Conv2D(8, 3, padding="same", name="stem")(x)
+    gate = L.Conv2D(4, 1, name="se_reduce")(keras.ops.mean(a, axis=(1, 2), keepdims=True))
+    gate = L.ReLU(6.0)(L.Conv2D(8, 1, name="se_expand")(gate) + 3.0) * (1.0 / 6.0)
+    y = keras.ops.clip(keras.ops.multiply(a, gate), -2.0, 2.0)
+    y = L.GlobalAveragePooling2D()(L.Conv2D(6, 1, name="after")(y))
+    return keras.Model(x, L.Dense(3, name="head")(y))
+
+
+def test_channels_pass_through_keras_ops_that_keep_them_apart():
+    model = randomized(ops_gated_cnn())
+    found = prune_half_of_every_group(model)
+    groups = {g.layers(structure.PRODUCES)[0]: g for g in found.groups}
+    assert sorted(groups) == ["after", "se_reduce", "stem"]
+    stem = groups["stem"]
+    assert stem.layers(structure.PRODUCES) == ["stem", "se_expand"]
+    assert set(stem.layers(structure.CONSUMES)) == {"se_reduce", "after"}
+    small = dg2pf_tf.shrink(model)
+    assert small.get_layer("stem").filters == 4 and small.get_layer("se_expand").filters == 4
+    x = np.random.default_rng(1).normal(size=(4, 6, 6, 3)).astype("float32")
+    assert_same_outputs(model, small, x)
+
+
+def test_mobilenet_v3_gates_written_in_keras_ops_leave_only_input_and_classifier_dense():
+    model = keras.applications.MobileNetV3Small(weights=None, input_shape=(32, 32, 3))
+    found = structure.channel_groups(model)
+    assert {d.reason.split(", ")[-1] for d in found.dense} == {
+        "the model's input", "whose activation mixes channels"}
+    assert len(found.groups) == 27
 
 
 def attention_and_einsum():
