@@ -4,6 +4,8 @@ Keeping them here is what lets the library follow Keras releases: when one of
 these moves, this file is the only one to change.
 """
 
+import sys
+
 import keras
 
 
@@ -76,3 +78,18 @@ def graph_nodes(model):
         return None
     return [node for depth in sorted(by_depth, reverse=True) for node in by_depth[depth]
             if not node.is_input]
+
+
+def kerashub_feedforward(layer):
+    """`(intermediate, output)`: the feed-forward Dense layers of a KerasHub
+    `TransformerEncoder` `layer`, or None for any other layer.
+
+    KerasHub keeps them in private attributes; its public API (the config's
+    `intermediate_dim`) counts their units but does not reach their weights.
+    """
+    hub = sys.modules.get("keras_hub")  # a model holding KerasHub layers has imported it
+    if hub is None or type(layer) is not hub.layers.TransformerEncoder:
+        return None
+    pair = (getattr(layer, "_feedforward_intermediate_dense", None),
+            getattr(layer, "_feedforward_output_dense", None))
+    return pair if all(isinstance(d, keras.layers.Dense) for d in pair) else None

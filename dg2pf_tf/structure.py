@@ -10,7 +10,8 @@ channel over one input of the next layer per position. A convolution, Dense
 or EinsumDense layer reading a group *consumes* it through its kernel's input
 rows. `MultiHeadAttention` consumes its inputs' channels, produces its output
 projection's, and its heads are a group inside it: produced by the query, key
-and value projections, consumed by the output projection.
+and value projections, consumed by the output projection. The feed-forward
+units of KerasHub's `TransformerEncoder` are a group inside it.
 
 Weightless operations not known by type (`keras.ops` arithmetic, a Lambda)
 pass channels when running them shows they keep them apart (`channel_probe`).
@@ -29,6 +30,8 @@ import numpy as np
 from dg2pf_tf import _compat, channel_probe
 
 PRODUCES, PASSES, CONSUMES = "produces", "passes", "consumes"
+# Groups inside a layer, named for what they count.
+_KINDS = {"num_heads": " heads", "intermediate_dim": " feed-forward"}
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -66,8 +69,8 @@ class ChannelGroup:
     @property
     def name(self):
         producers = self.layers(PRODUCES)
-        heads = any(s.size_key == "num_heads" for s in self.slices)
-        return (producers[0] + (" heads" if heads else "")
+        kind = next((_KINDS[s.size_key] for s in self.slices if s.size_key in _KINDS), "")
+        return (producers[0] + kind
                 + (f" (+{len(producers) - 1} tied)" if len(producers) > 1 else ""))
 
     def layers(self, role):
@@ -348,6 +351,25 @@ def _attention(tracer, node):
     tracer.set(node.outputs[0], out)
 
 
+def _feedforward(tracer, node):
+    """KerasHub's TransformerEncoder: its width stays dense (its
+    LayerNormalizations mix it); its feed-forward units are a group inside it.
+    Its heads are not: it sizes each as the width over `num_heads`."""
+    layer = node.operation
+    _opaque("a transformer block whose width its LayerNormalizations mix")(tracer, node)
+    inner, outer = _compat.kerashub_feedforward(layer)
+    units = (_Block((tracer.space(inner.units, f"{layer.name} feed-forward"),)),)
+    tracer.add_slices(units, inner.kernel, 1, layer.name, PRODUCES, "intermediate_dim")
+    if inner.bias is not None:
+        tracer.add_slices(units, inner.bias, 0, layer.name, PASSES)
+    tracer.add_slices(units, outer.kernel, 0, layer.name, CONSUMES)
+    where = f"inside '{layer.name}' (TransformerEncoder), "
+    if _mixing_activation(inner):
+        tracer.block(units, where + "whose feed-forward activation mixes units")
+    if not all(isinstance(d.kernel, keras.Variable) for d in (inner, outer)):
+        tracer.block(units, where + "whose feed-forward kernels are not plain variables")
+
+
 def _attention_problem(layer):
     """Why MultiHeadAttention `layer`'s heads cannot be followed, or None."""
     config = layer.get_config()
@@ -454,6 +476,8 @@ def _rule(node):
     else by probing a weightless one. Subclasses of the producing layers may
     compute anything: they are opaque."""
     L, layer = keras.layers, node.operation
+    if _compat.kerashub_feedforward(layer) is not None:
+        return _feedforward
     if not _channels_last(layer):
         return _opaque("which is channels_first")
     if _mixing_activation(layer):

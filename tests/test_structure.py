@@ -238,6 +238,37 @@ def test_channel_pruning_removes_attention_heads_and_feed_forward_units(tmp_path
     assert_same_outputs(small, keras.models.load_model(str(tmp_path / "small.keras")), tokens)
 
 
+def test_kerashub_bert_loses_feed_forward_units_and_names_what_stays_dense(tmp_path):
+    import keras_hub
+
+    keras.utils.set_random_seed(0)
+    bert = randomized(keras_hub.models.BertBackbone(
+        vocabulary_size=64, num_layers=2, num_heads=2, hidden_dim=16, intermediate_dim=32,
+        max_sequence_length=12))
+    with pytest.warns(UserWarning, match="position_embedding"):
+        pruned = dg2pf_tf.prune(bert, structure="channel")
+    found = dg2pf_tf.channel_groups(pruned.model)
+    assert {g.name: g.size for g in found.groups} == {
+        "transformer_layer_0 feed-forward": 32, "transformer_layer_1 feed-forward": 32}
+    dense = {d.name: d.reason for d in found.dense}
+    assert "whose width its LayerNormalizations mix" in dense["transformer_layer_0"]
+    assert "ReversibleEmbedding" in dense["token_embedding"]
+    assert dg2pf_tf.update_masks(pruned, 0.5) == pytest.approx(0.5)
+    small = dg2pf_tf.shrink(pruned)
+    units = [small.get_layer(f"transformer_layer_{i}").intermediate_dim for i in (0, 1)]
+    assert sum(units) == 32 and min(units) >= 8  # ranked globally, the floor: half of an even share
+    assert small.count_params() == bert.count_params() - 32 * (16 + 1 + 16)  # kernel column, bias, row
+    rng = np.random.default_rng(0)
+    x = {"token_ids": rng.integers(0, 64, (2, 12)).astype("int32"),
+         "segment_ids": np.zeros((2, 12), "int32"), "padding_mask": np.ones((2, 12), "int32")}
+    small.save(str(tmp_path / "small.keras"))
+    loaded = keras.models.load_model(str(tmp_path / "small.keras"))
+    for model in (small, loaded):
+        got, want = model.predict(x, verbose=0), pruned.predict(x, verbose=0)
+        for key in want:
+            np.testing.assert_allclose(got[key], want[key], atol=1e-5, rtol=0)
+
+
 def test_attention_that_structure_cannot_follow_stays_dense_with_the_reason():
     x = keras.Input((6, 16))
     h = L.Dense(16, name="embed")(x)
