@@ -236,7 +236,8 @@ def run(
             With an N:M pattern ('2:4'), `sparsity` is 1 - N/M and the result
             holds the pattern (checked, as the sparsity is, before it returns).
         teacher: the distillation teacher (a frozen copy of it is used, the
-            model itself is not changed); default `model`.
+            model itself is not changed); default `model`. Its outputs must
+            have the model's shapes.
         temperature, alpha: the KD loss (see `Distiller`).
         patience: epochs without a better validation score that end a phase.
         max_epochs: upper bound on the epochs of each phase after the
@@ -274,8 +275,8 @@ def run(
 
     Raises:
         ValueError/TypeError: bad arguments or data (see `prune`, `Distiller`
-            and `data`), a model with several outputs, `max_epochs < 1` or
-            `patience < 1`.
+            and `data`), a model with several outputs, a teacher whose outputs
+            do not fit, `max_epochs < 1` or `patience < 1`.
         checkpoint.CheckpointError: `backup_dir` holds a corrupt checkpoint,
             one of another run, or one whose sparsity invariant is broken.
         loop.NonFiniteLoss: the loss became NaN or infinite (the last good
@@ -293,6 +294,8 @@ def run(
         bn_batches=bn_batches, steps_per_epoch=steps_per_epoch, task=task,
         replicas=strategy.num_replicas_in_sync)
     checks.positive_int("steps_per_execution", steps_per_execution)
+    if teacher is not None:
+        checks.fitting_teacher(model, teacher)
     if validation_data is None:
         raise ValueError(
             "run() needs `validation_data`: DG2PF ends its phases when the "

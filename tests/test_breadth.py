@@ -184,6 +184,12 @@ def test_run_leaves_a_given_teacher_trainable_and_unchanged():
     assert _short_run(teacher, (x, y), (x[:32], y[:32])).report["sparsity_pruned"] > 0
 
 
+def test_a_teacher_of_another_output_shape_is_refused_before_training():
+    x, y = np.zeros((16, 6), "float32"), np.zeros(16)
+    with pytest.raises(ValueError, match=r"teacher.*\(4,\).*\(3,\)"):
+        _short_run(_mlp(3), (x, y), (x, y), teacher=_mlp(4))
+
+
 def test_distillation_of_sigmoid_and_regression_outputs_is_zero_on_the_teacher_itself():
     x, y = _regression_data(8)
     for task, outputs, activation in (("binary", 3, "sigmoid"), ("regression", 3, None)):
