@@ -84,6 +84,22 @@ def _dense_model(cfg, info, train, val, strategy, log):
     return model, True
 
 
+def _teacher(path, dense, strategy):
+    """The --teacher model, checked against the model it teaches."""
+    import keras
+
+    with strategy.scope():
+        try:
+            teacher = keras.models.load_model(path)
+        except Exception as error:
+            _fail(f"--teacher={path}: cannot load it ({type(error).__name__}: {error}).")
+    if tuple(teacher.input_shape[1:]) != tuple(dense.input_shape[1:]) \
+            or tuple(teacher.output_shape[1:]) != tuple(dense.output_shape[1:]):
+        _fail(f"--teacher={path} maps {teacher.input_shape[1:]} to {teacher.output_shape[1:]}, "
+              f"the model {dense.input_shape[1:]} to {dense.output_shape[1:]}: it cannot teach it.")
+    return teacher
+
+
 def _plots(history, model, out):
     import matplotlib
 
@@ -175,10 +191,11 @@ def main(argv):
         os.makedirs(out, exist_ok=True)
         _save_keras(dense, os.path.join(out, "dense.keras"))
 
+    teacher = _teacher(cfg.teacher, dense, strategy) if cfg.teacher else None
     log(f"DG2PF to {sparsity:.0%} sparsity, {cfg.pruning_epochs} pruning epochs")
     result = dg2pf_tf.run(
         dense, info["train_for_epoch"], val, sparsity=sparsity, pruning_epochs=cfg.pruning_epochs,
-        temperature=cfg.temperature, alpha=cfg.alpha, patience=cfg.patience,
+        teacher=teacher, temperature=cfg.temperature, alpha=cfg.alpha, patience=cfg.patience,
         max_epochs=cfg.max_epochs, seed=cfg.seed, strategy=strategy, scope=cfg.scope,
         backup_dir=backup,
         floor=cfg.floor, structure=cfg.structure, learning_rate=cfg.learning_rate,

@@ -19,6 +19,10 @@ def define_flags():
         "Trained dense model: a .keras file, a .weights.h5 file for --model, or "
         "'imagenet' (keras.applications weights, needs the internet). Default: "
         "train --model densely first.")
+    flags.DEFINE_string(
+        "teacher", None,
+        "Model to distil from, a .keras file (default: the --weights model). Channels, then "
+        "zeros: --weights=<first run>/pruned.keras --teacher=<first run>/dense.keras.")
     flags.DEFINE_enum("dataset", "digits", DATASETS, "Data set.")
     flags.DEFINE_string("data_dir", None, "tensorflow-datasets data directory.")
     flags.DEFINE_integer("image_size", None, "ImageNet crop size (default 224).", lower_bound=32)
@@ -77,6 +81,9 @@ def define_flags():
         "weights",
         lambda v: v is None or v == "imagenet" or os.path.isfile(v),
         message="--weights must be 'imagenet' or an existing .keras/.weights.h5 file.")
+    flags.register_validator(
+        "teacher", lambda v: v is None or (v.endswith(".keras") and os.path.isfile(v)),
+        message="--teacher must be an existing .keras file.")
     flags.register_validator(
         "distribution",
         lambda v: v != "multi_worker" or bool(os.environ.get("TF_CONFIG")),

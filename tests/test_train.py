@@ -23,6 +23,7 @@ def _train(*args, timeout=600):
     ("--model=no_such_model", "--model"),
     ("--dataset=mnist_like", "--dataset"),
     ("--weights=/nonexistent/dense.keras", "--weights"),
+    ("--teacher=/nonexistent/dense.keras", "--teacher must be an existing .keras file"),
     ("--dataset=imagenet2012", "imagenet2012"),
 ])
 def test_bad_flags_exit_nonzero_with_one_clear_line_and_write_nothing(flag, expected, tmp_path):
@@ -190,3 +191,13 @@ def test_channel_structure_ships_the_shrunk_model(tmp_path):
     interpreter.invoke()
     y = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
     np.testing.assert_allclose(y, shipped.predict(x, verbose=0), atol=1e-5)
+    # Then zeros inside the surviving channels, still taught by the dense model.
+    both = tmp_path / "both"
+    done = _train(f"--weights={out / 'pruned.keras'}", f"--teacher={out / 'dense.keras'}",
+                  "--sparsity=0.8", "--pruning_epochs=1", "--patience=1", "--max_epochs=1",
+                  "--tflite=false", f"--output_dir={both}", timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((both / "report.json").read_text())
+    assert report["sparsity_prunable"] == pytest.approx(0.8, abs=0.01)
+    twice = keras.models.load_model(both / "pruned.keras")
+    assert [w.shape for w in twice.weights] == [w.shape for w in shipped.weights]
