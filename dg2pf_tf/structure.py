@@ -290,24 +290,33 @@ def _project(tracer, layer, layout, kernel, axes, bias, size_key):
 
 
 def _projection(tracer, node):
-    """Conv, Dense and EinsumDense: consume the input's channels, produce new ones."""
+    """Conv, Dense, EinsumDense and separable convolutions: consume the input's
+    channels, produce new ones. A softmax activation mixes the new ones only."""
     layer = node.operation
-    read, made, bias, key = _projection_axes(layer)
-    out = _project(tracer, layer, tracer.layout(_only_input(node)), layer.kernel, (read, made),
-                   bias, key)
+    kernel, read, made, bias, key = _projection_axes(layer)
+    layout = tracer.layout(_only_input(node))
+    depthwise = getattr(layer, "depthwise_kernel", None)  # a separable convolution's first step
+    if depthwise is not None:
+        tracer.add_slices(layout, depthwise, len(depthwise.shape) - 2, layer.name, PASSES)
+    out = _project(tracer, layer, layout, kernel, (read, made), bias, key)
+    if _mixing_activation(layer):
+        tracer.block(out, f"made by '{layer.name}' ({type(layer).__name__}), whose activation "
+                          "mixes channels")
     tracer.set(node.outputs[0], out)
 
 
 def _projection_axes(layer):
-    """`(read, made, bias, size_key)` of a Conv, Dense or EinsumDense layer:
-    the kernel axes that read and make channels, the bias of the made
-    channels (or None), and the config entry that counts them."""
+    """`(kernel, read, made, bias, size_key)` of a projecting layer: the kernel
+    that makes channels, its axes that read and make them, the bias of the
+    made channels (or None), and the config entry that counts them."""
     if isinstance(layer, keras.layers.EinsumDense):
         read, made, biased = einsum_axes(layer)
-        return read, made, layer.bias if biased else None, "output_shape"
-    rank = len(layer.kernel.shape)
+        return layer.kernel, read, made, layer.bias if biased else None, "output_shape"
+    kernel = getattr(layer, "pointwise_kernel", None)
+    kernel = layer.kernel if kernel is None else kernel
+    rank = len(kernel.shape)
     key = "units" if isinstance(layer, keras.layers.Dense) else "filters"
-    return rank - 2, rank - 1, getattr(layer, "bias", None), key
+    return kernel, rank - 2, rank - 1, getattr(layer, "bias", None), key
 
 
 def einsum_axes(layer):
@@ -480,16 +489,20 @@ def _rule(node):
         return _feedforward
     if not _channels_last(layer):
         return _opaque("which is channels_first")
-    if _mixing_activation(layer):
-        return _opaque("whose activation mixes channels")
-    if type(layer) in (L.Conv1D, L.Conv2D, L.Conv3D, L.Dense, L.EinsumDense):
+    if type(layer) in _PROJECTIONS:
         if getattr(layer, "groups", 1) != 1:
             return _opaque("a grouped convolution")
-        if not isinstance(layer.kernel, keras.Variable):
+        if getattr(layer, "depth_multiplier", 1) != 1:
+            return _opaque("a separable convolution with depth_multiplier > 1")
+        kernels = [getattr(layer, n) for n in ("kernel", "depthwise_kernel", "pointwise_kernel")
+                   if hasattr(layer, n)]
+        if not all(isinstance(k, keras.Variable) for k in kernels):
             return _opaque("whose kernel is not a plain variable (LoRA or quantized)")
         if type(layer) is L.EinsumDense and einsum_axes(layer) is None:
             return _opaque("whose equation moves channels")
         return _projection
+    if _mixing_activation(layer):
+        return _opaque("whose activation mixes channels")
     if type(layer) is L.MultiHeadAttention:
         problem = _attention_problem(layer)
         return _opaque(problem) if problem else _attention
@@ -519,6 +532,9 @@ def _pass_types():
             L.GlobalMaxPooling2D, L.GlobalMaxPooling3D, L.Identity, L.ActivityRegularization,
             L.Activation)
 
+
+_PROJECTIONS = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D, keras.layers.Dense,
+                keras.layers.EinsumDense, keras.layers.SeparableConv1D, keras.layers.SeparableConv2D)
 
 _TABLE = (
     (_pass_types(), _pass(_no_weights)),

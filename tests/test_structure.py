@@ -132,6 +132,7 @@ def test_a_channel_still_read_anywhere_is_kept():
     (lambda: L.Reshape((4, 8, 4), name="mixer"), "which moves channels"),
     (lambda: L.Lambda(lambda t: t[..., ::-1], name="mixer"), "not known to keep channels apart"),
     (lambda: L.EinsumDense("abcd,ce->abde", (4, 8, 5), name="mixer"), "whose equation moves channels"),
+    (lambda: L.SeparableConv2D(6, 1, depth_multiplier=2, name="mixer"), "depth_multiplier > 1"),
     # keras.ops calls are probed: these mix, reorder or count the channels.
     (lambda: keras.ops.softmax, "read by 'softmax' (Softmax), which is not known to keep"),
     (lambda: lambda t: keras.ops.flip(t, axis=-1), "which is not known to keep channels apart"),
@@ -148,6 +149,33 @@ def test_groups_reaching_a_layer_that_mixes_channels_stay_dense_with_the_reason(
     assert [g.name for g in found.groups] == ["after"]
     small = dg2pf_tf.shrink(randomized(model))
     assert small.get_layer("conv").filters == 8
+
+
+def separable_and_softmax():
+    """A separable convolution, and a Dense layer whose softmax mixes its own units."""
+    x = keras.Input((8, 8, 3))
+    a = L.Conv2D(8, 3, name="stem")(x)
+    b = L.SeparableConv2D(6, 3, padding="same", name="sep")(a)
+    c = L.Dense(5, activation="softmax", name="attend")(b)
+    y = L.GlobalAveragePooling2D()(L.Conv2D(4, 1, name="after")(c))
+    return keras.Model(x, L.Dense(2, name="head")(y))
+
+
+def test_separable_convolutions_and_softmax_layers_consume_the_channels_they_read():
+    model = randomized(separable_and_softmax())
+    found = prune_half_of_every_group(model)
+    groups = {g.name: g for g in found.groups}
+    assert sorted(groups) == ["after", "sep", "stem"]
+    assert groups["stem"].layers(structure.CONSUMES) == ["sep"]  # pointwise rows
+    assert groups["stem"].layers(structure.PASSES) == ["stem", "sep"]  # bias, depthwise kernel
+    assert "attend" in groups["sep"].layers(structure.CONSUMES)
+    assert "whose activation mixes channels" in {d.name: d.reason for d in found.dense}["attend"]
+    small = dg2pf_tf.shrink(model)
+    sep = small.get_layer("sep")
+    assert sep.filters == 3 and sep.depthwise_kernel.shape == (3, 3, 4, 1)
+    assert sep.pointwise_kernel.shape == (1, 1, 4, 3)
+    x = np.random.default_rng(1).normal(size=(4, 8, 8, 3)).astype("float32")
+    assert_same_outputs(model, small, x)
 
 
 def ops_gated_cnn():
@@ -322,6 +350,9 @@ APPLICATIONS = {
     "EfficientNetB0": lambda: keras.applications.EfficientNetB0(weights=None, input_shape=(32, 32, 3)),
     "MobileNetV3Small": lambda: keras.applications.MobileNetV3Small(weights=None, input_shape=(32, 32, 3)),
     "ConvNeXtTiny": lambda: keras.applications.ConvNeXtTiny(weights=None, input_shape=(32, 32, 3)),
+    "Xception": lambda: keras.applications.Xception(weights=None, input_shape=(71, 71, 3)),
+    "NASNetMobile": lambda: keras.applications.NASNetMobile(weights=None, input_shape=(32, 32, 3)),
+    "InceptionV3": lambda: keras.applications.InceptionV3(weights=None, input_shape=(75, 75, 3)),
 }
 
 
@@ -334,7 +365,7 @@ def test_shrink_of_keras_applications_computes_what_the_zeroed_model_computes(na
     assert found.groups, str(found)
     small = dg2pf_tf.shrink(model)
     assert small.count_params() < model.count_params()
-    x = np.random.default_rng(0).uniform(0, 255, size=(2, 32, 32, 3)).astype("float32")
+    x = np.random.default_rng(0).uniform(0, 255, size=(2, *model.input_shape[1:])).astype("float32")
     assert_same_outputs(model, small, x)
 
 
