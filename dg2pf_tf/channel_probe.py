@@ -4,8 +4,10 @@
 `keras.ops` calls of a functional graph, such as MobileNetV3's `x + 3.0`, or a
 Lambda layer) is run on random values instead: it keeps channels apart when
 keeping a subset of its inputs' channels, in any order, keeps the same subset
-of its output's channels and changes nothing else. A constant or a shape that
-counts the channels (which `shrink()` could not cut) fails that test.
+of its output's channels and changes nothing else, and its symbolic output
+(what `shrink()` rebuilds from) is as narrow. A constant or a shape that
+counts the channels fails that test. Layers that make a Keras mask (Masking)
+are not probed: the mask they pass on reads every channel.
 """
 
 import keras
@@ -18,7 +20,8 @@ def keeps_channels_apart(node):
     """True if `node` (a call in a layer graph, see `_compat.graph_nodes`) runs a
     weightless operation whose output's last axis maps one to one to its
     inputs' last axes (inputs of one channel broadcast), for any subset of them."""
-    if getattr(node.operation, "weights", None) or len(node.outputs) != 1:
+    op = node.operation
+    if getattr(op, "weights", None) or len(node.outputs) != 1 or _makes_masks(op):
         return False
     tensors, out = node.input_tensors, node.outputs[0]
     channels = out.shape[-1] if len(out.shape) >= 2 else None
@@ -29,26 +32,39 @@ def keeps_channels_apart(node):
             or not all(keras.backend.is_float_dtype(t.dtype) for t in tensors):
         return False
     rng = np.random.default_rng(0)
-    values = {id(t): rng.standard_normal([_UNKNOWN_SIZE if d is None else d for d in t.shape])
+    # Rounded, with zeros: ties and exact zeros are where thresholds show.
+    values = {id(t): np.round(rng.standard_normal([_UNKNOWN_SIZE if d is None else d for d in t.shape]), 1)
               .astype("float32") for t in tensors}
     try:
-        full = _run(node, values)
-        for _ in range(2):
-            keep = rng.permutation(channels)[: max(1, channels // 2)]
-            part = _run(node, {k: v[..., keep] if v.shape[-1] == channels else v
-                               for k, v in values.items()})
-            if part.shape != full[..., keep].shape \
-                    or not np.allclose(part, full[..., keep], rtol=1e-5, atol=1e-6, equal_nan=True):
+        full = keras.ops.convert_to_numpy(_call(node, values))
+        for size in sorted({max(1, channels // 2), channels - 1, 1}):
+            keep = rng.permutation(channels)[:size]
+            part = {k: v[..., keep] if v.shape[-1] == channels else v for k, v in values.items()}
+            symbolic = {k: keras.KerasTensor((None, *v.shape[1:])) for k, v in part.items()}
+            got = keras.ops.convert_to_numpy(_call(node, part))
+            if _call(node, symbolic, spec=True).shape[-1] != size or got.shape != full[..., keep].shape \
+                    or not np.allclose(got, full[..., keep], rtol=1e-5, atol=1e-6, equal_nan=True):
                 return False
     except Exception:  # an operation that cannot take fewer channels does not keep them apart
         return False
     return True
 
 
-def _run(node, values):
-    """`node`'s operation on `values` (by id of its symbolic inputs), as numpy."""
+def _makes_masks(op):
+    """True for a layer whose own `compute_mask` may make a mask from its input."""
+    if not isinstance(op, keras.layers.Layer):
+        return False
+    if isinstance(op, keras.layers.Lambda):
+        return op.mask is not None
+    return type(op).compute_mask is not keras.layers.Layer.compute_mask
+
+
+def _call(node, values, spec=False):
+    """`node`'s operation on `values` (by id of its symbolic inputs); with
+    `spec`, its symbolic output, as Keras infers it when it rebuilds a graph."""
     def fill(x):
         return values[id(x)] if isinstance(x, keras.KerasTensor) else x
     args = keras.tree.map_structure(fill, list(node.arguments.args))
     kwargs = keras.tree.map_structure(fill, dict(node.arguments.kwargs))
-    return keras.ops.convert_to_numpy(node.operation(*args, **kwargs))
+    run = node.operation.compute_output_spec if spec else node.operation
+    return run(*args, **kwargs)

@@ -138,6 +138,10 @@ def test_a_channel_still_read_anywhere_is_kept():
     (lambda: lambda t: keras.ops.flip(t, axis=-1), "which is not known to keep channels apart"),
     (lambda: lambda t: t * keras.ops.arange(8.0), "which is not known to keep channels apart"),
     (lambda: lambda t: t + keras.ops.ones((8,)), "which is not known to keep channels apart"),
+    # Elementwise, but it declares its width: rebuilt smaller it would still claim 8 channels.
+    (lambda: L.Lambda(lambda t: 2.0 * t, output_shape=(4, 4, 8), name="mixer"), "not known to keep"),
+    pytest.param(lambda: L.Masking(name="mixer"), "not known to keep",  # its mask reads every channel
+                 marks=pytest.mark.filterwarnings("ignore:.*does not support masking")),
 ])
 def test_groups_reaching_a_layer_that_mixes_channels_stay_dense_with_the_reason(layer, reason):
     x = keras.Input((4, 4, 3))
@@ -180,12 +184,13 @@ def test_separable_convolutions_and_softmax_layers_consume_the_channels_they_rea
 
 def ops_gated_cnn():
     """MobileNetV3's squeeze-and-excitation in keras.ops arithmetic: a spatial
-    mean, a hard-sigmoid gate (`relu6(x + 3) / 6`), a product and a clip."""
+    mean, a hard-sigmoid gate (`relu6(x + 3) / 6`), a product, a clip, a Lambda."""
     x = keras.Input((6, 6, 3))
     a = L.Conv2D(8, 3, padding="same", name="stem")(x)
     gate = L.Conv2D(4, 1, name="se_reduce")(keras.ops.mean(a, axis=(1, 2), keepdims=True))
     gate = L.ReLU(6.0)(L.Conv2D(8, 1, name="se_expand")(gate) + 3.0) * (1.0 / 6.0)
     y = keras.ops.clip(keras.ops.multiply(a, gate), -2.0, 2.0)
+    y = L.Lambda(lambda t: 2.0 * t, name="scale")(y)
     y = L.GlobalAveragePooling2D()(L.Conv2D(6, 1, name="after")(y))
     return keras.Model(x, L.Dense(3, name="head")(y))
 
