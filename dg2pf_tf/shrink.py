@@ -26,7 +26,7 @@ def shrink(model):
     A channel goes when nothing reads it any more: every kernel row that
     consumes it (in any layer `structure.channel_groups` couples to it) is
     exactly zero, as channel pruning leaves it. Its filters (units, attention
-    heads), BatchNorm parameters and statistics go with it, so the copy computes what `model`
+    heads, feed-forward units), BatchNorm parameters and statistics go with it, so the copy computes what `model`
     computes at inference, and it loads without dg2pf_tf. A pruned model is
     stripped first. Raises ValueError for a model that is not a layer graph.
     """

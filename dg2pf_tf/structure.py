@@ -41,8 +41,8 @@ class Slice:
     PRODUCES for a kernel's output columns, CONSUMES for its input rows,
     PASSES for per-channel weights (biases, BatchNorm, depthwise kernels).
     `size_key`, for PRODUCES: the entry of the layer's config that counts
-    these channels ('filters', 'units', 'num_heads', or the last entry of
-    'output_shape')."""
+    these channels ('filters', 'units', 'num_heads', 'intermediate_dim', or
+    the last entry of 'output_shape')."""
 
     variable: object
     axis: int
@@ -430,8 +430,9 @@ def _boundaries(block):
 
 
 def _merge(tracer, node):
-    """Elementwise merges: inputs of one channel broadcast; the others' channels
-    are tied one to one (split where their groups are cut differently)."""
+    """Elementwise merges (and, with one input, elementwise operations): inputs
+    of one channel broadcast; the others' channels are tied one to one (split
+    where their groups are cut differently)."""
     layouts = [tracer.layout(t) for t in node.input_tensors]
     wide = [l for l in layouts if sum(b.width * b.repeat for b in l) > 1]
     if not wide:
@@ -477,7 +478,8 @@ def _reshape(tracer, node):
 
 def _mixing_activation(layer):
     return getattr(layer, "activation", None) in (keras.activations.softmax,
-                                                 keras.activations.log_softmax)
+                                                 keras.activations.log_softmax,
+                                                 keras.activations.sparsemax)
 
 
 def _rule(node):
