@@ -84,8 +84,8 @@ def _dense_model(cfg, info, train, val, strategy, log):
     return model, True
 
 
-def _teacher(path, dense, strategy):
-    """The --teacher model, checked against the model it teaches."""
+def _teacher(path, info, strategy):
+    """The --teacher model, checked against the data it is to teach on."""
     import keras
 
     with strategy.scope():
@@ -93,10 +93,9 @@ def _teacher(path, dense, strategy):
             teacher = keras.models.load_model(path)
         except Exception as error:
             _fail(f"--teacher={path}: cannot load it ({type(error).__name__}: {error}).")
-    if tuple(teacher.input_shape[1:]) != tuple(dense.input_shape[1:]) \
-            or tuple(teacher.output_shape[1:]) != tuple(dense.output_shape[1:]):
-        _fail(f"--teacher={path} maps {teacher.input_shape[1:]} to {teacher.output_shape[1:]}, "
-              f"the model {dense.input_shape[1:]} to {dense.output_shape[1:]}: it cannot teach it.")
+    if tuple(teacher.input_shape[1:]) != tuple(info["input_shape"]):
+        _fail(f"--teacher={path}: the model takes {teacher.input_shape[1:]} inputs, "
+              f"the dataset gives {info['input_shape']}.")
     return teacher
 
 
@@ -154,7 +153,7 @@ def main(argv):
     import keras
 
     import dg2pf_tf
-    from dg2pf_tf import atomic, criteria, loop
+    from dg2pf_tf import atomic, checks, criteria, loop
     from zoo.data import DataUnavailable, load
 
     try:
@@ -178,6 +177,7 @@ def main(argv):
                                 image_size=cfg.image_size, seed=cfg.seed, log=log)
     except DataUnavailable as error:
         _fail(str(error))
+    teacher = _teacher(cfg.teacher, info, strategy) if cfg.teacher else None
     times = {}
     t = time.perf_counter()
     saved_dense = os.path.join(cfg.output_dir, "dense.keras")  # the chief's, on every worker
@@ -191,7 +191,11 @@ def main(argv):
         os.makedirs(out, exist_ok=True)
         _save_keras(dense, os.path.join(out, "dense.keras"))
 
-    teacher = _teacher(cfg.teacher, dense, strategy) if cfg.teacher else None
+    if teacher is not None:
+        try:
+            checks.fitting_teacher(dense, teacher)
+        except ValueError as error:
+            _fail(f"--teacher={cfg.teacher}: {error}")
     log(f"DG2PF to {sparsity:.0%} sparsity, {cfg.pruning_epochs} pruning epochs")
     result = dg2pf_tf.run(
         dense, info["train_for_epoch"], val, sparsity=sparsity, pruning_epochs=cfg.pruning_epochs,

@@ -1,7 +1,5 @@
 """Argument checks shared by the public functions, each with the message users see."""
 
-import keras
-
 
 def positive_int(name, value, *, none_ok=False):
     """Returns `value` if it is an int >= 1 (or None when `none_ok`).
@@ -17,15 +15,20 @@ def positive_int(name, value, *, none_ok=False):
 
 
 def fitting_teacher(model, teacher):
-    """Checks that `teacher`'s outputs have the shapes of `model`'s (when both
-    are built graphs; a subclassed model is only checked as it runs).
+    """Checks that `teacher` takes `model`'s inputs and gives outputs of its
+    shapes (when both are built graphs; a subclassed model is checked as it runs).
 
     Raises ValueError with both shapes otherwise.
     """
-    shapes = [keras.tree.map_structure(lambda t: tuple(t.shape[1:]), getattr(m, "outputs", None))
-              for m in (model, teacher)]
-    if None not in shapes and shapes[0] != shapes[1]:
-        raise ValueError(
-            f"`teacher` '{teacher.name}' gives outputs shaped {shapes[1]}, the model "
-            f"'{model.name}' {shapes[0]}: distillation compares them. Give a teacher of the "
-            "same task (the dense model this one was pruned from).")
+    def shapes(m, side):
+        tensors = getattr(m, side, None)
+        return None if tensors is None else [tuple(t.shape[1:]) for t in tensors]
+
+    for side in ("inputs", "outputs"):
+        mine, theirs = shapes(model, side), shapes(teacher, side)
+        if mine is not None and theirs is not None and mine != theirs:
+            raise ValueError(
+                f"`teacher` '{teacher.name}' has {side} shaped {theirs}, the model "
+                f"'{model.name}' {mine}: distillation feeds both the same inputs and compares "
+                "their outputs. Give a teacher of the same task (the dense model this one was "
+                "pruned from).")

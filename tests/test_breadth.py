@@ -190,6 +190,22 @@ def test_a_teacher_of_another_output_shape_is_refused_before_training():
         _short_run(_mlp(3), (x, y), (x, y), teacher=_mlp(4))
 
 
+class TinyNet(keras.Model):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.hidden, self.out = keras.layers.Dense(16, activation="relu"), keras.layers.Dense(3)
+
+    def call(self, x):
+        return self.out(self.hidden(x))
+
+
+def test_a_subclassed_teacher_teaches():
+    x, y = np.random.default_rng(0).normal(size=(64, 6)).astype("float32"), np.arange(64) % 3
+    teacher = TinyNet()
+    teacher(x[:1])
+    assert _short_run(_mlp(3), (x, y), (x[:32], y[:32]), teacher=teacher).report["sparsity_pruned"] > 0
+
+
 def test_distillation_of_sigmoid_and_regression_outputs_is_zero_on_the_teacher_itself():
     x, y = _regression_data(8)
     for task, outputs, activation in (("binary", 3, "sigmoid"), ("regression", 3, None)):
