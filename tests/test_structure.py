@@ -347,6 +347,7 @@ print("max diff", float(np.max(np.abs(y - ref)) / max(1.0, np.max(np.abs(ref))))
     assert float(out.strip().split()[-1]) <= 1e-5
 
 
+# One model of each keras.applications family.
 APPLICATIONS = {
     "ResNet50": lambda: keras.applications.ResNet50(weights=None, input_shape=(32, 32, 3)),
     "MobileNetV2": lambda: keras.applications.MobileNetV2(weights=None, alpha=0.35,
@@ -358,6 +359,12 @@ APPLICATIONS = {
     "Xception": lambda: keras.applications.Xception(weights=None, input_shape=(71, 71, 3)),
     "NASNetMobile": lambda: keras.applications.NASNetMobile(weights=None, input_shape=(32, 32, 3)),
     "InceptionV3": lambda: keras.applications.InceptionV3(weights=None, input_shape=(75, 75, 3)),
+    "InceptionResNetV2": lambda: keras.applications.InceptionResNetV2(weights=None,
+                                                                      input_shape=(75, 75, 3)),
+    "VGG16": lambda: keras.applications.VGG16(weights=None, input_shape=(32, 32, 3)),
+    "MobileNet": lambda: keras.applications.MobileNet(weights=None, input_shape=(32, 32, 3)),
+    "ResNet50V2": lambda: keras.applications.ResNet50V2(weights=None, input_shape=(32, 32, 3)),
+    "EfficientNetV2B0": lambda: keras.applications.EfficientNetV2B0(weights=None, input_shape=(32, 32, 3)),
 }
 
 
