@@ -134,6 +134,10 @@ def _clone_graph(model, replace):
 
     def clone_function(layer):
         new = replace(layer)
+        if new is None and isinstance(layer, keras.layers.Lambda):
+            # Shared: it has no weights of its own, and Keras' safe mode refuses
+            # to rebuild a Python lambda from its config.
+            return layer
         if new is None:
             new = layer.__class__.from_config(layer.get_config())
             if isinstance(layer, keras.layers.Layer):  # not an op of the graph (`x + 1`)

@@ -207,6 +207,10 @@ def test_channels_pass_through_keras_ops_that_keep_them_apart():
     assert small.get_layer("stem").filters == 4 and small.get_layer("se_expand").filters == 4
     x = np.random.default_rng(1).normal(size=(4, 6, 6, 3)).astype("float32")
     assert_same_outputs(model, small, x)
+    # Through prune() too: its copy shares the Lambda (safe mode refuses to rebuild one).
+    pruned = dg2pf_tf.prune(randomized(ops_gated_cnn()), structure="channel")
+    assert dg2pf_tf.update_masks(pruned, 0.5) == 0.5
+    assert_same_outputs(pruned, dg2pf_tf.shrink(pruned), x)
 
 
 def test_mobilenet_v3_gates_written_in_keras_ops_leave_only_input_and_classifier_dense():
