@@ -7,8 +7,11 @@ keeping a subset of its inputs' channels, in any order, keeps the same subset
 of its output's channels and changes nothing else, and its symbolic output
 (what `shrink()` rebuilds from) is as narrow. A constant or a shape that
 counts the channels fails that test. Layers that make a Keras mask (Masking)
-are not probed: the mask they pass on reads every channel.
+are not probed: the mask they pass on reads every channel. Activation
+functions (of any layer) are probed the same way by `elementwise`.
 """
+
+import warnings
 
 import keras
 import numpy as np
@@ -32,21 +35,52 @@ def keeps_channels_apart(node):
             or not all(keras.backend.is_float_dtype(t.dtype) for t in tensors):
         return False
     rng = np.random.default_rng(0)
+    values = {id(t): _values(rng, [_UNKNOWN_SIZE if d is None else d for d in t.shape]) for t in tensors}
+
+    def narrowed(keep):
+        part = {k: v[..., keep] if v.shape[-1] == channels else v for k, v in values.items()}
+        symbolic = {k: keras.KerasTensor((None, *v.shape[1:])) for k, v in part.items()}
+        if _call(node, symbolic, spec=True).shape[-1] != len(keep):
+            return None  # it would rebuild claiming its old width
+        return _call(node, part)
+
+    return _subsets_agree(lambda: _call(node, values), narrowed, channels, rng)
+
+
+def elementwise(function, channels):
+    """True if activation `function` maps each of `channels` channels on its
+    own and alike (not a softmax, which mixes them)."""
+    rng = np.random.default_rng(0)
+    x = _values(rng, (_UNKNOWN_SIZE, max(2, channels)))
+    return _subsets_agree(lambda: function(x), lambda keep: function(x[:, keep]), x.shape[-1], rng)
+
+
+def _values(rng, shape):
     # Rounded, with zeros: ties and exact zeros are where thresholds show.
-    values = {id(t): np.round(rng.standard_normal([_UNKNOWN_SIZE if d is None else d for d in t.shape]), 1)
-              .astype("float32") for t in tensors}
-    try:
-        full = keras.ops.convert_to_numpy(_call(node, values))
-        for size in sorted({max(1, channels // 2), channels - 1, 1}):
-            keep = rng.permutation(channels)[:size]
-            part = {k: v[..., keep] if v.shape[-1] == channels else v for k, v in values.items()}
-            symbolic = {k: keras.KerasTensor((None, *v.shape[1:])) for k, v in part.items()}
-            got = keras.ops.convert_to_numpy(_call(node, part))
-            if _call(node, symbolic, spec=True).shape[-1] != size or got.shape != full[..., keep].shape \
-                    or not np.allclose(got, full[..., keep], rtol=1e-5, atol=1e-6, equal_nan=True):
-                return False
-    except Exception:  # an operation that cannot take fewer channels does not keep them apart
-        return False
+    return np.round(rng.standard_normal(shape), 1).astype("float32")
+
+
+def _subsets_agree(full, narrowed, channels, rng):
+    """True if `narrowed(keep)` equals `full()[..., keep]` for subsets of 1,
+    half and all but one of `channels` (random, in random order; and the
+    first and the last channel alone)."""
+    subsets = [np.array([0]), np.array([channels - 1])]
+    subsets += [rng.permutation(channels)[:size] for size in (1, max(1, channels // 2), channels - 1)
+                for _ in range(2)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # e.g. Keras' note on a softmax over one channel
+        try:
+            whole = keras.ops.convert_to_numpy(full())
+            for keep in subsets:
+                got = narrowed(keep)
+                if got is None:
+                    return False
+                got = keras.ops.convert_to_numpy(got)
+                if got.shape != whole[..., keep].shape or not np.allclose(
+                        got, whole[..., keep], rtol=1e-5, atol=1e-6, equal_nan=True):
+                    return False
+        except Exception:  # an operation that cannot take fewer channels does not keep them apart
+            return False
     return True
 
 

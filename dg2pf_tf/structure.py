@@ -299,7 +299,7 @@ def _projection(tracer, node):
     if depthwise is not None:
         tracer.add_slices(layout, depthwise, len(depthwise.shape) - 2, layer.name, PASSES)
     out = _project(tracer, layer, layout, kernel, (read, made), bias, key)
-    if _mixing_activation(layer):
+    if _mixing_activation(layer, kernel.shape[made]):
         tracer.block(out, f"made by '{layer.name}' ({type(layer).__name__}), whose activation "
                           "mixes channels")
     tracer.set(node.outputs[0], out)
@@ -373,7 +373,7 @@ def _feedforward(tracer, node):
         tracer.add_slices(units, inner.bias, 0, layer.name, PASSES)
     tracer.add_slices(units, outer.kernel, 0, layer.name, CONSUMES)
     where = f"inside '{layer.name}' (TransformerEncoder), "
-    if _mixing_activation(inner):
+    if _mixing_activation(inner, inner.units):
         tracer.block(units, where + "whose feed-forward activation mixes units")
     if not all(isinstance(d.kernel, keras.Variable) for d in (inner, outer)):
         tracer.block(units, where + "whose feed-forward kernels are not plain variables")
@@ -476,10 +476,14 @@ def _reshape(tracer, node):
     return _opaque("which moves channels")(tracer, node)
 
 
-def _mixing_activation(layer):
-    return getattr(layer, "activation", None) in (keras.activations.softmax,
-                                                 keras.activations.log_softmax,
-                                                 keras.activations.sparsemax)
+def _mixing_activation(layer, channels):
+    """True if `layer`'s activation may mix its `channels` channels: a softmax,
+    or any function that running it shows is not elementwise."""
+    activation = getattr(layer, "activation", None)
+    if activation is None or activation is keras.activations.linear:
+        return False
+    known = (keras.activations.softmax, keras.activations.log_softmax, keras.activations.sparsemax)
+    return activation in known or not channel_probe.elementwise(activation, channels or 2)
 
 
 def _rule(node):
@@ -503,7 +507,7 @@ def _rule(node):
         if type(layer) is L.EinsumDense and einsum_axes(layer) is None:
             return _opaque("whose equation moves channels")
         return _projection
-    if _mixing_activation(layer):
+    if _mixing_activation(layer, _only_input(node).shape[-1] if node.input_tensors else None):
         return _opaque("whose activation mixes channels")
     if type(layer) is L.MultiHeadAttention:
         problem = _attention_problem(layer)

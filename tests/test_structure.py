@@ -129,6 +129,7 @@ def test_a_channel_still_read_anywhere_is_kept():
 @pytest.mark.parametrize("layer, reason", [
     (lambda: L.LayerNormalization(name="mixer"), "read by 'mixer' (LayerNormalization)"),
     (lambda: L.Activation("softmax", name="mixer"), "whose activation mixes channels"),
+    (lambda: L.Activation(keras.ops.softmax, name="mixer"), "whose activation mixes channels"),
     (lambda: L.Reshape((4, 8, 4), name="mixer"), "which moves channels"),
     (lambda: L.Lambda(lambda t: t[..., ::-1], name="mixer"), "not known to keep channels apart"),
     (lambda: L.EinsumDense("abcd,ce->abde", (4, 8, 5), name="mixer"), "whose equation moves channels"),
@@ -156,11 +157,12 @@ def test_groups_reaching_a_layer_that_mixes_channels_stay_dense_with_the_reason(
 
 
 def separable_and_softmax():
-    """A separable convolution, and a Dense layer whose softmax mixes its own units."""
+    """A separable convolution, and a Dense layer whose softmax (a function Keras
+    does not name) mixes its own units."""
     x = keras.Input((8, 8, 3))
-    a = L.Conv2D(8, 3, name="stem")(x)
+    a = L.Conv2D(8, 3, activation=keras.ops.relu, name="stem")(x)  # probed: elementwise
     b = L.SeparableConv2D(6, 3, padding="same", name="sep")(a)
-    c = L.Dense(5, activation="softmax", name="attend")(b)
+    c = L.Dense(5, activation=keras.ops.softmax, name="attend")(b)  # probed: mixes
     y = L.GlobalAveragePooling2D()(L.Conv2D(4, 1, name="after")(c))
     return keras.Model(x, L.Dense(2, name="head")(y))
 
