@@ -18,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from dg2pf_tf import _compat, litert, litert_padding, litert_sparse, masking
-from dg2pf_tf.prune import strip
+from dg2pf_tf.prune import fresh_layer, strip
 
 FLOAT_ATOL = 1e-5
 
@@ -63,7 +63,7 @@ def plain_model(model, input_shape=None):
             f"build '{plain.name}' at the size to export instead.")
     inputs = keras.Input(shape=tuple(input_shape), dtype=plain.inputs[0].dtype,
                          name=_compat.producer(plain.inputs[0]).name)
-    fixed = keras.models.clone_model(plain, input_tensors=inputs)
+    fixed = keras.models.clone_model(plain, input_tensors=inputs, clone_function=fresh_layer)
     fixed.set_weights(plain.get_weights())
     return fixed
 

@@ -88,7 +88,8 @@ def _check_model(model, what):
 
 
 def copy_model(model, replace=None):
-    """A copy of built `model`: same class, config and weights, no shared state.
+    """A copy of built `model`: same class, config and weights, no shared state
+    (but plain Lambda layers, which hold none of their own).
 
     Sequential and Functional models are rebuilt layer by layer (nested ones
     too); `replace(layer)` may return a ready replacement for a layer (its
@@ -128,19 +129,24 @@ def _check_same_weights(model, clone):
             f"calling it on a batch or with `model.build(input_shape)`.")
 
 
+def fresh_layer(layer):
+    """A new `layer` (or graph operation) from its config, unbuilt. A plain
+    Lambda is shared instead: it holds no weights of its own, and Keras' safe
+    mode refuses to rebuild a Python lambda from its config."""
+    if type(layer) is keras.layers.Lambda and not layer.weights:
+        return layer
+    return layer.__class__.from_config(layer.get_config())
+
+
 def _clone_graph(model, replace):
     """`keras.models.clone_model`, recursive, keeping input names and weights."""
     copied = []
 
     def clone_function(layer):
         new = replace(layer)
-        if new is None and isinstance(layer, keras.layers.Lambda):
-            # Shared: it has no weights of its own, and Keras' safe mode refuses
-            # to rebuild a Python lambda from its config.
-            return layer
         if new is None:
-            new = layer.__class__.from_config(layer.get_config())
-            if isinstance(layer, keras.layers.Layer):  # not an op of the graph (`x + 1`)
+            new = fresh_layer(layer)
+            if new is not layer and isinstance(layer, keras.layers.Layer):  # not an op (`x + 1`)
                 copied.append((layer, new))
         return new
 

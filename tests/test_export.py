@@ -47,6 +47,16 @@ def test_export_writes_smaller_files_whose_outputs_match(digits_mlp, tmp_path):
     assert np.mean(quantized.argmax(-1) == yte) > 0.9
 
 
+def test_input_shape_fixes_the_size_of_a_model_with_a_lambda(tmp_path):
+    x = keras.Input((None, None, 3))
+    y = keras.layers.Lambda(lambda t: 2.0 * t)(keras.layers.Conv2D(4, 3, padding="same")(x))
+    model = keras.Model(x, keras.layers.GlobalAveragePooling2D()(y))
+    dg2pf_tf.export(model, tmp_path / "out", input_shape=(8, 8, 3), verbose=0)
+    images = np.random.default_rng(0).normal(size=(2, 8, 8, 3)).astype("float32")
+    np.testing.assert_allclose(litert.predict((tmp_path / "out" / "model.tflite").read_bytes(), images),
+                               model.predict(images, verbose=0), atol=1e-5)
+
+
 def test_int8_weights_the_interpreter_refuses_sparse_are_stored_dense(digits_mlp, tmp_path):
     model, (xte, _) = digits_mlp
     report = dg2pf_tf.export(model, tmp_path / "out", quantize="int8",
