@@ -291,7 +291,8 @@ def _project(tracer, layer, layout, kernel, axes, bias, size_key):
 
 def _projection(tracer, node):
     """Conv, Dense, EinsumDense and separable convolutions: consume the input's
-    channels, produce new ones. A softmax activation mixes the new ones only."""
+    channels, produce new ones. An activation that mixes channels (a softmax)
+    mixes only the new ones."""
     layer = node.operation
     kernel, read, made, bias, key = _projection_axes(layer)
     layout = tracer.layout(_only_input(node))
