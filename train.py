@@ -48,14 +48,7 @@ def _dense_model(cfg, info, train, val, strategy, log):
 
     with strategy.scope():
         if cfg.weights and cfg.weights.endswith(".keras"):
-            try:
-                model = keras.models.load_model(cfg.weights)
-            except Exception as error:
-                _fail(f"--weights={cfg.weights}: cannot load it ({type(error).__name__}: {error}).")
-            if tuple(model.input_shape[1:]) != tuple(info["input_shape"]):
-                _fail(f"--weights={cfg.weights}: the model takes {model.input_shape[1:]} inputs, "
-                      f"--dataset={cfg.dataset} gives {info['input_shape']}.")
-            return model, False
+            return _load_keras("weights", cfg.weights, info), False
         try:
             model = build(cfg.model, info["input_shape"], info["classes"],
                           weights="imagenet" if cfg.weights == "imagenet" else None)
@@ -84,19 +77,18 @@ def _dense_model(cfg, info, train, val, strategy, log):
     return model, True
 
 
-def _teacher(path, info, strategy):
-    """The --teacher model, checked against the data it is to teach on."""
+def _load_keras(flag, path, info):
+    """The .keras model of --`flag`, checked against the dataset's inputs (exits on failure)."""
     import keras
 
-    with strategy.scope():
-        try:
-            teacher = keras.models.load_model(path)
-        except Exception as error:
-            _fail(f"--teacher={path}: cannot load it ({type(error).__name__}: {error}).")
-    if tuple(teacher.input_shape[1:]) != tuple(info["input_shape"]):
-        _fail(f"--teacher={path}: the model takes {teacher.input_shape[1:]} inputs, "
-              f"the dataset gives {info['input_shape']}.")
-    return teacher
+    try:
+        model = keras.models.load_model(path)
+    except Exception as error:
+        _fail(f"--{flag}={path}: cannot load it ({type(error).__name__}: {error}).")
+    if tuple(model.input_shape[1:]) != tuple(info["input_shape"]):
+        _fail(f"--{flag}={path}: the model takes {model.input_shape[1:]} inputs, "
+              f"--dataset={FLAGS.dataset} gives {info['input_shape']}.")
+    return model
 
 
 def _plots(history, model, out):
@@ -177,7 +169,10 @@ def main(argv):
                                 image_size=cfg.image_size, seed=cfg.seed, log=log)
     except DataUnavailable as error:
         _fail(str(error))
-    teacher = _teacher(cfg.teacher, info, strategy) if cfg.teacher else None
+    teacher = None
+    if cfg.teacher:
+        with strategy.scope():
+            teacher = _load_keras("teacher", cfg.teacher, info)
     times = {}
     t = time.perf_counter()
     saved_dense = os.path.join(cfg.output_dir, "dense.keras")  # the chief's, on every worker

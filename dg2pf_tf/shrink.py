@@ -26,9 +26,10 @@ def shrink(model):
     A channel goes when nothing reads it any more: every kernel row that
     consumes it (in any layer `structure.channel_groups` couples to it) is
     exactly zero, as channel pruning leaves it. Its filters (units, attention
-    heads, feed-forward units), BatchNorm parameters and statistics go with it, so the copy computes what `model`
-    computes at inference, and it loads without dg2pf_tf. A pruned model is
-    stripped first. Raises ValueError for a model that is not a layer graph.
+    heads, feed-forward units), BatchNorm parameters and statistics go with
+    it, so the copy computes what `model` computes at inference, and it
+    loads without dg2pf_tf. A pruned model is stripped first. Raises
+    ValueError for a model that is not a layer graph.
     """
     plain = strip(model) if masking.pruned_models(model) else model
     found = structure.channel_groups(plain)
