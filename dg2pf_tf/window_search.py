@@ -24,6 +24,7 @@ no branch per kernel, so it traces and compiles in seconds at any size.
 """
 
 import functools
+import typing
 
 import numpy as np
 import tensorflow as tf
@@ -33,8 +34,12 @@ _BLOCK = 16               # weights per block (< 256, see `_count_pass`): the ga
 _SAMPLE = 1 << 11         # strided sample of each kernel, for a first window
 _Z = 4.5                  # first window half-width, in standard deviations of the sample quantile
 _TARGET = 4096            # values the carried windows of a call hold, in all
-_CROWDED_OWN = 1 << 16    # a kernel's window holding more is halved before gathering
-_CROWDED_GLOBAL = 1 << 18  # the same for the global window
+_CROWDED = 16             # a window holding more than this many targets narrows before gathering
+_WANT = 4                 # a crowded window narrows to hold about this many targets
+_SHRINK = 8               # a guess keeps at least this share of a crowded window: 1 / 8
+_FEW = 64                 # a bracket holding fewer than this many crowded windows is searched by estimate
+_NEAR = 16               # a rank moved by more than this many targets starts from a sample
+_PATIENCE = 16            # rounds after which a window that holds the answer is narrow enough
 _MAX_ROUNDS = 96
 _SHIFT = 31               # sort keys: kernel index above the 31 bits of a magnitude
 
@@ -60,27 +65,35 @@ def _block_rows(flat):
     return tf.reshape(bits, [-1, _BLOCK]), pad
 
 
-def _count_pass(flats, own_lo, own_hi, lo, hi, *, own=True, shared=True):
+def _count_pass(flats, own_lo, own_hi, lo, tops, *, own=True, shared=True):
     """Per kernel: magnitudes below its own window, inside it, below the global one
     and inside it ([m, 4] int32); and per kernel, which blocks of `_BLOCK` weights
-    hold a value inside each window ([2, blocks] bool). A window switched off
+    hold a value inside each window ([2, blocks] bool). The global window starts
+    at `lo` for all and ends at `tops[i]` in kernel i. A window switched off
     (`own`, `shared`) is not counted: zeros.
 
-    Each window takes one reduction over [blocks, _BLOCK] rows, of both its
-    indicators packed in one int32 (below, and up to its top, times 256): XLA
-    then reads the weights once, 3x faster here than a reduction per count."""
-    own_lo, own_hi = tf.unstack(own_lo), tf.unstack(own_hi)
+    Every indicator (below a window, up to its top) of a block takes 8 bits of
+    one int32, so one reduction over [blocks, _BLOCK] rows counts them all: XLA
+    then reads the weights once (it does not fuse sibling reductions: one per
+    count read them once each, 3x slower here)."""
+    own_lo, own_hi, tops = tf.unstack(own_lo), tf.unstack(own_hi), tf.unstack(tops)
     counts, blocks = [], []
     for i, flat in enumerate(flats):
         rows, pad = _block_rows(flat)
-        for on, low, high in ((own, own_lo[i], own_hi[i]), (shared, lo, hi)):
+        windows = [(low, high) for on, low, high in ((own, own_lo[i], own_hi[i]), (shared, lo, tops[i])) if on]
+        indicators = [edge for low, high in windows for edge in (rows < low, rows <= high)]
+        packed = tf.reduce_sum(tf.add_n([tf.cast(flag, tf.int32) * (1 << 8 * j)
+                                         for j, flag in enumerate(indicators)]), axis=1)
+        fields = iter(tf.bitwise.bitwise_and(tf.bitwise.right_shift(packed, 8 * j), 255)
+                      for j in range(len(indicators)))
+        found = iter(windows)
+        for on in (own, shared):
             if not on:
                 counts += [tf.zeros([], tf.int32)] * 2
                 blocks.append(tf.zeros([1, int(rows.shape[0])], tf.bool))
                 continue
-            packed = tf.reduce_sum(tf.cast(rows < low, tf.int32) + 256 * tf.cast(rows <= high, tf.int32), axis=1)
-            below = tf.bitwise.bitwise_and(packed, 255)
-            inside = tf.bitwise.right_shift(packed, 8) - below
+            (_, high), below = next(found), next(fields)
+            inside = next(fields) - below
             padded = pad * tf.cast(high >= INT_MAX, tf.int32)
             counts += [tf.reduce_sum(below), tf.reduce_sum(inside) - padded]
             blocks.append((inside > 0)[None])
@@ -116,27 +129,97 @@ def _tie_positions(flats, values, indices):
     return tf.stack(rows)
 
 
-def _step(window, bounds, done, below, upto, inside, rank, crowded_at):
-    """One move of the windows `(lo, hi)` of unfinished groups, from the counts
-    below `lo` and up to `hi` (`inside`: values the window holds, uncapped).
+class _Search(typing.NamedTuple):
+    """Where one selection stands, per group: the window `lo..hi` to count next;
+    the bracket `bottom..top` that the counts proved to hold the answer, with
+    the values below `bottom` (`under_bottom`) and up to `top` (`upto_top`);
+    `guessed`: the window is an estimate; `secant`: estimates are still trusted
+    (none has missed); `done`."""
 
-    A group is finished when `below < rank <= upto` and its window holds at most
-    `crowded_at` values (or is a single value). Otherwise a window too high or
-    too low moves past its old edge and widens fourfold, and a crowded one
-    halves; `bounds = (bottom, top)` hold the answer, as the counts proved.
-    Returns the new `(window, bounds, done)`.
+    lo: tf.Tensor
+    hi: tf.Tensor
+    bottom: tf.Tensor
+    top: tf.Tensor
+    under_bottom: tf.Tensor
+    upto_top: tf.Tensor
+    guessed: tf.Tensor
+    secant: tf.Tensor
+    done: tf.Tensor
+
+    @classmethod
+    def start(cls, window, done, total):
+        """A search from `window`; `total`: the values up to INT_MAX (all of them)."""
+        lo, hi = window
+        return cls(lo, hi, tf.zeros_like(lo), tf.fill(tf.shape(lo), tf.constant(INT_MAX, tf.int64)),
+                   tf.zeros_like(lo), tf.cast(total, tf.int64), tf.zeros_like(done), tf.ones_like(done), done)
+
+
+def _below_ceiling(search, ceiling):
+    """`search` ([1] groups) with its window and bracket ending at `ceiling` at
+    the latest: no value above it counts (each kernel's free weights end in its
+    settled own window), so the count up to it is the total already."""
+    ceiling = tf.maximum(ceiling, search.bottom)
+    clip = lambda x: tf.where(search.done, x, tf.minimum(x, ceiling))  # noqa: E731
+    return search._replace(lo=clip(search.lo), hi=clip(search.hi), top=clip(search.top))
+
+
+def _step(search, below, upto, inside, rank, crowded_at, want, patient=True):
+    """The next `_Search` of every unfinished group, from the counts of its
+    window: values below `lo`, up to `hi`, and `inside` (uncapped: what a
+    gather would read).
+
+    A group is finished when `below < rank <= upto` and its window holds at
+    most `crowded_at` values (or one value; or any number, once not `patient`:
+    many ties take a bisection per bit to part, and the gather is exact at any
+    size). Otherwise the counts shrink the
+    bracket, and the next window is, in this order: the whole bracket, if it
+    holds few enough values; once an estimate has missed (values bunched, not
+    spread evenly: ties, exact zeros), half the bracket (from 0: zero alone);
+    past the edge that missed, four widths (or twice the distance the counts
+    suggest) away, while that is short of the bracket's end and the bracket
+    holds many values (a carried window that missed a little); else about
+    `want` values (an eighth of a crowded window's at least) around where the
+    answer would be if the bracket's values were spread evenly (a secant step).
     """
-    (lo, hi), (bottom, top) = window, bounds
+    lo, hi = search.lo, search.hi
     under, over = rank <= below, rank > upto
-    crowded = ~under & ~over & (inside > crowded_at) & (lo < hi)
-    finished = done | ~(under | over | crowded)
-    top = tf.where(under, lo - 1, tf.where(over, top, hi))
-    bottom = tf.where(over, hi + 1, tf.where(under, bottom, lo))
-    step = tf.minimum(hi - lo + 1, INT_MAX) * 4
-    new_lo = tf.where(under, tf.maximum(bottom, lo - step), tf.where(over, bottom, lo))
-    new_hi = tf.where(under, top, tf.where(over, tf.minimum(top, hi + step), lo + (hi - lo) // 2))
-    window = tf.where(finished, lo, new_lo), tf.where(finished, hi, new_hi)
-    return window, (bottom, top), finished
+    missed = under | over
+    crowded = ~missed & (inside > crowded_at) & (lo < hi) & patient
+    finished = search.done | ~(missed | crowded)
+    bottom = tf.where(over, hi + 1, tf.where(under, search.bottom, lo))
+    under_bottom = tf.where(over, upto, tf.where(under, search.under_bottom, below))
+    top = tf.where(under, lo - 1, tf.where(over, search.top, hi))
+    upto_top = tf.where(under, below, tf.where(over, search.upto_top, upto))
+    secant = search.secant & ~(search.guessed & missed)
+    f64 = lambda x: tf.cast(x, tf.float64)  # noqa: E731
+    clip = lambda x: tf.cast(tf.clip_by_value(x, f64(bottom), f64(top)), tf.int64)  # noqa: E731
+    held = f64(upto_top - under_bottom)
+    # Past the edge that missed, by the window's own density.
+    width = f64(hi - lo + 1)
+    gap = f64(tf.where(under, below - rank + 1, rank - upto))
+    reach = tf.maximum(4.0 * width, 2.0 * gap * width / tf.maximum(f64(upto - below), 1.0) + width)
+    past_lo = tf.where(under, clip(f64(lo) - reach), bottom)
+    past_hi = tf.where(under, top, clip(f64(hi) + reach))
+    short = missed & ((past_lo > bottom) | (past_hi < top)) & (held > _FEW * f64(crowded_at))
+    # A secant estimate in the bracket.
+    span = f64(top - bottom + 1)
+    at = f64(bottom) + (f64(rank - under_bottom) - 0.5) * span / tf.maximum(held, 1.0)
+    values = tf.maximum(tf.where(crowded, f64(inside), held), 1.0)
+    half = tf.minimum(tf.maximum(0.5 * span * tf.maximum(want / values, 1.0 / _SHRINK), 1.0), span / 4.0)
+    guess_lo, guess_hi = clip(tf.floor(at - half)), clip(tf.math.ceil(at + half))
+    # Halves of the bracket: the one that holds the estimate; zero alone first.
+    middle = tf.where(bottom > 0, bottom + (top - bottom) // 2, 0)
+    lower = (at <= f64(middle)) | (bottom == 0)
+    whole = held <= f64(crowded_at)
+    bisect = ~whole & (~secant | (guess_hi - guess_lo >= top - bottom))
+    new_lo = tf.where(whole, bottom, tf.where(bisect, tf.where(lower, bottom, middle + 1),
+                                              tf.where(short, past_lo, guess_lo)))
+    new_hi = tf.where(whole, top, tf.where(bisect, tf.where(lower, middle, top),
+                                           tf.where(short, past_hi, guess_hi)))
+    guessed = ~whole & ~bisect & ~short
+    keep = lambda now, new: tf.where(finished, now, new)  # noqa: E731
+    return _Search(keep(lo, new_lo), keep(hi, new_hi), bottom, top, under_bottom, upto_top,
+                   keep(search.guessed, guessed), secant, finished)
 
 
 class _Memory:
@@ -152,10 +235,16 @@ class _Memory:
             self.density = tf.Variable(tf.ones([groups], tf.float64), trainable=False)
             self.drift = tf.Variable(tf.zeros([groups], tf.float64), trainable=False)
 
+    def near(self, rank):
+        """True for groups whose last answer is a good start for `rank`: one
+        known, for a rank that moved by little (as a training step moves it,
+        not as a jump of the schedule from one epoch to the next does)."""
+        return (self.value >= 0) & (tf.abs(rank - self.rank) <= int(_NEAR * self.target))
+
     def window(self, rank, active, fresh):
         """`(lo, hi)` around the last answers, moved by the change of rank; from
-        `fresh()` (a sample) for active groups without a last answer."""
-        known = (self.value >= 0) | ~active
+        `fresh()` (a sample) for active groups not `near` their last answer."""
+        known = self.near(rank) | ~active
         shift = tf.cast(rank - self.rank, tf.float64) / self.density
         # Training moves the answer about as far each step: expect that move again.
         half = self.target / 2.0 / self.density + 2.0 * tf.abs(shift) + 0.5 * tf.abs(self.drift)
@@ -169,19 +258,24 @@ class _Memory:
         lo, hi = window
         density = tf.maximum(tf.cast(inside, tf.float64), 1.0) / tf.cast(hi - lo + 1, tf.float64)
         moved = tf.cast(value - self.value, tf.float64) - tf.cast(rank - self.rank, tf.float64) / density
-        self.drift.assign(tf.where(solved & (self.value >= 0), moved, self.drift))
+        # After a jump the move says nothing of the next step's: no drift then.
+        self.drift.assign(tf.where(solved, tf.where(self.near(rank), moved, 0.0), self.drift))
         self.density.assign(tf.where(solved, density, self.density))
         self.value.assign(tf.where(solved, value, self.value))
         self.rank.assign(tf.where(solved, rank, self.rank))
 
 
-def _weighted_window(values, weights, rank, spread):
+def _weighted_window(values, weights, rank):
     """`(lo, hi)` ([1] int64) around where the cumulative `weights` of sorted sample
-    `values` reach `rank`, `spread` (a share of it) either side."""
+    `values` reach `rank`: `_Z` standard deviations of that count either side (a
+    value standing for w weights adds w^2 to the variance: at most the largest w
+    times the binomial variance of the rank), and two of the largest weights."""
     spent = tf.cumsum(weights)
     count = tf.shape(values, tf.int64)[0]
-    at = tf.searchsorted(spent, tf.cast(rank, tf.float64) * tf.constant([1.0 - spread, 1.0 + spread], tf.float64),
-                         out_type=tf.int64)
+    total, heaviest = spent[-1], tf.reduce_max(weights)
+    rank = tf.cast(rank, tf.float64)
+    spread = _Z * tf.sqrt(heaviest * rank * tf.maximum(total - rank, 0.0) / total) + 2.0 * heaviest
+    at = tf.searchsorted(spent, tf.stack([rank - spread, rank + spread]), out_type=tf.int64)
     edge = lambda j: tf.cast(tf.gather(values, tf.clip_by_value(j, 0, count - 1)), tf.int64)  # noqa: E731
     lo = tf.where(at[0] <= 0, tf.constant(0, tf.int64), edge(at[0] - 1))
     hi = tf.where(at[1] >= count, tf.constant(INT_MAX, tf.int64), edge(at[1]))
@@ -259,12 +353,12 @@ class WindowSearch:
         own_window = self._own.window(own_ranks, own_active, lambda: self._own_sample(flats, own_ranks)) \
             if own else empty(m)
         window = self._global.window(rank, global_active, lambda: self._global_sample(flats, caps, rank))
-        own_window, window, counts, blocks = self._narrow(
+        own_window, window, tops, counts, blocks = self._narrow(
             flats, own_ranks, own_active, own_window, caps, rank, global_active, window,
             own=own, shared=selects_globally)
         below_own, upto_own, below, upto = _counts(counts)
         gathered = self._gather(flats, own_window, own_active & (own_window[0] < own_window[1]),
-                                window, global_active & (window[0] < window[1]), blocks)
+                                (window[0], tops), global_active & (window[0] < window[1]), blocks)
         value_own, *own_ties = self._own_answer(gathered, own_window, below_own, upto_own, own_ranks,
                                                  own_active, descending)
         value, *global_ties = self._global_answer(gathered, window, below, upto, caps, rank, global_active)
@@ -307,51 +401,59 @@ class WindowSearch:
         weight = tf.constant(self.sizes / self._sample_counts, tf.float64)[:, None] * tf.ones_like(rows, tf.float64)
         values, weights = tf.boolean_mask(rows, taken), tf.boolean_mask(weight, taken)
         order = tf.argsort(values)
-        return _weighted_window(tf.gather(values, order), tf.gather(weights, order), rank[0], 0.02)
+        return _weighted_window(tf.gather(values, order), tf.gather(weights, order), rank[0])
 
     # -- counting until every window holds its answer -------------------------------
 
     def _narrow(self, flats, own_ranks, own_active, own_window, caps, rank, global_active, window, *,
                 own, shared):
         """Counts until every active window holds its answer and few values. Returns the
-        windows, the last counts ([m, 4], as `_count_pass` gives them) and the
-        blocks flagged for each window."""
+        windows, where the global one ends in each kernel (`tops`), the last counts
+        ([m, 4], as `_count_pass` gives them) and the blocks flagged for each window."""
         m = len(self.sizes)
         int32 = lambda x: tf.cast(x, tf.int32)  # noqa: E731
         count = self._counts[own, shared]
 
-        def body(rounds, own_window, own_bounds, own_done, window, bounds, done, *_):
-            counts, blocks = count(flats, int32(own_window[0]), int32(own_window[1]),
-                                   int32(window[0][0]), int32(window[1][0]))
+        def body(rounds, own_search, search, *_):
+            # Where a kernel's free weights are known to end (its own window,
+            # settled), values above count for nothing: the global window stops
+            # there, so the weights its caps reserve never crowd it.
+            settled = own_active & own_search.done
+            search = _below_ceiling(search, tf.reduce_max(tf.where(
+                caps > 0, tf.where(settled, own_search.hi, INT_MAX), -1)))
+            tops = tf.where(settled, tf.clip_by_value(own_search.hi, search.lo - 1, search.hi), search.hi)
+            counts, blocks = count(flats, int32(own_search.lo), int32(own_search.hi), int32(search.lo[0]),
+                                   int32(tops))
             below_own, upto_own, below, upto = _counts(counts)
-            own_window, own_bounds, own_done = _step(own_window, own_bounds, own_done, below_own, upto_own,
-                                                     upto_own - below_own, own_ranks, _CROWDED_OWN)
+            patient = rounds < _PATIENCE
+            own_search = _step(own_search, below_own, upto_own, upto_own - below_own, own_ranks,
+                               int(self._own.target * _CROWDED), self._own.target * _WANT, patient)
             capped = lambda x: tf.reduce_sum(tf.minimum(caps, x), keepdims=True)  # noqa: E731
-            window, bounds, done = _step(window, bounds, done, capped(below), capped(upto),
-                                         tf.reduce_sum(upto - below, keepdims=True), rank, _CROWDED_GLOBAL)
-            return rounds + 1, own_window, own_bounds, own_done, window, bounds, done, counts, blocks
+            search = _step(search, capped(below), capped(upto), tf.reduce_sum(upto - below, keepdims=True),
+                           rank, int(self._global.target * _CROWDED), self._global.target * _WANT, patient)
+            return rounds + 1, own_search, search, tops, counts, blocks
 
-        bounds = lambda k: (tf.zeros([k], tf.int64), tf.fill([k], tf.constant(INT_MAX, tf.int64)))  # noqa: E731
         no_blocks = [tf.zeros([2, -(-int(n) // _BLOCK)], tf.bool) for n in self.sizes]
-        start = (tf.constant(0), own_window, bounds(m), ~own_active, window, bounds(1), ~global_active,
-                 tf.zeros([m, 4], tf.int32), no_blocks)
-        result = tf.while_loop(
-            lambda rounds, ow, ob, own_done, w, b, done, *_: ~(tf.reduce_all(own_done) & tf.reduce_all(done)),
+        start = (tf.constant(0), _Search.start(own_window, ~own_active, self.sizes),
+                 _Search.start(window, ~global_active, tf.reduce_sum(caps, keepdims=True)),
+                 tf.zeros([m], tf.int64), tf.zeros([m, 4], tf.int32), no_blocks)
+        _, own_search, search, tops, counts, blocks = tf.while_loop(
+            lambda rounds, own_search, search, *_: ~(tf.reduce_all(own_search.done) & tf.reduce_all(search.done)),
             body, start, maximum_iterations=_MAX_ROUNDS)
-        _, own_window, _, own_done, window, _, done, counts, blocks = result
-        tf.debugging.assert_equal(tf.reduce_all(own_done) & tf.reduce_all(done), True, message=(
+        tf.debugging.assert_equal(tf.reduce_all(own_search.done) & tf.reduce_all(search.done), True, message=(
             "dg2pf_tf: the device mask search did not converge; please report this."))
-        return own_window, window, counts, blocks
+        return (own_search.lo, own_search.hi), (search.lo, search.hi), tops, counts, blocks
 
     # -- the values inside the windows -------------------------------------------------
 
     def _gather(self, flats, own_window, use_own, window, use_global, blocks):
         """The magnitudes inside the windows to gather (read from the flagged blocks only),
-        in kernel and then position order: `(values, owners, positions, in_own, in_global)`."""
+        in kernel and then position order: `(values, owners, positions, in_own, in_global)`.
+        `window` is the global window's start and its end in each kernel."""
         values, owners, positions = [], [], []
         use = tf.stack([use_own, tf.broadcast_to(use_global, tf.shape(use_own))], 1)
         edges = tf.stack([own_window[0], own_window[1], tf.broadcast_to(window[0], tf.shape(own_window[0])),
-                          tf.broadcast_to(window[1], tf.shape(own_window[0]))], 1)
+                          window[1]], 1)
         for i, (flat, flags, wanted, edge) in enumerate(zip(flats, blocks, tf.unstack(use),
                                                              tf.unstack(tf.cast(edges, tf.int32)))):
             n = int(self.sizes[i])
@@ -367,7 +469,7 @@ class WindowSearch:
         values, owners, positions = (tf.cast(tf.concat(x, 0), tf.int64) for x in (values, owners, positions))
         in_own = (tf.gather(use_own, owners) & (values >= tf.gather(own_window[0], owners))
                   & (values <= tf.gather(own_window[1], owners)))
-        in_global = use_global[0] & (values >= window[0][0]) & (values <= window[1][0])
+        in_global = use_global[0] & (values >= window[0][0]) & (values <= tf.gather(window[1], owners))
         return values, owners, positions, in_own, in_global
 
     def _sorted(self, values, owners, positions, selected):

@@ -67,11 +67,10 @@ def test_windows_carried_between_calls_stay_exact_as_weights_and_levels_move(sco
 @pytest.mark.parametrize("scope,floor", SETTINGS)
 def test_searches_that_start_from_a_bad_sample_still_end_exact(monkeypatch, scope, floor):
     # Tiny samples and targets make the first window miss or overflow often,
-    # so the widening and bisecting paths of the search run.
+    # so the widening, secant and bisecting paths of the search run.
     monkeypatch.setattr(window_search, "_SAMPLE", 16)
     monkeypatch.setattr(window_search, "_TARGET", 16)
-    monkeypatch.setattr(window_search, "_CROWDED_OWN", 1 << 5)
-    monkeypatch.setattr(window_search, "_CROWDED_GLOBAL", 1 << 7)
+    monkeypatch.setattr(window_search, "_CROWDED", 2)
     rng = np.random.default_rng(2)
     masks_of = _device_masks(scope, floor)
     for kind in ("normal", "ties", "zeros"):
