@@ -197,7 +197,7 @@ def main(argv):
         teacher=teacher, temperature=cfg.temperature, alpha=cfg.alpha, patience=cfg.patience,
         max_epochs=cfg.max_epochs, seed=cfg.seed, strategy=strategy, scope=cfg.scope,
         backup_dir=backup,
-        floor=cfg.floor, structure=cfg.structure, learning_rate=cfg.learning_rate,
+        floor=cfg.floor, structure=cfg.structure, budget=cfg.budget, learning_rate=cfg.learning_rate,
         steps_per_epoch=cfg.steps_per_epoch,
         steps_per_execution=cfg.steps_per_execution, jit_compile=cfg.jit_compile,
         finetune_learning_rate=cfg.finetune_learning_rate, verbose=1,
@@ -261,6 +261,9 @@ def main(argv):
         print(f"{'channels (prunable groups)':<28}{report['channels_total']:>12,}"
               f"{report['channels_total'] - report['channels_removed']:>12,}")
         print(f"{'parameters (shrunk)':<28}{dense.count_params():>12,}{report['params_shrunk']:>12,}")
+    if "macs_removed" in report:
+        print(f"{'MACs':<28}{report['macs_total']:>12,}"
+              f"{round(report['macs_total'] * (1 - report['macs_removed'])):>12,}")
     print(f"{'.keras file (bytes)':<28}{sizes['dense.keras']:>12,}{sizes['pruned.keras']:>12,}")
     print("images/s (with validation): " + ", ".join(f"{k} {v:,.1f}" for k, v in images_per_second.items()))
     if "model.tflite" in exported["files"]:

@@ -12,37 +12,47 @@ over every kernel entry that belongs to it, producer columns and consumer rows.
 import numpy as np
 import tensorflow as tf
 
-from dg2pf_tf import criteria, structure
+from dg2pf_tf import channel_costs, criteria, structure
 
 
 class ChannelCriterion:
-    """Channel selection over `groups` for the masks of `targets` (the pruned variables)."""
+    """Channel selection over `groups` for the masks of `targets` (the pruned variables).
 
-    def __init__(self, groups, targets, floor):
+    With `budget` 'channels', `level` is the share of channels removed; with
+    'macs' or 'params', the share of the model's multiply-accumulates or
+    parameters (`channel_costs.CostModel`): channels then go in order
+    of score per first-order cost (the most expensive for what they are worth
+    first, each group's own ranking kept) until the exact cost removed reaches
+    `level`. `model` (the model the groups are in) is where costs are counted.
+
+    Raises ValueError where MACs cannot be counted (`channel_costs.kernel_uses`)."""
+
+    def __init__(self, groups, targets, floor, budget="channels", model=None):
         self.sizes = [g.size for g in groups]
         self.floor = float(floor)
+        self.budget = budget
         self.total = total = sum(self.sizes)
         starts = np.cumsum([0, *self.sizes[:-1]])
         group_of = np.repeat(np.arange(len(groups)), self.sizes)
         self._group_of = tf.constant(group_of, tf.int32)
         self._group_start = tf.constant(starts[group_of], tf.int32)
         self._sizes = tf.constant(self.sizes, tf.float64)
-        # Per (variable, axis): the channel (0..total-1) at each position, `total` for none.
-        index = {}
-        for group, start in zip(groups, starts):
-            for s in group.slices:
-                key = (id(s.variable), s.axis)
-                if key not in index:
-                    index[key] = (s.variable, s.axis, np.full(s.variable.shape[s.axis], total, np.int32))
-                index[key][2][s.rows] = start + np.arange(group.size)[:, None]
-        scored = [(v, a, i) for v, a, i in index.values() if v.trainable]
-        self._scored = [(v, a, tf.constant(i)) for v, a, i in scored]
+        self.pairs = channel_pairs(groups, total)
+        scored = [p for p in self.pairs if p.variable.trainable]
+        self._scored = [(p.variable, p.axis, tf.constant(p.channel, tf.int32)) for p in scored]
         counts = np.zeros(total + 1)
-        for v, a, i in scored:
-            np.add.at(counts, i, np.prod(v.shape) // v.shape[a])
+        for p in scored:
+            np.add.at(counts, p.channel, np.prod(p.variable.shape) // p.variable.shape[p.axis])
         self._counts = tf.constant(np.maximum(counts[:total], 1), tf.float32)
-        self.positions = [[(a, i) for v, a, i in index.values() if v is t] for t in targets]
+        self.positions = [[(p.axis, p.channel) for p in self.pairs if p.variable is t] for t in targets]
         self.shapes = [tuple(t.shape) for t in targets]
+        self.costs = None
+        if budget != "channels":
+            self.costs = channel_costs.CostModel(model, self.pairs, total, budget)
+            self.unit, self._per_cost = self.costs.unit, tf.constant(self.costs.first_order, tf.float32)
+
+    unit = "channels"
+    max_level = 1.0
 
     def scores(self):
         """Each channel's root mean square over its trainable coupled weights (float32)."""
@@ -54,19 +64,42 @@ class ChannelCriterion:
             sums.append(tf.math.unsorted_segment_sum(per_position, index, self.total + 1))
         return tf.sqrt(tf.add_n(sums)[:self.total] / self._counts)
 
-    def keep(self, scores, level):
-        """True for the channels `criteria.channel_keep` keeps at sparsity `level`."""
-        level = tf.cast(level, tf.float64)
+    def _eligible(self, scores, level):
+        """`(floors, eligible)`: the channels each group keeps at least at `level`,
+        and which channels may go: each group's lowest-scoring (then earliest)
+        beyond its floor."""
         floors = tf.maximum(tf.constant(1.0, tf.float64), tf.math.ceil(self.floor * (1.0 - level) * self._sizes))
-        removals = tf.minimum(tf.round(level * self.total), self.total - tf.reduce_sum(floors))
-        # Rank inside each group, lowest score (then earliest) first.
         by_score = tf.argsort(scores, stable=True)
         order = tf.gather(by_score, tf.argsort(tf.gather(self._group_of, by_score), stable=True))
         rank = _inverse(order, tf.range(self.total) - tf.gather(self._group_start, order))
-        eligible = rank < tf.cast(tf.gather(self._sizes - floors, self._group_of), tf.int32)
-        candidates = tf.where(eligible, scores, np.inf)
-        overall = _inverse(tf.argsort(candidates, stable=True), tf.range(self.total))
+        return floors, rank < tf.cast(tf.gather(self._sizes - floors, self._group_of), tf.int32)
+
+    def keep(self, scores, level):
+        """True for the channels `criteria.channel_keep` (or, with a cost budget,
+        `criteria.channel_keep_within`) keeps at `level`."""
+        level = tf.cast(level, tf.float64)
+        floors, eligible = self._eligible(scores, level)
+        key = scores if self.budget == "channels" else scores / self._per_cost
+        overall = _inverse(tf.argsort(tf.where(eligible, key, np.inf), stable=True), tf.range(self.total))
+        if self.budget == "channels":
+            removals = tf.minimum(tf.round(level * self.total), self.total - tf.reduce_sum(floors))
+        else:
+            removals = self._removals_within(overall, tf.reduce_sum(tf.cast(eligible, tf.int32)), level)
         return overall >= tf.cast(removals, tf.int32)
+
+    def _removals_within(self, overall, eligible, level):
+        """The fewest channels, taken in the order `overall`, whose removal saves
+        `ceil(level * total cost)`; all `eligible` ones where that is not enough."""
+        need = tf.cast(tf.math.ceil(level * float(self.costs.total_cost)), tf.int64)
+        saved = lambda k: self.costs.total_cost - self.costs.cost(overall < k)  # noqa: E731
+
+        def halve(low, high):
+            middle = (low + high) // 2
+            enough = saved(middle) >= need
+            return tf.where(enough, low, middle + 1), tf.where(enough, middle, high)
+
+        low, _ = tf.while_loop(lambda low, high: low < high, halve, (tf.constant(0), eligible))
+        return low
 
     def masks(self, values, level):
         """The masks of the targets at sparsity `level` (the values are read from the variables)."""
@@ -81,29 +114,69 @@ class ChannelCriterion:
             masks.append(mask)
         return masks
 
-    unit = "channels"
-    max_level = 1.0
-
     def removals(self, level):
-        """How many channels `level` removes (`criteria.channel_removals`)."""
+        """How many channels `level` removes (`criteria.channel_removals`); None with a
+        cost budget, where that depends on the scores."""
+        if self.budget != "channels":
+            return None
         return criteria.channel_removals(self.sizes, level, self.floor)
 
     def realised(self, level):
-        """The share of channels removed at `level`: exact, from the group sizes."""
+        """The share of channels removed at `level`: exact, from the group sizes; with a
+        cost budget `level` itself (the masks remove at least that share of the cost)."""
+        if self.budget != "channels":
+            return float(level)
         return self.removals(level) / max(1, self.total)
 
-    def removed(self, masks):
-        """How many channels numpy `masks` (of the targets) remove."""
-        gone = set()
+    def removed_flags(self, masks):
+        """Which channels numpy `masks` (of the targets) remove: bool [total]."""
+        gone = np.zeros(self.total + 1, bool)
         for mask, positions in zip(masks, self.positions):
             for axis, index in positions:
                 rows = np.moveaxis(mask, axis, 0).reshape(mask.shape[axis], -1)
-                gone.update(index[(rows == 0).all(axis=1) & (index < self.total)].tolist())
-        return len(gone)
+                gone[index[(rows == 0).all(axis=1)]] = True
+        return gone[:self.total]
 
-    def pattern_problems(self, masks):
-        """None: whole channels are what `removed` counts."""
-        return []
+    def removed(self, masks):
+        """How many channels numpy `masks` (of the targets) remove."""
+        return int(self.removed_flags(masks).sum())
+
+    def saved_share(self, masks):
+        """The share of the model's cost (MACs or parameters) numpy `masks` remove."""
+        return 1.0 - self.costs.cost_numpy(self.removed_flags(masks)) / self.costs.total_cost
+
+    def most_saved(self, level):
+        """The largest share of the cost that `level`'s floors let go: every group
+        down to its floor (its channels cost alike, so which ones does not matter)."""
+        keeps = criteria.channel_floor_keeps(self.sizes, level, self.floor)
+        removed = np.concatenate([np.arange(n) < n - keep for n, keep in zip(self.sizes, keeps)])
+        return 1.0 - self.costs.cost_numpy(removed) / self.costs.total_cost
+
+    def problem(self, masks, level):
+        """Why numpy `masks` are not what this criterion makes at `level`, or None."""
+        if self.budget == "channels":
+            found, expected = self.removed(masks), self.removals(level)
+            return None if found == expected else (
+                f"the masks remove {found} channels, the target {level} needs {expected} of {self.total}")
+        saved = self.saved_share(masks)
+        # At least the budget; a channel more than needed at most.
+        if saved + 1e-12 < level or saved - float(self.costs.first_order.max()) / self.costs.total_cost > level:
+            return (f"the masks remove {saved:.4%} of the model's {self.unit}, the target is {level:.4%}")
+        return None
+
+
+def channel_pairs(groups, total):
+    """The `channel_costs.Pair` of every (variable, axis) the slices of `groups` touch."""
+    index = {}
+    starts = np.cumsum([0, *[g.size for g in groups][:-1]])
+    for group, start in zip(groups, starts):
+        for s in group.slices:
+            key = (id(s.variable), s.axis)
+            if key not in index:
+                index[key] = channel_costs.Pair(s.variable, s.axis,
+                                                np.full(s.variable.shape[s.axis], total, np.int32))
+            index[key].channel[s.rows] = start + np.arange(group.size)[:, None]
+    return list(index.values())
 
 
 def _inverse(order, values):

@@ -266,6 +266,33 @@ def channel_keep(scores, sparsity, floor=0.0):
     return flags
 
 
+def channel_keep_within(scores, costs, cost_of, total_cost, sparsity, floor=0.0):
+    """`channel_keep` with a cost budget: `sparsity` is the share of `total_cost`
+    to remove. Each group's channels may go as `channel_keep` lets them (lowest
+    score first, beyond its floor); over all groups they go in order of
+    float32 score / cost (`costs`: each channel's cost alone; ties by
+    position) until `cost_of(removed)` (the cost left with the flagged channels
+    gone) has fallen by `ceil(sparsity * total_cost)`, or all eligible ones
+    are gone."""
+    sizes = [len(s) for s in scores]
+    keeps = channel_floor_keeps(sizes, sparsity, floor)
+    flat_costs = np.asarray(costs, np.float32)
+    eligible, offset = [], 0
+    for values, keep in zip(scores, keeps):
+        values = np.asarray(values, np.float32)
+        for i in np.argsort(values, kind="stable")[:len(values) - keep]:
+            eligible.append((values[i] / flat_costs[offset + i], offset + i))
+        offset += len(values)
+    order = [position for _, position in sorted(eligible)]
+    need = int(np.ceil(float(sparsity) * float(total_cost)))
+    removed = np.zeros(sum(sizes), bool)
+    for position in order:
+        if total_cost - cost_of(removed) >= need:
+            break
+        removed[position] = True
+    return np.split(~removed, np.cumsum(sizes)[:-1])
+
+
 def nm_candidates(weight, axis, n, m):
     """Where N:M pruning may remove weights: True for the `m - n` smallest
     magnitudes of every block of `m` consecutive weights along `axis` (ties:

@@ -146,8 +146,10 @@ def _check_structure(model, declared, x, name):
 
 
 def task_of(model, train, val, task="auto"):
-    """`(task, probabilities)` of `model` on `train`/`val` (`TrainData`, dataset),
-    with the first batch of each checked against the model and the task.
+    """`(task, probabilities, width)` of `model` on `train`/`val` (`TrainData`,
+    dataset): what its output means, whether it gives probabilities, and how many
+    values it gives per example; the first batch of each checked against the
+    model and the task.
 
     Raises ValueError naming the data that cannot train `model`, or a bad `task`.
     """
@@ -166,4 +168,4 @@ def task_of(model, train, val, task="auto"):
     xv, yv = first_batch(val, "validation_data")
     check_inputs(model, xv, "validation_data")
     task.check_labels(yv, width, "validation_data")
-    return task, probabilities
+    return task, probabilities, width

@@ -139,6 +139,18 @@ class DeviceCriterion:
         """`(index, count)` for each mask that breaks a pattern: none for single weights."""
         return []
 
+    def problem(self, masks, level):
+        """Why numpy `masks` are not what this criterion makes at `level`, or None."""
+        found, expected = self.removed(masks), self.removals(level)
+        if found != expected:
+            return f"the masks remove {found} {self.unit}, the target {level} needs {expected} of {self.total}"
+        broken = self.pattern_problems(masks)
+        if broken:
+            index, blocks = broken[0]
+            return (f"{blocks} blocks of the mask of target {index} keep too many weights "
+                    f"({len(broken)} kernels so)")
+        return None
+
     # Python loops over kernels build the graph; autograph would only slow the
     # tracing down (it converts every branch function anew).
     @tf.autograph.experimental.do_not_convert

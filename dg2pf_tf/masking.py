@@ -119,12 +119,13 @@ def _channel_criterion(masks, scope, floor):
             "Channel pruning ranks channels globally; for the same share in every group, "
             "use scope='global' with floor=1.0.")
     targets = [w for w, _ in masks.entries]
-    groups, _ = channel_criteria.prunable_groups(masks.pruned.model, targets)
+    model = masks.pruned.model
+    groups, _ = channel_criteria.prunable_groups(model, targets)
     if not groups:
         raise ValueError(
-            f"Model '{masks.pruned.model.name}' has no channel group that can be pruned; "
+            f"Model '{model.name}' has no channel group that can be pruned; "
             f"`dg2pf_tf.channel_groups(model)` lists them and why each stays dense.")
-    return channel_criteria.ChannelCriterion(groups, targets, floor)
+    return channel_criteria.ChannelCriterion(groups, targets, floor, masks.pruned.budget, model)
 
 
 def _nm_criterion(masks, scope, floor):
@@ -183,20 +184,12 @@ def mask_sparsity(pruned):
 def check_invariant(pruned, sparsity, source="the model"):
     """Raises ValueError unless the masks of `pruned` remove exactly what the
     criterion removes at `sparsity` (`round(sparsity * n)` weights, per weight
-    with scope 'layer', or channels) and, in hard mode, the masked weights are 0."""
+    with scope 'layer', channels, or a share of the cost) and, in hard mode,
+    the masked weights are 0."""
     masks = [m.numpy() for m in pruned.masks]
-    criterion = mask_set(pruned, source).criterion()
-    found, expected = criterion.removed(masks), criterion.removals(sparsity)
-    if found != expected:
-        raise ValueError(
-            f"Sparsity invariant broken in {source}: the masks remove {found} {criterion.unit}, "
-            f"the target {sparsity} needs {expected} of {criterion.total}.")
-    broken = criterion.pattern_problems(masks)
-    if broken:
-        index, blocks = broken[0]
-        raise ValueError(
-            f"Pattern {pruned.structure} broken in {source}: {blocks} blocks of the mask of "
-            f"'{pruned.targets[index].path}' keep too many weights ({len(broken)} kernels so).")
+    problem = mask_set(pruned, source).criterion().problem(masks, sparsity)
+    if problem:
+        raise ValueError(f"Sparsity invariant broken in {source}: {problem}.")
     if float(pruned.hard.numpy()) != 1.0:
         return
     for weight, mask in zip(pruned.targets, masks):

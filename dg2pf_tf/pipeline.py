@@ -15,6 +15,7 @@ The best weights (and their masks) seen at the target sparsity win.
 import contextlib
 import dataclasses
 import time
+import warnings
 
 import keras
 import numpy as np
@@ -22,6 +23,7 @@ import tensorflow as tf
 
 from dg2pf_tf import checkpoint, checks, masking, schedules, tasks
 from dg2pf_tf.batchnorm import batchnorm_layers, reestimate_batchnorm
+from dg2pf_tf.channel_costs import check_budget
 from dg2pf_tf.criteria import (check_floor, check_scope, check_sparsity, check_structure, floor_for,
                                sparsity_for)
 from dg2pf_tf.data import TrainData, as_dataset, task_of
@@ -70,6 +72,7 @@ class RunConfig:
     scope: str
     floor: float
     structure: str
+    budget: str
     temperature: float
     alpha: float
     patience: int
@@ -94,6 +97,7 @@ class RunConfig:
         check_scope(self.scope)
         check_floor(self.floor)
         check_structure(self.structure)
+        check_budget(self.budget, self.structure)
         for name in ("pruning_epochs", "patience", "max_epochs", "bn_batches"):
             checks.positive_int(name, getattr(self, name))
         for name in ("steps_per_epoch", "mask_update_steps", "batch_size"):
@@ -184,6 +188,7 @@ def run(
     scope="global",
     floor=None,
     structure="unstructured",
+    budget="channels",
     exclude=None,
     batch_size=32,
     learning_rate=3e-3,
@@ -235,6 +240,9 @@ def run(
             model (`dg2pf_tf.shrink`): fewer filters, units and heads, same outputs.
             With an N:M pattern ('2:4'), `sparsity` is 1 - N/M and the result
             holds the pattern (checked, as the sparsity is, before it returns).
+        budget: as in `dg2pf_tf.prune`: with structure 'channel', `sparsity`
+            is a share of the model's 'macs' or 'params' instead of its
+            'channels'; the report gives the share removed.
         teacher: the distillation teacher (a frozen copy of it is used, the
             model itself is not changed); default `model`. Its outputs must
             have the model's shapes.
@@ -286,7 +294,7 @@ def run(
     strategy = strategy or tf.distribute.get_strategy()
     config = RunConfig(
         sparsity=sparsity_for(structure, sparsity), pruning_epochs=pruning_epochs, scope=scope,
-        floor=floor_for(structure, floor), structure=check_structure(structure),
+        floor=floor_for(structure, floor), structure=check_structure(structure), budget=budget,
         temperature=temperature, alpha=alpha, patience=patience, max_epochs=max_epochs, seed=seed,
         batch_size=batch_size, learning_rate=learning_rate, weight_decay=weight_decay,
         clipnorm=clipnorm, finetune_learning_rate=finetune_learning_rate, finetune=bool(finetune),
@@ -306,11 +314,11 @@ def run(
     verbose = 1 if verbose == "auto" else int(verbose)
     train = TrainData(train_data, batch_size, seed)
     val = as_dataset(validation_data, batch_size, name="validation_data")
-    task, probabilities = task_of(model, train, val, task)
+    task, probabilities, width = task_of(model, train, val, task)
     with strategy.scope():
         student = prune(model, schedule=schedules.Linear(config.sparsity, config.pruning_epochs),
                         scope=config.scope, exclude=exclude, recovery=config.recovery, floor=config.floor,
-                        structure=config.structure)
+                        structure=config.structure, budget=config.budget)
         # A frozen copy: the user's teacher keeps its `trainable` (Distiller freezes what it gets).
         teacher = strip(model if teacher is None else teacher)
         optimizers = {
@@ -325,7 +333,7 @@ def run(
         norms if config.recalibrate_bn == "auto" else config.recalibrate_bn))
     procedure = _Procedure(
         config, phase_table(config, distill=config.alpha > 0), student, teacher, optimizers,
-        task=task, probabilities=probabilities, train=train, val=val, callbacks=list(callbacks or []),
+        task=task, probabilities=probabilities, width=width, train=train, val=val, callbacks=list(callbacks or []),
         verbose=verbose, loop=EpochLoop(strategy, steps_per_execution=steps_per_execution,
                                         jit_compile=jit_compile))
     if backup_dir is not None:
@@ -340,7 +348,7 @@ def run(
 class _Procedure:
     """A run under way: its models, optimizers, loop, data, checkpoint and state."""
 
-    def __init__(self, config, phases, student, teacher, optimizers, *, task, probabilities,
+    def __init__(self, config, phases, student, teacher, optimizers, *, task, probabilities, width,
                  train, val, callbacks, verbose, loop):
         self.config, self.phases = config, phases
         self.student, self.teacher, self.optimizers = student, teacher, optimizers
@@ -353,10 +361,19 @@ class _Procedure:
         self.say(f"[dg2pf] task: {task.name} ({'probabilities' if probabilities else 'logits'}); "
                  f"validation metric: {task.metric}")
         self.dense_metric, _ = Evaluator(teacher, task, probabilities)(val)
-        what = (f"{self.masks.criterion().total} channels" if config.structure == "channel"
+        criterion = self.masks.criterion()
+        what = (f"{criterion.total} channels" if config.structure == "channel"
                 else f"{len(self.masks.entries)} weights")
+        goal = f"{config.sparsity:.1%}" + (f" of the {criterion.unit}" if config.budget != "channels" else "")
         self.say(f"[dg2pf] dense validation {task.metric} {self.dense_metric:.4f}; pruning "
-                 f"{what} to {config.sparsity:.1%} ({config.scope})")
+                 f"{what} to {goal} ({config.scope})")
+        near = task.near_chance(self.dense_metric, width)
+        if near:
+            warnings.warn(f"run(): the dense model's validation {task.metric} is {self.dense_metric:.4f}, "
+                          f"{near}. Is it trained, and is the data preprocessed as its weights expect "
+                          f"(keras.applications models: `keras.applications.<family>.preprocess_input`)? "
+                          f"DG2PF distils from it: the pruned model cannot learn what it does not know.",
+                          stacklevel=3)
 
     def say(self, message):
         if self.verbose:
@@ -476,12 +493,18 @@ class _Procedure:
         masking.check_invariant(self.student, self.config.sparsity, source="the pruned model")
 
     def _channel_counts(self, final):
-        """Channels removed and the shrunk model's size, for structure 'channel'."""
+        """Channels removed and the shrunk model's size, for structure 'channel'
+        (and the share of the cost removed, with a budget)."""
         if self.config.structure != "channel":
             return {}
         criterion = self.masks.criterion()
-        return {"channels_removed": criterion.removals(self.config.sparsity),
-                "channels_total": criterion.total, "params_shrunk": final.count_params()}
+        masks = [m.numpy() for m in self.student.masks]
+        counts = {"channels_removed": criterion.removed(masks), "channels_total": criterion.total,
+                  "params_shrunk": final.count_params()}
+        if criterion.costs is not None:
+            counts[f"{self.config.budget}_removed"] = criterion.saved_share(masks)
+            counts[f"{self.config.budget}_total"] = criterion.costs.total_cost
+        return counts
 
     def result(self, started):
         """The `RunResult`: the stripped model (shrunk, for channels), the history and the report."""

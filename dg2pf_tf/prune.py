@@ -10,6 +10,7 @@ import warnings
 import keras
 
 from dg2pf_tf import _compat, masking, registry, schedules
+from dg2pf_tf.channel_costs import check_budget
 from dg2pf_tf.criteria import check_scope, check_structure, floor_for, nm_pattern, sparsity_for
 from dg2pf_tf.pruned_model import PrunedModel, build_like
 
@@ -210,6 +211,7 @@ def prune(
     recovery=True,
     floor=None,
     structure="unstructured",
+    budget="channels",
 ):
     """Returns a `PrunedModel`: a copy of `model` whose prunable weights carry masks.
 
@@ -254,16 +256,28 @@ def prune(
             kernel (Dense, EinsumDense, convolution and recurrent kernels whose
             inputs are a multiple of M; the others stay dense, with a warning),
             reached by the same schedule, ranking and recovery; no `floor`.
+        budget: with structure 'channel', what `sparsity` is a share of:
+            'channels' (default), 'macs' (the model's multiply-accumulates at
+            its input size: convolutions, Dense, EinsumDense and attention
+            layers) or 'params' (all its parameters). Channels are then ranked
+            by score per unit of the cost their removal saves, and removed
+            until that exact share of the cost is gone: 'macs' makes the
+            model faster, where 'channels' ranks by magnitude alone and tends
+            to keep the costly high-resolution layers.
 
     Raises:
         TypeError: not a Keras model, `exclude` or `schedule` of the wrong
             type, a subclassed model without `get_config()`.
         ValueError: bad `sparsity`, `pruning_epochs`, `scope`, `floor`,
-            `structure` or `exclude` name; an unbuilt or already pruned model;
-            nothing left to prune (for 'channel': no channel group that can be).
+            `structure`, `budget` or `exclude` name; an unbuilt or already
+            pruned model; nothing left to prune (for 'channel': no channel
+            group that can be); a `budget` share no allocation can remove (the
+            floors keep too much, or too much of the cost is in dense layers);
+            'macs' on convolutions of no fixed input size.
     """
     _check_model(model, "prune()")
     structure = check_structure(structure)
+    check_budget(budget, structure)
     if schedule is None:
         schedule = schedules.Linear(sparsity_for(structure, sparsity), pruning_epochs)
     elif not isinstance(schedule, schedules.Schedule):
@@ -291,9 +305,24 @@ def prune(
     index = {id(v): i for i, v in enumerate(model.weights)}
     pruned = PrunedModel(copy_model(model), [index[id(w.variable)] for w in chosen],
                          recovery=recovery, schedule=schedule, scope=scope, floor=floor,
-                         structure=structure)
-    masking.mask_set(pruned, "prune()").criterion()  # refuses a structure the model cannot take
+                         structure=structure, budget=budget)
+    criterion = masking.mask_set(pruned, "prune()").criterion()  # refuses a structure the model cannot take
+    if budget != "channels":
+        _check_reachable(criterion, schedule.sparsity, budget, floor)
     return pruned
+
+
+def _check_reachable(criterion, sparsity, budget, floor):
+    """Raises ValueError if `sparsity` of the cost cannot go at the floors."""
+    most = criterion.most_saved(sparsity)
+    if most + 1e-12 < sparsity:
+        raise ValueError(
+            f"budget={budget!r}: sparsity {sparsity:g} asks for {sparsity:.1%} of the model's "
+            f"{criterion.unit} ({criterion.costs.total_cost:,}), but removing every channel the "
+            f"floors allow (floor={floor:g}: each group keeps at least that share of 1 - sparsity "
+            f"of its channels, and one) saves {most:.1%}; the rest is in layers whose channels "
+            f"stay dense (`dg2pf_tf.channel_groups` lists them). Ask for at most {most:.1%}, "
+            f"or lower `floor`.")
 
 
 def _stripped(pruned):

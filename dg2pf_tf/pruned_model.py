@@ -25,6 +25,7 @@ import tensorflow as tf
 from keras import ops
 
 from dg2pf_tf import _compat, schedules
+from dg2pf_tf.channel_costs import check_budget
 from dg2pf_tf.criteria import check_floor, check_scope, check_structure
 
 
@@ -96,6 +97,8 @@ class PrunedModel(keras.Model):
             with structure 'channel', of its uniform share each channel group keeps.
         structure: 'unstructured' (masks remove single weights) or 'channel'
             (whole channels of coupled groups, see `dg2pf_tf.channel_groups`).
+        budget: with structure 'channel', what a sparsity level is a share
+            of: 'channels', 'macs' or 'params' (see `dg2pf_tf.prune`).
         **kwargs: base model arguments; `name` defaults to the model's.
 
     Raises:
@@ -105,7 +108,7 @@ class PrunedModel(keras.Model):
     """
 
     def __init__(self, model, targets, *, recovery=True, schedule=None, scope="global",
-                 floor=1.0, structure="unstructured", **kwargs):
+                 floor=1.0, structure="unstructured", budget="channels", **kwargs):
         if not isinstance(model, keras.Model):
             raise TypeError(f"PrunedModel holds a keras.Model, got {type(model).__name__}.")
         kwargs.setdefault("name", model.name)
@@ -119,6 +122,7 @@ class PrunedModel(keras.Model):
         self.scope = check_scope(scope)
         self.floor = check_floor(floor)
         self.structure = check_structure(structure)
+        self.budget = check_budget(budget, self.structure)
         if model.built:
             self._make_masks()
 
@@ -196,6 +200,7 @@ class PrunedModel(keras.Model):
             "scope": self.scope,
             "floor": self.floor,
             "structure": self.structure,
+            "budget": self.budget,
         }
 
     @classmethod

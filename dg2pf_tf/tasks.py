@@ -39,6 +39,18 @@ class Task:
         """`metric` as a score to maximise."""
         return metric if self.higher_is_better else -metric
 
+    def near_chance(self, metric, outputs):
+        """Why `metric` of a model with `outputs` outputs is little better than a
+        uniform guess (a phrase), or None: below 1.5 times what a guess scores."""
+        chance = self.chance(outputs)
+        if chance is None or metric >= 1.5 * chance[0]:
+            return None
+        return f"near chance ({chance[0]:.4f} for a guess among {chance[1]})"
+
+    def chance(self, outputs):
+        """`(metric, among what)` of a uniform guess, or None where the task has none."""
+        return None
+
     def __eq__(self, other):
         return type(self) is type(other)
 
@@ -55,6 +67,9 @@ def _one_hot_labels(y, logits):
 
 class Categorical(Task):
     name, metric = "categorical", "accuracy"
+
+    def chance(self, outputs):
+        return (1.0 / outputs, f"{outputs} classes") if outputs > 1 else None
 
     def logits(self, output, probabilities):
         output = ops.cast(output, "float32")
@@ -103,6 +118,9 @@ def _matching(y, logits):
 
 class Binary(Task):
     name, metric = "binary", "accuracy"
+
+    def chance(self, outputs):
+        return 0.5, "yes and no"
 
     def logits(self, output, probabilities):
         output = ops.cast(output, "float32")

@@ -42,6 +42,9 @@ def define_flags():
                         "channels: --sparsity is their share, and pruned.keras and the export are "
                         "the shrunk model), or an N:M pattern such as '2:4' (at most N nonzeros in "
                         "every M inputs, checked in the export).")
+    flags.DEFINE_enum("budget", "channels", ("channels", "macs", "params"),
+                      "With --structure=channel, what --sparsity is a share of: channels, the "
+                      "model's multiply-accumulates (a faster model) or its parameters.")
     flags.DEFINE_float("learning_rate", 3e-3, "AdamW learning rate of the distillation phases.")
     flags.DEFINE_float("finetune_learning_rate", 1e-3, "SGD learning rate of pruned fine-tuning.")
     flags.DEFINE_float("dense_learning_rate", 3e-3, "Adam learning rate of dense training.")
@@ -71,6 +74,9 @@ def define_flags():
     flags.register_validator(
         "structure", lambda v: v in ("unstructured", "channel") or re.fullmatch(r"\d+:\d+", v),
         message="--structure must be 'unstructured', 'channel' or N:M such as '2:4'.")
+    flags.register_multi_flags_validator(
+        ["budget", "structure"], lambda f: f["budget"] == "channels" or f["structure"] == "channel",
+        message="--budget=macs or params needs --structure=channel (it allocates whole channels).")
     flags.register_validator("alpha", lambda v: 0.0 <= v <= 1.0, message="--alpha must be in [0, 1].")
     flags.register_validator("temperature", lambda v: v > 0, message="--temperature must be > 0.")
     flags.register_validator("floor", lambda v: v is None or 0.0 <= v <= 1.0,

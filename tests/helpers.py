@@ -25,6 +25,45 @@ def residual_cnn(input_shape=(8, 8, 1), classes=10):
     return keras.Model(inputs, outputs, name="residual_cnn")
 
 
+def randomized(model, seed=0):
+    """`model` with its vectors (biases, BatchNorm parameters and statistics)
+    random too, not the initial 0s and 1s, so that no removed channel would
+    happen to contribute nothing; kernels keep their random initial values."""
+    rng = np.random.default_rng(seed)
+    for v in model.weights:
+        if len(v.shape) == 1:
+            positive = any(k in v.path for k in ("variance", "gamma"))
+            value = rng.uniform(0.5, 1.5, v.shape) if positive else rng.normal(0, 0.1, v.shape)
+            v.assign(value.astype(v.dtype))
+    return model
+
+
+def assert_same_outputs(a, b, x):
+    ya, yb = a.predict(x, verbose=0), b.predict(x, verbose=0)
+    scale = max(1.0, float(np.max(np.abs(ya))))
+    np.testing.assert_allclose(yb, ya, atol=1e-5 * scale, rtol=0)
+
+
+def gated_cnn():
+    """Residual add, depthwise, a concatenation gated squeeze-and-excitation
+    style, a one-channel spatial gate, Flatten into Dense."""
+    x = keras.Input((8, 8, 3), name="image")
+    a = keras.layers.Conv2D(8, 3, padding="same", name="stem")(x)
+    a = keras.layers.ReLU()(keras.layers.BatchNormalization(name="stem_bn")(a))
+    b = keras.layers.BatchNormalization(name="branch_bn")(keras.layers.Conv2D(8, 1, name="branch")(a))
+    c = keras.layers.Activation("relu")(keras.layers.Add(name="add")([a, b]))
+    d = keras.layers.Conv2D(4, 1, name="widen")(keras.layers.DepthwiseConv2D(3, padding="same", name="dw")(c))
+    cat = keras.layers.Concatenate(name="cat")([c, d])
+    gate = keras.layers.GlobalAveragePooling2D(keepdims=True)(cat)
+    gate = keras.layers.Conv2D(3, 1, activation="relu", name="se_reduce")(gate)
+    gate = keras.layers.Conv2D(12, 1, activation="sigmoid", name="se_expand")(gate)
+    y = keras.layers.Multiply(name="se")([cat, gate])
+    y = keras.layers.Multiply(name="spatial")([y, keras.layers.Conv2D(1, 1, activation="sigmoid", name="where")(y)])
+    y = keras.layers.Flatten()(keras.layers.MaxPooling2D()(y))
+    y = keras.layers.Dense(16, activation="relu", name="hidden")(y)
+    return keras.Model(x, keras.layers.Dense(5, name="logits")(y))
+
+
 def mlp(inputs=16, hidden=32, classes=4):
     return keras.Sequential(
         [

@@ -92,7 +92,10 @@ CHANGED = {
     "learning_rate": 1e-3, "weight_decay": 0.0, "clipnorm": None, "finetune_learning_rate": 1e-4,
     "finetune": False, "recovery": False, "mask_update_steps": 2, "recalibrate_bn": False,
     "bn_batches": 10, "steps_per_epoch": 4, "task": "binary", "structure": "channel",
+    "budget": "params",
 }
+# Settings that take others along: a budget other than channels needs channel structure.
+ALONG = {"budget": {"structure": "channel"}}
 
 
 def test_every_run_setting_is_in_the_fingerprint():
@@ -114,7 +117,8 @@ def test_a_resume_with_any_setting_changed_is_refused(setting, digits, tmp_path_
     if setting == "task":  # one-hot rows are also valid multi-hot labels of a binary task
         train, val = [(x, np.eye(10, dtype="float32")[y]) for x, y in (train, val)]
     with pytest.raises(checkpoint.CheckpointError, match=f"different run.*{setting}"):
-        dg2pf_tf.run(_model(), train, val, backup_dir=directory, **{"seed": 0, **SMALL, setting: CHANGED[setting]})
+        dg2pf_tf.run(_model(), train, val, backup_dir=directory,
+                     **{"seed": 0, **SMALL, setting: CHANGED[setting], **ALONG.get(setting, {})})
 
 
 def test_corrupt_foreign_and_tampered_checkpoints_are_refused(digits, tmp_path):

@@ -6,22 +6,9 @@ import pytest
 
 import dg2pf_tf
 from dg2pf_tf import structure
-from helpers import run_python
+from helpers import assert_same_outputs, gated_cnn, randomized, run_python
 
 L = keras.layers
-
-
-def randomized(model, seed=0):
-    """`model` with its vectors (biases, BatchNorm parameters and statistics)
-    random too, not the initial 0s and 1s, so that no removed channel would
-    happen to contribute nothing; kernels keep their random initial values."""
-    rng = np.random.default_rng(seed)
-    for v in model.weights:
-        if len(v.shape) == 1:
-            positive = any(k in v.path for k in ("variance", "gamma"))
-            value = rng.uniform(0.5, 1.5, v.shape) if positive else rng.normal(0, 0.1, v.shape)
-            v.assign(value.astype(v.dtype))
-    return model
 
 
 def zero_channels(group, channels, roles=(structure.PRODUCES, structure.PASSES, structure.CONSUMES)):
@@ -42,32 +29,6 @@ def prune_half_of_every_group(model, seed=0, **roles):
     for group in found.groups:
         zero_channels(group, rng.choice(group.size, group.size // 2, replace=False), **roles)
     return found
-
-
-def assert_same_outputs(a, b, x):
-    ya, yb = a.predict(x, verbose=0), b.predict(x, verbose=0)
-    scale = max(1.0, float(np.max(np.abs(ya))))
-    np.testing.assert_allclose(yb, ya, atol=1e-5 * scale, rtol=0)
-
-
-def gated_cnn():
-    """Residual add, depthwise, a concatenation gated squeeze-and-excitation
-    style, a one-channel spatial gate, Flatten into Dense."""
-    x = keras.Input((8, 8, 3), name="image")
-    a = L.Conv2D(8, 3, padding="same", name="stem")(x)
-    a = L.ReLU()(L.BatchNormalization(name="stem_bn")(a))
-    b = L.BatchNormalization(name="branch_bn")(L.Conv2D(8, 1, name="branch")(a))
-    c = L.Activation("relu")(L.Add(name="add")([a, b]))
-    d = L.Conv2D(4, 1, name="widen")(L.DepthwiseConv2D(3, padding="same", name="dw")(c))
-    cat = L.Concatenate(name="cat")([c, d])
-    gate = L.GlobalAveragePooling2D(keepdims=True)(cat)
-    gate = L.Conv2D(3, 1, activation="relu", name="se_reduce")(gate)
-    gate = L.Conv2D(12, 1, activation="sigmoid", name="se_expand")(gate)
-    y = L.Multiply(name="se")([cat, gate])
-    y = L.Multiply(name="spatial")([y, L.Conv2D(1, 1, activation="sigmoid", name="where")(y)])
-    y = L.Flatten()(L.MaxPooling2D()(y))
-    y = L.Dense(16, activation="relu", name="hidden")(y)
-    return keras.Model(x, L.Dense(5, name="logits")(y))
 
 
 def test_groups_follow_residuals_concatenation_gates_and_flatten():

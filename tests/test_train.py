@@ -25,6 +25,7 @@ def _train(*args, timeout=600):
     ("--weights=/nonexistent/dense.keras", "--weights"),
     ("--teacher=/nonexistent/dense.keras", "--teacher must be an existing .keras file"),
     ("--dataset=imagenet2012", "imagenet2012"),
+    ("--budget=macs", "needs --structure=channel"),
 ])
 def test_bad_flags_exit_nonzero_with_one_clear_line_and_write_nothing(flag, expected, tmp_path):
     out = tmp_path / "out"

@@ -1,0 +1,193 @@
+"""What channels cost: the multiply-accumulates or parameters a model spends on them, counted exactly.
+
+A `CostModel` writes a model's cost as a sum of terms, one per weight
+variable: `uses * kept(axis 1) * kept(axis 2) * ...`, where `uses` is how
+often one entry of the weight is used per example (MACs: once per output
+position of the layer that holds the kernel; parameters: once) and `kept` is
+an axis's length after pruning: smaller along the axes that carry channels of
+prunable groups. So the cost of any set of removed channels is exact (a
+convolution that loses inputs and outputs loses their product), and the same
+integer arithmetic runs in numpy (the reference) and in TensorFlow ops
+(inside the training step, `ChannelCriterion` with a budget).
+
+MACs count convolutions (depthwise, separable and transposed ones too),
+`Dense` and `EinsumDense` layers, and every kernel inside a layer made of
+others (attention, recurrent cells: once per position of the layer's input;
+an unknown sequence length counts once, per token). Embedding lookups,
+biases, normalisation and activations cost nothing here.
+"""
+
+import dataclasses
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from dg2pf_tf import _compat
+
+BUDGETS = ("channels", "macs", "params")
+UNITS = {"channels": "channels", "macs": "MACs", "params": "parameters"}
+
+
+def check_budget(budget, structure):
+    """Returns `budget`; raises ValueError for an unknown one, or one other than
+    'channels' with a structure other than 'channel'."""
+    if budget not in BUDGETS:
+        raise ValueError(
+            f"`budget` must be one of {BUDGETS} (what `sparsity` is a share of: channels, "
+            f"multiply-accumulates, or parameters), got {budget!r}.")
+    if budget != "channels" and structure != "channel":
+        raise ValueError(
+            f"`budget={budget!r}` allocates whole channels by what they cost, so it needs "
+            f"structure='channel' (got structure={structure!r}). Single weights and N:M "
+            f"patterns save no compute on a CPU; their `sparsity` counts weights.")
+    return budget
+
+
+def _positions(shape, channels_first=False):
+    """Positions of a [batch, *positions, channels] shape (None: refused by the caller)."""
+    inner = shape[2:] if channels_first else shape[1:-1]
+    return inner
+
+
+def _count(dims, layer, what):
+    """The product of `dims`, where an unknown size is refused with `what` said."""
+    if any(d is None for d in dims):
+        raise ValueError(
+            f"budget='macs' counts multiply-accumulates at the model's input size, and layer "
+            f"'{layer.name}' ({type(layer).__name__}) has an {what} of unknown size "
+            f"{tuple(dims)}. Build the model for a fixed input size (keras.Input((224, 224, 3)), "
+            f"or `input_shape=` for keras.applications).")
+    return int(np.prod(dims, dtype=np.int64))
+
+
+_SPATIAL = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D,
+            keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D,
+            keras.layers.SeparableConv1D, keras.layers.SeparableConv2D)
+_TRANSPOSED = (keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose, keras.layers.Conv3DTranspose)
+
+
+def _kernels(layer):
+    """The float weights of `layer` with two axes or more (kernels, not biases or scales)."""
+    return [v for v in layer.weights if len(v.shape) >= 2 and "float" in str(v.dtype)]
+
+
+def kernel_uses(model):
+    """`{id(variable): uses}`: how often each entry of each kernel of Sequential or
+    Functional `model` is multiplied per example (nested graphs included; a layer
+    called twice counts twice).
+
+    Raises ValueError where a convolution's positions have no fixed size.
+    """
+    uses = {}
+
+    def add(variables, count):
+        for variable in variables:
+            uses[id(variable)] = uses.get(id(variable), 0) + count
+
+    for node in _compat.graph_nodes(model) or ():
+        layer = node.operation
+        if not isinstance(layer, keras.layers.Layer) or not layer.weights:
+            continue
+        if _compat.graph_nodes(layer) is not None and isinstance(layer, keras.Model):
+            for key, count in kernel_uses(layer).items():
+                uses[key] = uses.get(key, 0) + count
+            continue
+        first = getattr(layer, "data_format", "channels_last") == "channels_first"
+        if isinstance(layer, _SPATIAL):
+            shape = node.outputs[0].shape
+            add(_kernels(layer), _count(_positions(shape, first), layer, "output"))
+        elif isinstance(layer, _TRANSPOSED):
+            shape = node.input_tensors[0].shape
+            add(_kernels(layer), _count(_positions(shape, first), layer, "input"))
+        elif node.input_tensors:
+            # Dense, EinsumDense and layers made of others: once per input position;
+            # an unknown sequence length counts once (MACs per token).
+            dims = node.input_tensors[0].shape[1:-1]
+            inside = {id(v): v for s in [layer, *_compat.sublayers(layer, recursive=True)] for v in _kernels(s)}
+            add(inside.values(), int(np.prod([1 if d is None else d for d in dims], dtype=np.int64)))
+    return uses
+
+
+def model_macs(model):
+    """Multiply-accumulates of one example through Sequential or Functional `model`,
+    counted as `CostModel` counts them. Raises ValueError as `kernel_uses` does."""
+    uses = kernel_uses(model)
+    return sum(uses.get(id(v), 0) * int(np.prod(v.shape, dtype=np.int64)) for v in model.weights)
+
+
+@dataclasses.dataclass(frozen=True)
+class Pair:
+    """An axis of a variable that carries channels: `channel[p]` is the channel
+    (0..total-1) at position p along it, `total` where none is."""
+
+    variable: object
+    axis: int
+    channel: np.ndarray
+
+
+class CostModel:
+    """The exact cost of a model with some of its `total` channels removed.
+
+    `pairs` lists every (variable, axis) that carries channels of the prunable
+    groups; `budget` is 'macs' or 'params'. `cost(removed)` (TensorFlow, int64)
+    and `cost_numpy(removed)` give the model's cost with the channels flagged
+    in `removed` gone; `first_order` is what removing each channel alone saves.
+
+    Raises ValueError where MACs cannot be counted (see `kernel_uses`).
+    """
+
+    def __init__(self, model, pairs, total, budget):
+        self.budget, self.unit = budget, UNITS[budget]
+        if budget == "macs":
+            uses = kernel_uses(model)
+            variables = [v for v in model.weights if uses.get(id(v))]
+            factor = [uses[id(v)] for v in variables]
+        else:
+            variables = list(model.weights)
+            factor = [1] * len(variables)
+        by_pair = {(id(p.variable), p.axis): i for i, p in enumerate(pairs)}
+        self.sizes = np.array([len(p.channel) for p in pairs] + [1], np.int64)
+        width = max([1] + [sum((id(v), a) in by_pair for a in range(len(v.shape))) for v in variables])
+        slots, constants = [], []
+        for variable, uses in zip(variables, factor):
+            shape = [int(d) for d in variable.shape]
+            mine = [by_pair[(id(variable), a)] for a in range(len(shape)) if (id(variable), a) in by_pair]
+            rest = [d for a, d in enumerate(shape) if (id(variable), a) not in by_pair]
+            slots.append(mine + [len(pairs)] * (width - len(mine)))
+            constants.append(uses * int(np.prod(rest, dtype=np.int64)))
+        self.slots = np.array(slots, np.int64).reshape(-1, width)
+        self.constants = np.array(constants, np.int64)
+        # Position -> (channel, pair), over all pairs: what removing channels takes from each axis.
+        self._channel = np.concatenate([p.channel for p in pairs] or [np.zeros(0, np.int64)]).astype(np.int64)
+        self._pair = np.repeat(np.arange(len(pairs)), [len(p.channel) for p in pairs]).astype(np.int64)
+        self.total_cost = self.cost_numpy(np.zeros(total, bool))
+        self.first_order = self._first_order(total)
+
+    def _kept_numpy(self, removed):
+        flags = np.append(np.asarray(removed, bool), False)
+        lost = np.bincount(self._pair, weights=flags[self._channel], minlength=len(self.sizes) - 1)
+        return np.append(self.sizes[:-1] - lost.astype(np.int64), 1)
+
+    def cost_numpy(self, removed):
+        """The cost (a Python int) with the channels where `removed` is True gone."""
+        kept = self._kept_numpy(removed)
+        return int(np.sum(self.constants * np.prod(kept[self.slots], axis=1)))
+
+    def cost(self, removed):
+        """`cost_numpy` in TensorFlow ops: `removed` a bool [total] tensor; int64 scalar."""
+        flags = tf.concat([tf.cast(removed, tf.int64), [0]], 0)
+        lost = tf.math.unsorted_segment_sum(tf.gather(flags, self._channel), self._pair, len(self.sizes) - 1)
+        kept = tf.concat([self.sizes[:-1] - lost, [1]], 0)
+        return tf.reduce_sum(self.constants * tf.reduce_prod(tf.gather(kept, self.slots), axis=1))
+
+    def _first_order(self, total):
+        """What removing each channel alone saves (float64 [total]), never 0."""
+        saved = np.zeros(total + 1)
+        full = self.sizes[self.slots]
+        for j in range(self.slots.shape[1]):
+            others = np.prod(np.delete(full, j, axis=1), axis=1) * self.constants
+            per_pair = np.zeros(len(self.sizes))
+            np.add.at(per_pair, self.slots[:, j], others)
+            np.add.at(saved, self._channel, per_pair[self._pair])
+        return np.maximum(saved[:total], 1.0)
