@@ -147,6 +147,7 @@ def main(argv):
     import dg2pf_tf
     from dg2pf_tf import atomic, checks, criteria, loop
     from zoo.data import DataUnavailable, load
+    from zoo.models import preprocessing_for
 
     try:
         sparsity = criteria.sparsity_for(cfg.structure, cfg.sparsity, default=0.95)
@@ -164,9 +165,15 @@ def main(argv):
         # and writes its own copies of the outputs where they do not collide.
         out = tempfile.mkdtemp(prefix="dg2pf-worker-")
         log(f"non-chief worker: outputs go to {out}")
+    preprocessing = preprocessing_for(cfg.model, cfg.weights, cfg.preprocessing)
+    if cfg.dataset != "digits":
+        log(f"Inputs: {preprocessing} preprocessing" + (f" (what --model={cfg.model}'s ImageNet weights expect)"
+                                                         if cfg.preprocessing == "auto" and cfg.weights == "imagenet"
+                                                         else ""))
     try:
         train, val, test, info = load(cfg.dataset, cfg.batch_size, data_dir=cfg.data_dir,
-                                image_size=cfg.image_size, seed=cfg.seed, log=log)
+                                      image_size=cfg.image_size, seed=cfg.seed, preprocessing=preprocessing,
+                                      log=log)
     except DataUnavailable as error:
         _fail(str(error))
     teacher = None

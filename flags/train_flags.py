@@ -5,7 +5,7 @@ import re
 
 from absl import flags
 
-from zoo.data import DATASETS
+from zoo.data import DATASETS, PREPROCESSING
 from zoo.models import MODELS
 
 DISTRIBUTIONS = ("auto", "none", "mirrored", "multi_worker")
@@ -25,6 +25,11 @@ def define_flags():
         "zeros: --weights=<first run>/pruned.keras --teacher=<first run>/dense.keras.")
     flags.DEFINE_enum("dataset", "digits", DATASETS, "Data set.")
     flags.DEFINE_string("data_dir", None, "tensorflow-datasets data directory.")
+    flags.DEFINE_enum("preprocessing", "auto", ("auto", *PREPROCESSING),
+                      "How pixels become inputs: auto (with --weights=imagenet the keras.applications "
+                      "preprocess_input of --model's family: caffe for resnet50 and vgg16, tf for "
+                      "mobilenet_v2; else mean_std), mean_std (the data set's mean and standard "
+                      "deviation), or a keras.applications mode: caffe, tf, torch. Images only.")
     flags.DEFINE_integer("image_size", None, "ImageNet crop size (default 224).", lower_bound=32)
     flags.DEFINE_float("sparsity", None, "Target fraction of zeros over prunable weights, in [0, 1) "
                        "(default 0.95; with an N:M --structure, 1 - N/M).")
@@ -77,6 +82,10 @@ def define_flags():
     flags.register_multi_flags_validator(
         ["budget", "structure"], lambda f: f["budget"] == "channels" or f["structure"] == "channel",
         message="--budget=macs or params needs --structure=channel (it allocates whole channels).")
+    flags.register_multi_flags_validator(
+        ["preprocessing", "dataset"], lambda f: f["preprocessing"] in ("auto", "mean_std") or f["dataset"] != "digits",
+        message="--preprocessing applies to image data sets (cifar10, cifar100, imagenet2012); "
+                "digits are scaled to [0, 1].")
     flags.register_validator("alpha", lambda v: 0.0 <= v <= 1.0, message="--alpha must be in [0, 1].")
     flags.register_validator("temperature", lambda v: v > 0, message="--temperature must be > 0.")
     flags.register_validator("floor", lambda v: v is None or 0.0 <= v <= 1.0,

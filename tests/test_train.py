@@ -26,6 +26,7 @@ def _train(*args, timeout=600):
     ("--teacher=/nonexistent/dense.keras", "--teacher must be an existing .keras file"),
     ("--dataset=imagenet2012", "imagenet2012"),
     ("--budget=macs", "needs --structure=channel"),
+    ("--preprocessing=caffe", "--preprocessing applies to image data sets"),
 ])
 def test_bad_flags_exit_nonzero_with_one_clear_line_and_write_nothing(flag, expected, tmp_path):
     out = tmp_path / "out"
@@ -136,6 +137,29 @@ def test_tfds_pipelines_on_mock_data_feed_each_model(name, model, size):
     net.compile(keras.optimizers.SGD(0.01), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     loss = net.train_on_batch(x, y)
     assert np.isfinite(loss)
+
+
+@pytest.mark.parametrize("model, family", [("resnet50", "resnet50"), ("vgg16", "vgg16"),
+                                           ("mobilenet_v2", "mobilenet_v2")])
+def test_imagenet_weights_get_their_own_keras_applications_preprocessing(model, family):
+    import keras
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
+
+    from zoo.data import imagenet_geometry, load
+    from zoo.models import preprocessing_for
+
+    preprocess_input = getattr(keras.applications, family).preprocess_input
+    with tfds.testing.mock_data(num_examples=6):
+        _, _, test, _ = load("imagenet2012", 3, image_size=64, log=lambda m: None,
+                             preprocessing=preprocessing_for(model, "imagenet"))
+        raw = tfds.load("imagenet2012", split="validation", as_supervised=True)
+        images = [imagenet_geometry(image, False, 64) for image, _ in raw.take(3)]
+    expected = preprocess_input(tf.stack(images).numpy())
+    got = next(iter(test))[0].numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-4)
+    # Weights of this project's own training keep the data set's mean and deviation.
+    assert preprocessing_for(model, None) == preprocessing_for(model, "model.keras") == "mean_std"
 
 
 @pytest.mark.slow

@@ -37,23 +37,38 @@ def digits_splits(seed=0, validation=0.2):
     return (xtr, ytr), (xval, yval), test
 
 
-def _normalise(image, kind):
-    image = tf.cast(image, tf.float32) / 255.0
-    return (image - _MEAN[kind]) / _STD[kind]
+# How pixels (RGB, 0-255) become a network's inputs: the data set's mean and
+# standard deviation, or one of keras.applications' modes, the one a model's
+# pretrained weights were trained with (its family's `preprocess_input`).
+PREPROCESSING = ("mean_std", "caffe", "tf", "torch")
 
 
-def cifar_preprocess(image, label, training):
-    """CIFAR: 4-pixel pad + random 32x32 crop + flip when training; normalised."""
+def normaliser(mode, kind):
+    """A function of float RGB images in [0, 255] for `mode` (one of
+    PREPROCESSING; 'mean_std' with the statistics of data set `kind`, 'cifar' or
+    'imagenet'). Raises ValueError for an unknown mode."""
+    if mode == "mean_std":
+        return lambda image: (image / 255.0 - _MEAN[kind]) / _STD[kind]
+    if mode not in PREPROCESSING:
+        raise ValueError(f"preprocessing must be one of {PREPROCESSING}, got {mode!r}.")
+    import keras
+
+    return lambda image: keras.applications.imagenet_utils.preprocess_input(image, mode=mode)
+
+
+def cifar_preprocess(image, label, training, normalise=None):
+    """CIFAR: 4-pixel pad + random 32x32 crop + flip when training; normalised
+    (by default with CIFAR's mean and standard deviation)."""
     if training:
         image = tf.image.pad_to_bounding_box(image, 4, 4, 40, 40)
         image = tf.image.random_crop(image, (32, 32, 3))
         image = tf.image.random_flip_left_right(image)
-    return _normalise(image, "cifar"), label
+    return (normalise or normaliser("mean_std", "cifar"))(tf.cast(image, tf.float32)), label
 
 
-def imagenet_preprocess(image, label, training, size=224):
+def imagenet_geometry(image, training, size=224):
     """ImageNet: random-resized-crop + flip for training; resize 256 (shorter
-    side, scaled with `size`) and center crop for evaluation."""
+    side, scaled with `size`) and center crop for evaluation. Float pixels in [0, 255]."""
     if training:
         begin, extent, _ = tf.image.sample_distorted_bounding_box(
             tf.shape(image), tf.zeros((1, 0, 4)), min_object_covered=0.08,
@@ -68,10 +83,17 @@ def imagenet_preprocess(image, label, training, size=224):
         scale = (size * 256.0 / 224.0) / tf.reduce_min(shape)
         image = tf.image.resize(image, tf.cast(tf.round(shape * scale), tf.int32))
         image = tf.image.resize_with_crop_or_pad(image, size, size)
-    return _normalise(image, "imagenet"), label
+    return tf.cast(image, tf.float32)
 
 
-def load(name, batch_size, *, data_dir=None, image_size=None, seed=0, log=print):
+def imagenet_preprocess(image, label, training, size=224, normalise=None):
+    """`imagenet_geometry`, then normalised (by default with ImageNet's mean and
+    standard deviation, keras.applications' 'torch' mode)."""
+    image = imagenet_geometry(image, training, size)
+    return (normalise or normaliser("mean_std", "imagenet"))(image), label
+
+
+def load(name, batch_size, *, data_dir=None, image_size=None, seed=0, preprocessing="mean_std", log=print):
     """Returns `(train, validation, test, info)`: batched, prefetched datasets
     of `(image, label)` and a dict with `input_shape`, `classes`, `train_size`,
     `test_split` (its name) and `train_for_epoch(epoch)`, the training batches
@@ -83,11 +105,15 @@ def load(name, batch_size, *, data_dir=None, image_size=None, seed=0, log=print)
     held out of their training split and test on the official test
     (CIFAR) or validation (ImageNet) split.
 
-    Raises ValueError for an unknown name and DataUnavailable when a
-    tensorflow-datasets set is neither in `data_dir` nor downloadable.
+    `preprocessing` (one of PREPROCESSING) is how pixels become inputs (digits
+    are scaled to [0, 1] whatever it says).
+
+    Raises ValueError for an unknown name or preprocessing, and DataUnavailable
+    when a tensorflow-datasets set is neither in `data_dir` nor downloadable.
     """
     if name not in DATASETS:
         raise ValueError(f"--dataset={name!r} is not one of {', '.join(DATASETS)}.")
+    normalise = normaliser(preprocessing, "imagenet" if name == "imagenet2012" else "cifar")
     if name == "digits":
         log("Loading scikit-learn digits (1,797 images, embedded)")
         (xtr, ytr), (xval, yval), (xte, yte) = digits_splits()
@@ -135,13 +161,13 @@ def load(name, batch_size, *, data_dir=None, image_size=None, seed=0, log=print)
         size = image_size or 224
         prep = imagenet_preprocess
         shape = (size, size, 3)
-        train_map = lambda x, y: prep(x, y, True, size)  # noqa: E731
-        val_map = lambda x, y: prep(x, y, False, size)  # noqa: E731
+        train_map = lambda x, y: prep(x, y, True, size, normalise)  # noqa: E731
+        val_map = lambda x, y: prep(x, y, False, size, normalise)  # noqa: E731
         cache = False
     else:
         shape = (32, 32, 3)
-        train_map = lambda x, y: cifar_preprocess(x, y, True)  # noqa: E731
-        val_map = lambda x, y: cifar_preprocess(x, y, False)  # noqa: E731
+        train_map = lambda x, y: cifar_preprocess(x, y, True, normalise)  # noqa: E731
+        val_map = lambda x, y: cifar_preprocess(x, y, False, normalise)  # noqa: E731
         cache = True  # 50k 32x32 images fit in memory
     if cache:
         train, val, test = train.cache(), val.cache(), test.cache()

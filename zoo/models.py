@@ -3,6 +3,19 @@
 import keras
 
 MODELS = ("small_cnn", "resnet18", "resnet50", "mobilenet_v2", "vgg16")
+# The keras.applications preprocessing mode each family's ImageNet weights were
+# trained with (what its `preprocess_input` does): caffe is BGR minus the mean
+# pixel, tf scales to [-1, 1].
+IMAGENET_PREPROCESSING = {"resnet50": "caffe", "vgg16": "caffe", "mobilenet_v2": "tf"}
+
+
+def preprocessing_for(name, weights, requested="auto"):
+    """How pixels become inputs of model `name` with `weights`: `requested`, or
+    for 'auto' the mode its keras.applications ImageNet weights expect, else
+    the data set's mean and standard deviation (how this project trains)."""
+    if requested != "auto":
+        return requested
+    return IMAGENET_PREPROCESSING.get(name, "mean_std") if weights == "imagenet" else "mean_std"
 
 
 def small_cnn(input_shape=(8, 8, 1), classes=10):
