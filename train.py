@@ -122,7 +122,7 @@ def _plots(history, model, out):
 
 def _save_keras(model, path):
     """`model.save(path)` through a temporary file, so a kill never leaves half a file."""
-    from dg2pf_tf import atomic
+    from dg2pf_tf.procedure import atomic
 
     with atomic.atomic_path(path) as tmp:
         model.save(tmp)
@@ -145,15 +145,17 @@ def main(argv):
     import keras
 
     import dg2pf_tf
-    from dg2pf_tf import atomic, checks, criteria, loop
+    from dg2pf_tf import checks
+    from dg2pf_tf.criteria import reference
+    from dg2pf_tf.procedure import atomic, loop
     from zoo.data import DataUnavailable, load
     from zoo.models import preprocessing_for
 
     try:
-        sparsity = criteria.sparsity_for(cfg.structure, cfg.sparsity, default=0.95)
+        sparsity = reference.sparsity_for(cfg.structure, cfg.sparsity, default=0.95)
     except ValueError as error:
         _fail(f"--structure={cfg.structure}, --sparsity={cfg.sparsity}: {error}")
-    pattern = cfg.structure if criteria.nm_pattern(cfg.structure) else None
+    pattern = cfg.structure if reference.nm_pattern(cfg.structure) else None
 
     keras.utils.set_random_seed(cfg.seed)
     if cfg.mixed_precision:

@@ -108,7 +108,7 @@ def mask_updates(name, updates=6, structure="unstructured"):
     import tensorflow as tf
 
     import dg2pf_tf
-    from dg2pf_tf import masking
+    from dg2pf_tf.core import masking
 
     model = getattr(keras.applications, UPDATE_MODELS[name])(input_shape=(32, 32, 3), weights=None, classes=1000)
     nm = ":" in structure

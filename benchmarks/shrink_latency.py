@@ -70,7 +70,7 @@ def digits_trained(build, epochs):
 def shrunk_models(dense, levels, floor, budget):
     """The dense model and one shrunk model per level, with the channels each removed."""
     import dg2pf_tf
-    from dg2pf_tf import masking
+    from dg2pf_tf.core import masking
 
     models = {"dense": (dense, 0, 0)}
     for level in levels:
@@ -101,7 +101,7 @@ def keras_latency(models, batch, runs):
 def litert_latency(files, threads, runs):
     import numpy as np
 
-    from dg2pf_tf import litert
+    from dg2pf_tf.deploy import litert
 
     x = np.random.default_rng(0).uniform(0, 255, (1, 224, 224, 3)).astype("float32")
     runners = {name: litert.interpreter(content, num_threads=threads) for name, content in files.items()}
@@ -127,8 +127,8 @@ def main():
     parser.add_argument("--train_epochs", type=int, default=10)
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "shrink_latency.json"))
     args = parser.parse_args()
-    from dg2pf_tf import litert_convert
-    from dg2pf_tf.channel_costs import model_macs
+    from dg2pf_tf.deploy import convert
+    from dg2pf_tf.channels.costs import model_macs
 
     levels = [float(v) for v in args.levels.split(",")]
     rows = []
@@ -141,7 +141,7 @@ def main():
             dense = builders(1000)[family]((224, 224, 3))
         models = shrunk_models(dense, levels, args.floor, args.budget)
         measured = {f"keras_batch{b}": keras_latency(models, b, args.runs) for b in (1, 32)}
-        files = {name: litert_convert.float_file(model) for name, (model, _, _) in models.items()}
+        files = {name: convert.float_file(model) for name, (model, _, _) in models.items()}
         measured.update({f"litert_{t}_threads": litert_latency(files, t, args.runs) for t in (1, 2)})
         dense_model = models["dense"][0]
         for name, (model, removed, total) in models.items():

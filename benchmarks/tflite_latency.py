@@ -37,11 +37,11 @@ def main():
     import numpy as np
 
     import dg2pf_tf
-    from dg2pf_tf import litert
+    from dg2pf_tf.deploy import litert
 
     keras.utils.set_random_seed(0)
     dense = keras.applications.MobileNetV2(input_shape=(225, 225, 3), weights=None, classifier_activation=None)
-    pruned = dg2pf_tf.prune(dense, exclude=dg2pf_tf.presets.xnnpack)
+    pruned = dg2pf_tf.prune(dense, exclude=dg2pf_tf.deploy.presets.xnnpack)
     dg2pf_tf.update_masks(pruned, args.sparsity)
     x = np.random.default_rng(0).normal(size=(1, 225, 225, 3)).astype(np.float32)
     files = {}

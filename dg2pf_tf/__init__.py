@@ -1,6 +1,6 @@
 """dg2pf_tf: DG2PF pruning (Distilled Gradual Pruning with Pruned Fine-tuning) for Keras 3.
 
-Public API:
+Public API (everything else is internal):
     prune, strip, finalize       rebuild a model with / without pruning masks
     PrunedModel                  what prune() returns: a model read through masks
     UpdateMasks                  the `fit` callback that applies a schedule
@@ -9,7 +9,7 @@ Public API:
     pattern_report               which kernels hold an N:M pattern (structure='2:4')
     schedules                    Linear, Polynomial, Constant
     Distiller                    KD training of a student on a frozen teacher
-    run, RunResult               the whole DG2PF procedure on a trained model
+    run, RunConfig, RunResult    the whole DG2PF procedure on a trained model
     reestimate_batchnorm         refresh BatchNorm statistics after pruning
     evaluate                     a model's validation metric and loss, for its task
     tasks                        Categorical, Binary, Regression: what outputs mean
@@ -18,22 +18,29 @@ Public API:
     presets                      which layers to prune for an engine (xnnpack)
     channel_groups               coupled channel groups of a model (structure='channel')
     shrink                       a channel-pruned model rebuilt with fewer channels
+
+Layout: `core` (masks into a model and out), `criteria` (what goes at a level),
+`channels` (coupled groups, costs, the smaller model), `procedure` (run() and
+its phases), `deploy` (what ships); `_compat` holds every Keras/TF internal,
+`checks` every argument check.
 """
 
-from dg2pf_tf import presets, schedules, tasks
-from dg2pf_tf.batchnorm import reestimate_batchnorm
-from dg2pf_tf.callbacks import UpdateMasks
-from dg2pf_tf.deploy import DeployReport, deploy_report
-from dg2pf_tf.distill import Distiller
-from dg2pf_tf.export import export
-from dg2pf_tf.evaluation import evaluate
-from dg2pf_tf.pipeline import RunResult, run
-from dg2pf_tf.masking import update_masks
-from dg2pf_tf.prune import finalize, prune, strip
-from dg2pf_tf.shrink import shrink
-from dg2pf_tf.structure import ChannelStructure, channel_groups
-from dg2pf_tf.summary import PatternReport, SparsitySummary, pattern_report, sparsity_summary
-from dg2pf_tf.pruned_model import PrunedModel
+from dg2pf_tf.channels.graph import ChannelStructure, channel_groups
+from dg2pf_tf.channels.shrink import shrink
+from dg2pf_tf.core import schedules
+from dg2pf_tf.core.callbacks import UpdateMasks
+from dg2pf_tf.core.masking import update_masks
+from dg2pf_tf.core.prune import finalize, prune, strip
+from dg2pf_tf.core.pruned_model import PrunedModel
+from dg2pf_tf.core.summary import PatternReport, SparsitySummary, pattern_report, sparsity_summary
+from dg2pf_tf.deploy import presets
+from dg2pf_tf.deploy.export import export
+from dg2pf_tf.deploy.xnnpack import DeployReport, deploy_report
+from dg2pf_tf.procedure import tasks
+from dg2pf_tf.procedure.batchnorm import reestimate_batchnorm
+from dg2pf_tf.procedure.distill import Distiller
+from dg2pf_tf.procedure.evaluation import evaluate
+from dg2pf_tf.procedure.run import RunResult, run
 
 __version__ = "0.1.0"
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import dg2pf_tf
-from dg2pf_tf import _compat, criteria
+from dg2pf_tf import _compat
+from dg2pf_tf.criteria import reference
 
 KINDS = (keras.layers.Dense, keras.layers.EinsumDense, keras.layers.Embedding)
 
@@ -23,16 +24,16 @@ def _masked_share(pruned, kinds=KINDS):
 def _check_prune_strip_round_trip(model, x, tmp_path, level=0.9, reference_masks=False):
     """Prunes `model` to `level`, then checks its outputs, strip() and a .keras round trip.
 
-    `reference_masks` sets the masks with numpy's `criteria.magnitude_masks`
+    `reference_masks` sets the masks with numpy's `reference.magnitude_masks`
     (floor 0) instead of `update_masks`: the same masks (test_device_criteria
     holds the two equal) without compiling the device search for each model.
     """
     pruned = dg2pf_tf.prune(model)
-    reference = keras.tree.map_structure(np.asarray, model(x))
-    keras.tree.map_structure(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), reference,
+    original = keras.tree.map_structure(np.asarray, model(x))
+    keras.tree.map_structure(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), original,
                              keras.tree.map_structure(np.asarray, pruned(x)))
     if reference_masks:
-        values = criteria.magnitude_masks([v.numpy() for v in pruned.targets], level)
+        values = reference.magnitude_masks([v.numpy() for v in pruned.targets], level)
         for mask, value in zip(pruned.masks, values):
             mask.assign(value)
     else:
@@ -170,7 +171,7 @@ def test_run_handles_binary_multi_label_and_regression_models(outputs, activatio
     assert report["task"] == task and report["metric"] == metric
     assert np.isfinite(report[f"pruned_val_{metric}"]) and f"val_{metric}" in result.history[0]
     assert report["sparsity_pruned"] == _exact(0.8, report)
-    got, _ = dg2pf_tf.evaluate(result.model, dg2pf_tf.data.as_dataset((x[:32], y[:32]), 32))
+    got, _ = dg2pf_tf.evaluate(result.model, dg2pf_tf.procedure.data.as_dataset((x[:32], y[:32]), 32))
     assert got == pytest.approx(report[f"pruned_val_{metric}"], rel=1e-5)
 
 
@@ -191,7 +192,7 @@ def test_a_teacher_of_another_output_shape_is_refused_before_training():
         _short_run(_mlp(3), (x, y), (x, y), teacher=_mlp(4))
 
 
-class TinyNet(keras.Model):
+class SubclassedTeacher(keras.Model):
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self.hidden, self.out = keras.layers.Dense(16, activation="relu"), keras.layers.Dense(3)
@@ -202,7 +203,7 @@ class TinyNet(keras.Model):
 
 def test_a_subclassed_teacher_teaches():
     x, y = np.random.default_rng(0).normal(size=(64, 6)).astype("float32"), np.arange(64) % 3
-    teacher = TinyNet()
+    teacher = SubclassedTeacher()
     teacher(x[:1])
     assert _short_run(_mlp(3), (x, y), (x[:32], y[:32]), teacher=teacher).report["sparsity_pruned"] > 0
 

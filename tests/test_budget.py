@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 
 import dg2pf_tf
-from dg2pf_tf import channel_costs, channel_criteria, criteria, masking
+from dg2pf_tf.channels.costs import model_macs
+from dg2pf_tf.core import masking
+from dg2pf_tf.criteria import reference
 from helpers import assert_same_outputs, gated_cnn, randomized
 
 
@@ -36,7 +38,7 @@ def test_cost_of_removed_channels_is_what_the_shrunk_model_costs(budget):
     model = mobilenet()
     pruned = dg2pf_tf.prune(model, structure="channel", budget=budget)
     criterion = criterion_of(pruned)
-    count = channel_costs.model_macs if budget == "macs" else (lambda m: m.count_params())
+    count = model_macs if budget == "macs" else (lambda m: m.count_params())
     assert criterion.costs.total_cost == count(model)
     rng = np.random.default_rng(0)
     for share in (0.2, 0.6):
@@ -54,10 +56,10 @@ def test_device_budget_selection_equals_the_numpy_reference_with_ties(budget, le
     scores = np.random.default_rng(3).integers(1, 4, criterion.total).astype("float32")  # many ties
     device = criterion.keep(scores, level).numpy()
     costs = criterion.costs
-    reference = np.concatenate(criteria.channel_keep_within(
+    expected = np.concatenate(reference.channel_keep_within(
         np.split(scores, np.cumsum(criterion.sizes)[:-1]), costs.first_order, costs.cost_numpy,
         costs.total_cost, level, floor))
-    np.testing.assert_array_equal(device, reference)
+    np.testing.assert_array_equal(device, expected)
     saved = 1 - costs.cost_numpy(~device) / costs.total_cost
     if criterion.most_saved(level) < level:  # the floors keep too much: all they allow goes
         assert saved == pytest.approx(criterion.most_saved(level))
@@ -74,14 +76,14 @@ def test_macs_budget_halves_a_keras_application_and_shrinks_to_the_same_outputs(
     dg2pf_tf.finalize(pruned)
     masking.check_invariant(pruned, 0.5)
     small = dg2pf_tf.shrink(pruned)
-    dense_macs, small_macs = channel_costs.model_macs(model), channel_costs.model_macs(small)
+    dense_macs, small_macs = model_macs(model), model_macs(small)
     assert 0.45 < small_macs / dense_macs <= 0.5
     x = np.random.default_rng(1).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
     assert_same_outputs(pruned, small, x)
     # The channel budget at the same level removes as many channels, not as many MACs.
     by_channels = dg2pf_tf.prune(model, sparsity=0.5, structure="channel")
     dg2pf_tf.update_masks(by_channels, 0.5)
-    assert channel_costs.model_macs(dg2pf_tf.shrink(by_channels)) > small_macs
+    assert model_macs(dg2pf_tf.shrink(by_channels)) > small_macs
     # The budget travels with the model.
     path = str(tmp_path / "pruned.keras")
     pruned.save(path)
@@ -118,10 +120,10 @@ def test_macs_of_transformer_layers_count_per_token():
     model = keras.Model(inputs, keras.layers.Dense(16, name="down")(x))
     attention = model.get_layer("attention")
     per_token = sum(int(np.prod(v.shape)) for v in attention.weights if len(v.shape) >= 2) + 16 * 32 + 32 * 16
-    assert channel_costs.model_macs(model) == per_token
+    assert model_macs(model) == per_token
     pruned = dg2pf_tf.prune(model, sparsity=0.3, structure="channel", budget="macs", floor=0.0)
     dg2pf_tf.update_masks(pruned, 0.3)
-    assert 1 - channel_costs.model_macs(dg2pf_tf.shrink(pruned)) / per_token >= 0.3
+    assert 1 - model_macs(dg2pf_tf.shrink(pruned)) / per_token >= 0.3
 
 
 def test_run_reports_the_share_of_the_budget_removed():
@@ -138,7 +140,7 @@ def test_run_reports_the_share_of_the_budget_removed():
                           structure="channel", budget="macs", pruning_epochs=2, patience=1,
                           max_epochs=1, finetune=False, seed=0, verbose=0)
     report = result.report
-    removed = 1 - channel_costs.model_macs(result.model) / channel_costs.model_macs(dense)
+    removed = 1 - model_macs(result.model) / model_macs(dense)
     assert report["macs_removed"] == pytest.approx(removed) and removed >= 0.4
-    assert report["macs_total"] == channel_costs.model_macs(dense)
+    assert report["macs_total"] == model_macs(dense)
     assert 0 < report["channels_removed"] < report["channels_total"]

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from dg2pf_tf import criteria
+from dg2pf_tf.criteria import reference
 
 
 def _zeros(masks):
@@ -12,7 +12,7 @@ def _zeros(masks):
 def test_global_masks_prune_exactly_round_s_times_n(sparsity):
     rng = np.random.default_rng(1)
     weights = [rng.normal(size=(3, 3, 4, 5)), rng.normal(size=(7,)), rng.normal(size=(31, 2))]
-    masks = criteria.magnitude_masks(weights, sparsity)
+    masks = reference.magnitude_masks(weights, sparsity)
     n = sum(w.size for w in weights)
     assert _zeros(masks) == round(sparsity * n)
     assert all(m.dtype == np.float32 and m.shape == w.shape for m, w in zip(masks, weights))
@@ -21,7 +21,7 @@ def test_global_masks_prune_exactly_round_s_times_n(sparsity):
 def test_global_masks_remove_the_smallest_magnitudes_across_layers():
     small = np.array([0.1, -0.2, 0.3])
     large = np.array([5.0, -4.0, 0.05, 6.0])
-    masks = criteria.magnitude_masks([small, large], 3 / 7)
+    masks = reference.magnitude_masks([small, large], 3 / 7)
     # 0.05, 0.1 and -0.2 are the three smallest |w| of the whole network.
     np.testing.assert_array_equal(masks[0], [0, 0, 1])
     np.testing.assert_array_equal(masks[1], [1, 1, 0, 1])
@@ -31,40 +31,40 @@ def test_layer_scope_gives_each_kernel_the_same_sparsity_where_global_does_not()
     rng = np.random.default_rng(2)
     small = rng.normal(scale=0.01, size=100)
     large = rng.normal(scale=1.0, size=100)
-    per_layer = criteria.magnitude_masks([small, large], 0.5, scope="layer")
+    per_layer = reference.magnitude_masks([small, large], 0.5, scope="layer")
     assert [100 - m.sum() for m in per_layer] == [50, 50]
-    global_ = criteria.magnitude_masks([small, large], 0.5, scope="global")
+    global_ = reference.magnitude_masks([small, large], 0.5, scope="global")
     assert 100 - global_[0].sum() > 90 and 100 - global_[1].sum() < 10
     assert _zeros(global_) == 100
 
 
 def test_ties_are_broken_by_position_first_come_first_pruned():
     weights = [np.ones(4), np.ones(4)]
-    masks = criteria.magnitude_masks(weights, 0.5)
+    masks = reference.magnitude_masks(weights, 0.5)
     np.testing.assert_array_equal(masks[0], [0, 0, 0, 0])
     np.testing.assert_array_equal(masks[1], [1, 1, 1, 1])
-    masks = criteria.magnitude_masks([np.array([0.0, 2, 0, 1, 0, 0])], 0.5)
+    masks = reference.magnitude_masks([np.array([0.0, 2, 0, 1, 0, 0])], 0.5)
     np.testing.assert_array_equal(masks[0], [0, 1, 0, 1, 0, 1])
-    again = criteria.magnitude_masks([np.array([0.0, 2, 0, 1, 0, 0])], 0.5)
+    again = reference.magnitude_masks([np.array([0.0, 2, 0, 1, 0, 0])], 0.5)
     np.testing.assert_array_equal(masks[0], again[0])
 
 
 @pytest.mark.parametrize("bad", [-0.1, 1.0, 1.2, float("nan")])
 def test_sparsity_outside_unit_interval_is_refused(bad):
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
-        criteria.magnitude_masks([np.ones(3)], bad)
+        reference.magnitude_masks([np.ones(3)], bad)
 
 
 def test_sparsity_of_wrong_type_and_unknown_scope_are_refused():
     with pytest.raises(TypeError, match="number"):
-        criteria.magnitude_masks([np.ones(3)], "high")
+        reference.magnitude_masks([np.ones(3)], "high")
     with pytest.raises(ValueError, match="scope"):
-        criteria.magnitude_masks([np.ones(3)], 0.5, scope="channel")
+        reference.magnitude_masks([np.ones(3)], 0.5, scope="channel")
 
 
 def test_zero_counts_are_exact_zeros_only_and_empty_arrays_count_none():
     values = np.array([[0.0, -0.0, 1e-30], [np.nan, 0.0, -2.0]], dtype="float32")
-    assert criteria.count_zeros(values) == 3
-    assert criteria.zero_fraction(values) == 0.5
-    assert criteria.count_zeros(np.zeros((0, 4))) == 0
-    assert criteria.zero_fraction(np.zeros((0, 4))) == 0.0
+    assert reference.count_zeros(values) == 3
+    assert reference.zero_fraction(values) == 0.5
+    assert reference.count_zeros(np.zeros((0, 4))) == 0
+    assert reference.zero_fraction(np.zeros((0, 4))) == 0.0

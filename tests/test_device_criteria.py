@@ -1,10 +1,10 @@
-"""The device criterion returns exactly the masks of the numpy reference (`criteria.py`)."""
+"""The device criterion returns exactly the masks of the numpy reference (`criteria/reference.py`)."""
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from dg2pf_tf import criteria, device_criteria, window_search
+from dg2pf_tf.criteria import magnitude, reference, window_search
 
 SHAPES = [(3, 3, 4, 5), (7,), (31, 2), (64, 33), (5000,), (300, 20)]
 SETTINGS = [("global", 0.0), ("layer", 0.0), ("global", 1.0), ("global", 0.5)]
@@ -23,12 +23,12 @@ def _weights(kind, rng):
     return weights
 
 
-def _mismatches(reference, masks):
-    return [int(np.sum(a != b.numpy())) for a, b in zip(reference, masks)]
+def _mismatches(expected, masks):
+    return [int(np.sum(a != b.numpy())) for a, b in zip(expected, masks)]
 
 
 def _device_masks(scope, floor, jit_compile=False, flat=False):
-    criterion = device_criteria.DeviceCriterion(SHAPES, scope, floor, jit_compile=jit_compile, flat=flat)
+    criterion = magnitude.DeviceCriterion(SHAPES, scope, floor, jit_compile=jit_compile, flat=flat)
     return tf.function(criterion.masks)
 
 
@@ -40,9 +40,9 @@ def test_device_masks_equal_the_reference(scope, floor, flat, jit_compile):
     for kind in ("normal", "ties", "zeros", "dead kernel"):
         weights = _weights(kind, np.random.default_rng(0))
         for level in LEVELS:
-            reference = criteria.magnitude_masks(weights, level, scope, floor)
+            expected = reference.magnitude_masks(weights, level, scope, floor)
             masks = masks_of([tf.constant(w) for w in weights], tf.constant(level, tf.float64))
-            assert _mismatches(reference, masks) == [0] * len(SHAPES), (kind, level)
+            assert _mismatches(expected, masks) == [0] * len(SHAPES), (kind, level)
             assert all(m.dtype == tf.float32 and tuple(m.shape) == w.shape for m, w in zip(masks, weights))
 
 
@@ -52,16 +52,16 @@ def test_windows_carried_between_calls_stay_exact_as_weights_and_levels_move(sco
     rng = np.random.default_rng(1)
     masks_of = _device_masks(scope, floor, jit_compile)
     weights = _weights("normal", rng)
-    reference = None
+    expected = None
     for step, level in enumerate([0.1, 0.1, 0.12, 0.5, 0.51, 0.9, 0.9, 0.95, 0.999, 0.3, 0.0, 0.9]):
         weights = [(w + rng.normal(scale=0.01, size=w.shape)).astype(np.float32) for w in weights]
         if step == 6:  # masked weights become exact zeros, as in the hard phases
-            weights = [np.where(m == 0, 0, w).astype(np.float32) for w, m in zip(weights, reference)]
+            weights = [np.where(m == 0, 0, w).astype(np.float32) for w, m in zip(weights, expected)]
         if step == 7:  # then heavy ties
             weights = [(np.round(w * 2) / 2).astype(np.float32) for w in weights]
-        reference = criteria.magnitude_masks(weights, level, scope, floor)
+        expected = reference.magnitude_masks(weights, level, scope, floor)
         masks = masks_of([tf.constant(w) for w in weights], tf.constant(level, tf.float64))
-        assert _mismatches(reference, masks) == [0] * len(SHAPES), (step, level)
+        assert _mismatches(expected, masks) == [0] * len(SHAPES), (step, level)
 
 
 @pytest.mark.parametrize("scope,floor", SETTINGS)
@@ -77,13 +77,13 @@ def test_searches_that_start_from_a_bad_sample_still_end_exact(monkeypatch, scop
         weights = _weights(kind, rng)
         weights[4] = np.sort(np.abs(weights[4]))  # sorted values defeat a strided sample
         for level in (0.3, 0.9, 0.999):
-            reference = criteria.magnitude_masks(weights, level, scope, floor)
+            expected = reference.magnitude_masks(weights, level, scope, floor)
             masks = masks_of([tf.constant(w) for w in weights], tf.constant(level, tf.float64))
-            assert _mismatches(reference, masks) == [0] * len(SHAPES), (kind, level)
+            assert _mismatches(expected, masks) == [0] * len(SHAPES), (kind, level)
 
 
 def test_criterion_refuses_bad_scope_and_floor():
     with pytest.raises(ValueError, match="scope"):
-        device_criteria.DeviceCriterion(SHAPES, "channel", 0.0)
+        magnitude.DeviceCriterion(SHAPES, "channel", 0.0)
     with pytest.raises(ValueError, match="floor"):
-        device_criteria.DeviceCriterion(SHAPES, "global", 1.5)
+        magnitude.DeviceCriterion(SHAPES, "global", 1.5)

@@ -9,8 +9,8 @@ pytest.importorskip("ai_edge_litert")
 
 from ai_edge_litert import format_converter_wrapper_pybind11 as format_converter  # noqa: E402
 
-from dg2pf_tf import litert, litert_sparse  # noqa: E402
-from dg2pf_tf.litert import schema  # noqa: E402
+from dg2pf_tf.deploy import litert, sparse_tensors  # noqa: E402
+from dg2pf_tf.deploy.litert import schema  # noqa: E402
 
 _DENSE = format_converter.TfLiteDimensionType.TF_LITE_DIM_DENSE
 _CSR = format_converter.TfLiteDimensionType.TF_LITE_DIM_SPARSE_CSR
@@ -42,15 +42,15 @@ def _tflite_encoding(array, formats, block_size=(), block_map=()):
 def test_csr_encoding_decodes_back_to_the_array():
     for shape in SHAPES:
         array = _sparse_array(shape)
-        params, values = litert_sparse.encode_csr(array)
-        decoded = litert_sparse.decode(_tensor(params, shape), values.tobytes())
+        params, values = sparse_tensors.encode_csr(array)
+        decoded = sparse_tensors.decode(_tensor(params, shape), values.tobytes())
         np.testing.assert_array_equal(decoded, array)
 
 
 def test_csr_encoding_equals_tflites_format_converter():
     for shape in SHAPES:
         array = _sparse_array(shape, seed=1)
-        params, values = litert_sparse.encode_csr(array)
+        params, values = sparse_tensors.encode_csr(array)
         theirs, levels = _tflite_encoding(array, [_DENSE] * (array.ndim - 1) + [_CSR])
         np.testing.assert_array_equal(values, theirs)
         assert list(params.traversalOrder) == list(range(array.ndim))
@@ -77,7 +77,7 @@ def test_decode_reads_tflites_blocked_encoding():
             meta.arraySegments, meta.arrayIndices = schema.Int32VectorT(), schema.Int32VectorT()
             meta.arraySegments.values, meta.arrayIndices.values = first, second
         params.dimMetadata.append(meta)
-    decoded = litert_sparse.decode(_tensor(params, array.shape), values.tobytes())
+    decoded = sparse_tensors.decode(_tensor(params, array.shape), values.tobytes())
     np.testing.assert_array_equal(decoded, array)
 
 
@@ -100,9 +100,9 @@ def test_operator_index_and_dense_storage_keep_the_file_computing_the_same():
     for n, op in enumerate(index.operators):
         assert all(index.producer[int(t)] == n for t in op.outputs)
         assert all(n in index.readers(t) for t in op.inputs if t >= 0)
-    sparse = litert_sparse.sparse_tensors(index)
+    sparse = sparse_tensors.sparse_tensors(index)
     assert sparse and all(s.consumers == ["DENSIFY"] and s.kernels == ["FULLY_CONNECTED"] for s in sparse)
-    dense = litert_sparse.all_dense(content)
+    dense = sparse_tensors.all_dense(content)
     assert "DENSIFY" not in litert.OperatorIndex.of(litert.read(dense)).names
     x = np.random.default_rng(1).normal(size=(5, 32)).astype(np.float32)
     expected = model.predict(x, verbose=0)

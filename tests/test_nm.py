@@ -11,8 +11,9 @@ import pytest
 import tensorflow as tf
 
 import dg2pf_tf
-from dg2pf_tf import criteria, masking
-from dg2pf_tf.nm_criteria import NMCriterion, candidates
+from dg2pf_tf.core import masking
+from dg2pf_tf.criteria import reference
+from dg2pf_tf.criteria.nm import NMCriterion, candidates
 from helpers import mlp, residual_cnn
 
 SHAPES = [(3, 3, 8, 16), (64, 10), (4, 16, 6)]
@@ -33,7 +34,7 @@ def kernels(kind, rng):
 def test_device_candidates_equal_the_reference(kind, n, m):
     rng = np.random.default_rng(m * 10 + n)
     for weight, axis in zip(kernels(kind, rng), AXES):
-        expected = criteria.nm_candidates(weight, axis, n, m)
+        expected = reference.nm_candidates(weight, axis, n, m)
         assert expected.sum() == weight.size * (m - n) // m
         np.testing.assert_array_equal(candidates(tf.constant(weight), axis, n, m).numpy(), expected)
 
@@ -46,7 +47,7 @@ def test_device_masks_equal_the_reference_at_every_level(kind, scope, flat):
     weights = kernels(kind, rng)
     criterion = NMCriterion(SHAPES, AXES, 2, 4, scope, flat=flat)
     for level in (0.0, 0.1, 0.37, 0.5):
-        expected = criteria.nm_masks(weights, AXES, level, 2, 4, scope)
+        expected = reference.nm_masks(weights, AXES, level, 2, 4, scope)
         got = [m.numpy() for m in criterion.masks([tf.constant(w) for w in weights],
                                                   tf.constant(level, tf.float64))]
         for a, b in zip(expected, got):
@@ -61,7 +62,7 @@ def test_device_masks_equal_the_reference_at_every_level(kind, scope, flat):
 
 def test_pattern_problems_name_a_kernel_that_breaks_it():
     criterion = NMCriterion(SHAPES, AXES, 2, 4)
-    masks = criteria.nm_masks(kernels("random", np.random.default_rng(2)), AXES, 0.5, 2, 4)
+    masks = reference.nm_masks(kernels("random", np.random.default_rng(2)), AXES, 0.5, 2, 4)
     masks[2][0, :4, 0] = 1.0  # one block of four keeps all four
     assert criterion.pattern_problems(masks) == [(2, 1)]
 
@@ -138,7 +139,7 @@ def test_export_records_the_pattern_and_refuses_a_broken_one(tmp_path):
     (dict(floor=0.5), "`floor` has no meaning"),
     (dict(structure="4:4"), "needs 1 <= N < M"),
     (dict(structure="2:4:8"), "must be 'unstructured', 'channel' or an N:M"),
-    (dict(schedule=dg2pf_tf.schedules.Linear(0.8, 2)), "final sparsity is 1 - 2/4"),
+    (dict(schedule=dg2pf_tf.core.schedules.Linear(0.8, 2)), "final sparsity is 1 - 2/4"),
 ])
 def test_bad_pattern_arguments_are_refused(arguments, message):
     with pytest.raises(ValueError, match=message):

@@ -8,7 +8,7 @@ import pytest
 
 import dg2pf_tf
 from helpers import TWO_CPUS, run_python
-from dg2pf_tf import criteria
+from dg2pf_tf.criteria import reference
 from zoo.data import digits_arrays
 from zoo.models import small_cnn
 
@@ -32,12 +32,12 @@ def test_floor_keeps_every_kernel_alive_where_global_magnitude_kills_one():
     rng = np.random.default_rng(0)
     small = rng.normal(scale=0.01, size=(3, 3, 1, 8))  # tiny magnitudes
     big = rng.normal(size=(3, 3, 8, 64))
-    pure = criteria.magnitude_masks([small, big], 0.95)
+    pure = reference.magnitude_masks([small, big], 0.95)
     assert pure[0].sum() == 0  # global magnitude prunes the small layer away
-    floored = criteria.magnitude_masks([small, big], 0.95, floor=1.0)
+    floored = reference.magnitude_masks([small, big], 0.95, floor=1.0)
     kept = [int(m.sum()) for m in floored]
     assert sum(kept) == round(0.05 * (small.size + big.size))
-    expected = criteria.erk_keep_counts([small.shape, big.shape], sum(kept))
+    expected = reference.erk_keep_counts([small.shape, big.shape], sum(kept))
     assert kept[0] >= expected[0] > 0
 
 
@@ -48,14 +48,14 @@ def test_run_reaches_the_exact_sparsity_and_leaves_the_input_model_alone(digits)
     result = dg2pf_tf.run(model, (xtr, ytr), (xte, yte), sparsity=0.9,
                           pruning_epochs=2, patience=1, max_epochs=2, seed=0, verbose=0)
     assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
-    assert not dg2pf_tf.masking.pruned_models(result.model)
+    assert not dg2pf_tf.core.masking.pruned_models(result.model)
     summary = dg2pf_tf.sparsity_summary(result.model)
     assert summary.prunable_zeros == round(0.9 * summary.prunable_weights)
     phases = [row["phase"] for row in result.history]
     assert phases[:2] == ["gradual", "gradual"] and phases[-1] == "finetune"
     assert [row["epoch"] for row in result.history] == list(range(1, len(phases) + 1))
     report = json.loads(json.dumps(result.report))
-    accuracy, _ = dg2pf_tf.evaluate(result.model, dg2pf_tf.data.as_dataset((xte, yte), 128))
+    accuracy, _ = dg2pf_tf.evaluate(result.model, dg2pf_tf.procedure.data.as_dataset((xte, yte), 128))
     assert report["pruned_val_accuracy"] == pytest.approx(accuracy)
     assert report["sparsity_prunable"] == pytest.approx(0.9, abs=1e-4)
     assert accuracy > 0.8

@@ -31,7 +31,7 @@ def test_prune_never_modifies_the_original_model(images):
     pruned.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     pruned.fit(*images, epochs=1, verbose=0)
     assert all(np.array_equal(b, w.numpy()) for b, w in zip(before, model.weights))
-    assert not dg2pf_tf.masking.pruned_models(model)
+    assert not dg2pf_tf.core.masking.pruned_models(model)
 
 
 def test_update_masks_sets_exact_global_sparsity_and_strip_agrees(images):
@@ -41,7 +41,7 @@ def test_update_masks_sets_exact_global_sparsity_and_strip_agrees(images):
     assert summary.prunable_zeros == round(0.75 * summary.prunable_weights)
     assert realised == summary.prunable_sparsity == summary.pruned_sparsity
     stripped = dg2pf_tf.strip(pruned)
-    assert not dg2pf_tf.masking.pruned_models(stripped)
+    assert not dg2pf_tf.core.masking.pruned_models(stripped)
     assert [l.name for l in stripped.layers] == [l.name for l in pruned.model.layers]
     np.testing.assert_array_equal(stripped(images[0]), pruned(images[0]))
     plain = dg2pf_tf.sparsity_summary(stripped)
@@ -118,7 +118,7 @@ def test_a_pruned_model_inside_another_model_trains_and_strips():
     model.fit(x, y, epochs=1, verbose=0, callbacks=[dg2pf_tf.UpdateMasks()])
     assert dg2pf_tf.sparsity_summary(model).pruned_sparsity == pytest.approx(0.5, abs=1e-2)
     stripped = dg2pf_tf.strip(model)
-    assert not dg2pf_tf.masking.pruned_models(stripped)
+    assert not dg2pf_tf.core.masking.pruned_models(stripped)
     np.testing.assert_array_equal(stripped(x), model(x))
 
 

@@ -27,7 +27,7 @@ def _prelude():
     model.fit(x_train, y_train, epochs=8, batch_size=64, verbose=0)
     # Eight epochs train the weights, not yet BatchNorm's slow moving statistics
     # (validation accuracy near chance): settle them so the model is a trained one.
-    from dg2pf_tf.batchnorm import reestimate_batchnorm
+    from dg2pf_tf.procedure.batchnorm import reestimate_batchnorm
     reestimate_batchnorm(model, [x_train[i:i + 64] for i in range(0, len(x_train), 64)])
     return {"model": model, "x": x_train, "y": y_train, "x_train": x_train, "y_train": y_train,
             "x_val": x_val, "y_val": y_val}

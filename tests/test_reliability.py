@@ -18,7 +18,7 @@ import tensorflow as tf
 
 import dg2pf_tf
 from helpers import ROOT, TWO_CPUS, run_python
-from dg2pf_tf import atomic, checkpoint
+from dg2pf_tf.procedure import atomic, checkpoint
 from zoo.data import digits_arrays
 from zoo.models import small_cnn
 
@@ -99,7 +99,7 @@ ALONG = {"budget": {"structure": "channel"}}
 
 
 def test_every_run_setting_is_in_the_fingerprint():
-    from dg2pf_tf.pipeline import RunConfig
+    from dg2pf_tf.procedure.run import RunConfig
 
     fields = {f.name for f in dataclasses.fields(RunConfig)}
     # `replicas` comes from the strategy: its own test below needs two logical CPUs.
@@ -162,7 +162,7 @@ def test_a_failed_write_leaves_the_previous_checkpoint(tmp_path):
 
 KILLED_WRITER = r"""
 import sys, numpy as np
-from dg2pf_tf import atomic, checkpoint
+from dg2pf_tf.procedure import atomic, checkpoint
 directory = sys.argv[1]
 big = np.random.default_rng(0).normal(size=(2_000_000,)).astype(np.float32)
 epoch = 0
@@ -194,7 +194,7 @@ def test_a_kill_while_writing_never_leaves_a_torn_checkpoint(tmp_path):
 def test_a_resume_on_another_number_of_replicas_is_refused(tmp_path):
     out = run_python(TWO_CPUS + textwrap.dedent(f"""
         import keras, numpy as np, pytest, dg2pf_tf
-        from dg2pf_tf import atomic, checkpoint
+        from dg2pf_tf.procedure import atomic, checkpoint
         from test_reliability import SMALL, _Interrupt, _model
         from zoo.data import digits_arrays
         (x, y), (xv, yv) = digits_arrays()

@@ -2,7 +2,7 @@ import keras
 import numpy as np
 import pytest
 
-from dg2pf_tf import schedules
+from dg2pf_tf.core import schedules
 
 
 def test_linear_schedule_is_the_papers_s_times_i_over_se():

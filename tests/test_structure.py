@@ -5,13 +5,13 @@ import numpy as np
 import pytest
 
 import dg2pf_tf
-from dg2pf_tf import structure
+from dg2pf_tf.channels import graph
 from helpers import assert_same_outputs, gated_cnn, randomized, run_python
 
 L = keras.layers
 
 
-def zero_channels(group, channels, roles=(structure.PRODUCES, structure.PASSES, structure.CONSUMES)):
+def zero_channels(group, channels, roles=(graph.PRODUCES, graph.PASSES, graph.CONSUMES)):
     """Zeroes the trainable weight entries of `channels` of `group` that take
     part in it as one of `roles`, as channel pruning does."""
     for s in group.trainable_slices():
@@ -24,7 +24,7 @@ def zero_channels(group, channels, roles=(structure.PRODUCES, structure.PASSES, 
 
 def prune_half_of_every_group(model, seed=0, **roles):
     """Zeroes a random half of the channels of every prunable group; returns the structure."""
-    found = structure.channel_groups(model)
+    found = graph.channel_groups(model)
     rng = np.random.default_rng(seed)
     for group in found.groups:
         zero_channels(group, rng.choice(group.size, group.size // 2, replace=False), **roles)
@@ -32,18 +32,18 @@ def prune_half_of_every_group(model, seed=0, **roles):
 
 
 def test_groups_follow_residuals_concatenation_gates_and_flatten():
-    found = structure.channel_groups(gated_cnn())
-    groups = {g.layers(structure.PRODUCES)[0]: g for g in found.groups}
+    found = graph.channel_groups(gated_cnn())
+    groups = {g.layers(graph.PRODUCES)[0]: g for g in found.groups}
     assert sorted(groups) == ["hidden", "se_reduce", "stem", "widen"]
     # The residual ties stem and branch; the SE gate's first 8 outputs join them.
     stem = groups["stem"]
-    assert stem.size == 8 and stem.layers(structure.PRODUCES) == ["stem", "branch", "se_expand"]
-    assert set(stem.layers(structure.PASSES)) == {"stem", "stem_bn", "branch", "branch_bn", "dw",
+    assert stem.size == 8 and stem.layers(graph.PRODUCES) == ["stem", "branch", "se_expand"]
+    assert set(stem.layers(graph.PASSES)) == {"stem", "stem_bn", "branch", "branch_bn", "dw",
                                                   "se_expand"}  # biases, BatchNorm, depthwise
-    assert set(stem.layers(structure.CONSUMES)) == {"branch", "widen", "se_reduce", "where", "hidden"}
+    assert set(stem.layers(graph.CONSUMES)) == {"branch", "widen", "se_reduce", "where", "hidden"}
     # The gate's last 4 outputs belong to `widen`'s channels, at rows 8-11 of its kernel.
     widen = groups["widen"]
-    expand = [s for s in widen.slices if s.layer == "se_expand" and s.role == structure.PRODUCES]
+    expand = [s for s in widen.slices if s.layer == "se_expand" and s.role == graph.PRODUCES]
     assert expand[0].rows[:, 0].tolist() == [8, 9, 10, 11]
     # Flatten: channel c of the 12 concatenated ones feeds rows c, c+12, ... of `hidden`.
     flat = [s for s in widen.slices if s.layer == "hidden"][0]
@@ -69,7 +69,7 @@ def test_shrink_removes_zeroed_channels_and_computes_the_same():
 
 def test_channels_nothing_reads_go_even_where_their_filters_and_batchnorm_are_not_zero():
     model = randomized(gated_cnn())
-    prune_half_of_every_group(model, roles=(structure.CONSUMES,))
+    prune_half_of_every_group(model, roles=(graph.CONSUMES,))
     small = dg2pf_tf.shrink(model)
     assert small.get_layer("stem").filters == 4 and small.get_layer("stem_bn").gamma.shape == (4,)
     x = np.random.default_rng(1).normal(size=(4, 8, 8, 3)).astype("float32")
@@ -78,7 +78,7 @@ def test_channels_nothing_reads_go_even_where_their_filters_and_batchnorm_are_no
 
 def test_a_channel_still_read_anywhere_is_kept():
     model = randomized(gated_cnn())
-    stem = [g for g in structure.channel_groups(model).groups if g.name.startswith("stem")][0]
+    stem = [g for g in graph.channel_groups(model).groups if g.name.startswith("stem")][0]
     zero_channels(stem, [0, 1])
     kernel = model.get_layer("hidden").kernel
     value = keras.ops.convert_to_numpy(kernel)
@@ -109,7 +109,7 @@ def test_groups_reaching_a_layer_that_mixes_channels_stay_dense_with_the_reason(
     x = keras.Input((4, 4, 3))
     y = layer()(L.Conv2D(8, 1, name="conv")(x))
     model = keras.Model(x, L.Dense(2)(L.GlobalAveragePooling2D()(L.Conv2D(6, 1, name="after")(y))))
-    found = structure.channel_groups(model)
+    found = graph.channel_groups(model)
     dense = {d.name: d.reason for d in found.dense}
     assert reason in dense["conv"]
     assert [g.name for g in found.groups] == ["after"]
@@ -133,9 +133,9 @@ def test_separable_convolutions_and_softmax_layers_consume_the_channels_they_rea
     found = prune_half_of_every_group(model)
     groups = {g.name: g for g in found.groups}
     assert sorted(groups) == ["after", "sep", "stem"]
-    assert groups["stem"].layers(structure.CONSUMES) == ["sep"]  # pointwise rows
-    assert groups["stem"].layers(structure.PASSES) == ["stem", "sep"]  # bias, depthwise kernel
-    assert "attend" in groups["sep"].layers(structure.CONSUMES)
+    assert groups["stem"].layers(graph.CONSUMES) == ["sep"]  # pointwise rows
+    assert groups["stem"].layers(graph.PASSES) == ["stem", "sep"]  # bias, depthwise kernel
+    assert "attend" in groups["sep"].layers(graph.CONSUMES)
     assert "whose activation mixes channels" in {d.name: d.reason for d in found.dense}["attend"]
     small = dg2pf_tf.shrink(model)
     sep = small.get_layer("sep")
@@ -161,11 +161,11 @@ def ops_gated_cnn():
 def test_channels_pass_through_keras_ops_that_keep_them_apart():
     model = randomized(ops_gated_cnn())
     found = prune_half_of_every_group(model)
-    groups = {g.layers(structure.PRODUCES)[0]: g for g in found.groups}
+    groups = {g.layers(graph.PRODUCES)[0]: g for g in found.groups}
     assert sorted(groups) == ["after", "se_reduce", "stem"]
     stem = groups["stem"]
-    assert stem.layers(structure.PRODUCES) == ["stem", "se_expand"]
-    assert set(stem.layers(structure.CONSUMES)) == {"se_reduce", "after"}
+    assert stem.layers(graph.PRODUCES) == ["stem", "se_expand"]
+    assert set(stem.layers(graph.CONSUMES)) == {"se_reduce", "after"}
     small = dg2pf_tf.shrink(model)
     assert small.get_layer("stem").filters == 4 and small.get_layer("se_expand").filters == 4
     x = np.random.default_rng(1).normal(size=(4, 6, 6, 3)).astype("float32")
@@ -178,7 +178,7 @@ def test_channels_pass_through_keras_ops_that_keep_them_apart():
 
 def test_mobilenet_v3_gates_written_in_keras_ops_leave_only_input_and_classifier_dense():
     model = keras.applications.MobileNetV3Small(weights=None, input_shape=(32, 32, 3))
-    found = structure.channel_groups(model)
+    found = graph.channel_groups(model)
     assert {d.reason.split(", ")[-1] for d in found.dense} == {
         "the model's input", "whose activation mixes channels"}
     assert len(found.groups) == 27
@@ -202,7 +202,7 @@ def test_attention_heads_and_einsum_units_are_groups_and_shrink_computes_the_sam
     assert {g.name: g.size for g in found.groups} == {
         "embed": 16, "self heads": 4, "self": 16, "cross heads": 3, "cross": 12, "ein": 10, "ein2": 4}
     heads = next(g for g in found.groups if g.name == "cross heads")
-    assert sorted(s.variable.path for s in heads.slices if s.role == structure.CONSUMES) == [
+    assert sorted(s.variable.path for s in heads.slices if s.role == graph.CONSUMES) == [
         "cross/attention_output/kernel"]
     small = dg2pf_tf.shrink(model)
     assert (small.get_layer("self").num_heads, small.get_layer("cross").num_heads) == (2, 2)
@@ -274,7 +274,7 @@ def test_attention_that_structure_cannot_follow_stays_dense_with_the_reason():
     h = L.Dense(16, name="embed")(x)
     y = L.MultiHeadAttention(2, 4, use_gate=True, name="gated")(h, h)
     model = keras.Model(x, L.Dense(2)(L.Flatten()(L.Dense(4, name="after")(y))))
-    found = structure.channel_groups(model)
+    found = graph.channel_groups(model)
     assert "a gated MultiHeadAttention" in {d.name: d.reason for d in found.dense}["embed"]
     assert [g.name for g in found.groups] == ["after"]
 
@@ -291,7 +291,7 @@ def test_channel_groups_refuse_a_subclassed_model():
     net = Net()
     net(np.zeros((1, 4), "float32"))
     with pytest.raises(ValueError, match="not a built Sequential or Functional model"):
-        structure.channel_groups(net)
+        graph.channel_groups(net)
 
 
 def test_a_shrunk_model_saves_and_loads_without_dg2pf_tf(tmp_path):
@@ -350,19 +350,19 @@ def test_shrink_of_keras_applications_computes_what_the_zeroed_model_computes(na
 
 @pytest.mark.parametrize("sparsity, floor", [(0.3, 0.0), (0.5, 0.5), (0.7, 1.0), (0.9, 0.2)])
 def test_device_channel_selection_equals_the_numpy_reference_with_ties(sparsity, floor):
-    from dg2pf_tf import channel_criteria, criteria
+    from dg2pf_tf.criteria import channel, reference
 
     model = randomized(gated_cnn())
     pruned = dg2pf_tf.prune(model, structure="channel", floor=floor)
-    criterion = channel_criteria.ChannelCriterion(
-        *channel_criteria.prunable_groups(pruned.model, pruned.targets)[:1], pruned.targets, floor)
+    criterion = channel.ChannelCriterion(
+        *channel.prunable_groups(pruned.model, pruned.targets)[:1], pruned.targets, floor)
     rng = np.random.default_rng(3)
     scores = rng.integers(0, 4, criterion.total).astype("float32")  # many ties
     device = criterion.keep(scores, sparsity).numpy()
-    reference = np.concatenate(criteria.channel_keep(
+    expected = np.concatenate(reference.channel_keep(
         np.split(scores, np.cumsum(criterion.sizes)[:-1]), sparsity, floor))
-    np.testing.assert_array_equal(device, reference)
-    assert (~device).sum() == criteria.channel_removals(criterion.sizes, sparsity, floor)
+    np.testing.assert_array_equal(device, expected)
+    assert (~device).sum() == reference.channel_removals(criterion.sizes, sparsity, floor)
 
 
 def test_channel_pruning_masks_whole_channels_and_shrinks_to_the_same_outputs():
@@ -373,7 +373,7 @@ def test_channel_pruning_masks_whole_channels_and_shrinks_to_the_same_outputs():
     small = dg2pf_tf.shrink(pruned)  # strips first; the recovery-mode forward pass is masked too
     assert_same_outputs(pruned, small, x)
     dg2pf_tf.finalize(pruned)
-    from dg2pf_tf import masking
+    from dg2pf_tf.core import masking
     masking.check_invariant(pruned, 0.5)
     kept = sum(getattr(small.get_layer(n), "filters", None) or small.get_layer(n).units
                for n in ("stem", "widen", "se_reduce", "hidden"))
@@ -405,9 +405,9 @@ def test_channel_pruning_refuses_what_it_cannot_do():
         dg2pf_tf.prune(single, structure="channel")
     excluded = dg2pf_tf.channel_groups  # the excluded layer's groups stay dense, with why
     pruned = dg2pf_tf.prune(gated_cnn(), structure="channel", exclude=["hidden"])
-    from dg2pf_tf import channel_criteria
-    groups, dense = channel_criteria.prunable_groups(pruned.model, pruned.targets)
-    assert excluded(pruned.model).groups and "stem" not in [g.layers(structure.PRODUCES)[0] for g in groups]
+    from dg2pf_tf.criteria import channel
+    groups, dense = channel.prunable_groups(pruned.model, pruned.targets)
+    assert excluded(pruned.model).groups and "stem" not in [g.layers(graph.PRODUCES)[0] for g in groups]
     assert any("'hidden' is not pruned" in d.reason for d in dense)
 
 

@@ -59,7 +59,7 @@ def test_mirrored_strategy_on_two_logical_cpus_trains_to_exact_sparsity(structur
 def test_distillation_steps_and_mask_updates_agree_on_every_replica():
     out = run_python(TWO_CPUS + textwrap.dedent("""
         import keras, numpy as np, dg2pf_tf
-        from dg2pf_tf.loop import EpochLoop
+        from dg2pf_tf.procedure.loop import EpochLoop
         from helpers import replicas_agree, residual_cnn
         keras.utils.set_random_seed(0)
         rng = np.random.default_rng(0)
@@ -76,7 +76,7 @@ def test_distillation_steps_and_mask_updates_agree_on_every_replica():
         calls.on_train_begin()
         for epoch in range(2):
             loop.run_epoch(distiller, data, epoch, calls)
-        print(replicas_agree(student), len(student.masks), dg2pf_tf.masking.mask_sparsity(student))
+        print(replicas_agree(student), len(student.masks), dg2pf_tf.core.masking.mask_sparsity(student))
     """), env={"PYTHONPATH": f"{ROOT}:{ROOT}/tests"})
     agree, count, sparsity = out.strip().splitlines()[-1].split()
     assert agree == "True" and int(count) == 5  # stem, sep (depthwise + pointwise), dw, fc

@@ -19,8 +19,9 @@ import os
 import keras
 import numpy as np
 
-from dg2pf_tf import criteria, litert, litert_convert, litert_sparse
-from dg2pf_tf.litert import schema
+from dg2pf_tf.criteria import reference
+from dg2pf_tf.deploy import litert, convert, sparse_tensors
+from dg2pf_tf.deploy.litert import schema
 
 _UNARY = ("RELU", "RELU6", "RELU_N1_TO_1", "RELU_0_TO_1", "LOGISTIC", "TANH", "HARD_SWISH",
           "ELU", "LEAKY_RELU", "ABS", "NEG", "SQUARE", "SQRT", "RSQRT", "GELU", "FLOOR",
@@ -103,7 +104,7 @@ class _Graph:
     @classmethod
     def of(cls, model):
         index = litert.OperatorIndex.of(model)
-        return cls(index, {s.index: s.dense for s in litert_sparse.sparse_tensors(index)})
+        return cls(index, {s.index: s.dense for s in sparse_tensors.sparse_tensors(index)})
 
     def constant(self, t):
         """The value of a constant tensor (through DENSIFY), or None."""
@@ -295,7 +296,7 @@ def _pointwise(g, kinds, members):
     for n in members:
         if _is(g.index, n, ("CONV_2D",)) and kinds[n] == NCHW:
             w = g.constant(g.index.operators[n].inputs[1])
-            params, zeros = params + w.size, zeros + criteria.count_zeros(w)
+            params, zeros = params + w.size, zeros + reference.count_zeros(w)
     ratio = zeros / params if params else 0.0
     if not params:
         return ["no 1x1 convolution to run sparse"], ratio
@@ -323,8 +324,8 @@ def _content(model, explicit_padding):
         with open(model, "rb") as f:
             return f.read()
     if isinstance(model, keras.Model):
-        with litert_convert.named_errors("deploy_report()"):
-            return litert_convert.float_file(model, explicit_padding=explicit_padding)
+        with convert.named_errors("deploy_report()"):
+            return convert.float_file(model, explicit_padding=explicit_padding)
     raise ValueError(
         f"deploy_report() takes a Keras model, a .tflite path or .tflite bytes, "
         f"got {type(model).__name__}.")
@@ -346,7 +347,7 @@ def _row(g, n, kind, reason, cluster, has_sparse):
     return DeployRow(
         n, g.index.names[n], _layer(g.index.tensor(op.outputs[0]).name.decode(errors="replace")),
         tuple(weight.shape) if weight is not None else (),
-        criteria.zero_fraction(weight) if weight is not None else 0.0,
+        reference.zero_fraction(weight) if weight is not None else 0.0,
         bool(on_path), reason)
 
 

@@ -8,10 +8,10 @@ stripped copy agree; a pruned model also says which weights carry masks.
 
 import dataclasses
 
-from dg2pf_tf import registry
-from dg2pf_tf.criteria import check_structure, count_zeros, nm_pattern, nm_violations
-from dg2pf_tf.masking import pruned_models
-from dg2pf_tf.prune import find_prunable
+from dg2pf_tf.core import registry
+from dg2pf_tf.criteria.reference import check_structure, count_zeros, nm_pattern, nm_violations
+from dg2pf_tf.core.masking import pruned_models
+from dg2pf_tf.core.prune import find_prunable
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,10 +5,12 @@ import weakref
 import numpy as np
 import tensorflow as tf
 
-from dg2pf_tf import _compat, channel_criteria, criteria, registry
-from dg2pf_tf.device_criteria import DeviceCriterion
-from dg2pf_tf.nm_criteria import NMCriterion
-from dg2pf_tf.pruned_model import PrunedModel
+from dg2pf_tf import _compat
+from dg2pf_tf.core import registry
+from dg2pf_tf.criteria import channel, reference
+from dg2pf_tf.criteria.magnitude import DeviceCriterion
+from dg2pf_tf.criteria.nm import NMCriterion
+from dg2pf_tf.core.pruned_model import PrunedModel
 
 
 def pruned_models(model):
@@ -63,10 +65,10 @@ class MaskSet:
 
     def criterion(self, scope=None, floor=None):
         """The `DeviceCriterion` for `scope`/`floor` (default: the model's own)."""
-        key = (self.scope if scope is None else criteria.check_scope(scope),
-               self.floor if floor is None else criteria.check_floor(floor))
+        key = (self.scope if scope is None else reference.check_scope(scope),
+               self.floor if floor is None else reference.check_floor(floor))
         if key not in self._criteria:
-            kind = "N:M" if criteria.nm_pattern(self.structure) else self.structure
+            kind = "N:M" if reference.nm_pattern(self.structure) else self.structure
             self._criteria[key] = _CRITERIA[kind](self, *key)
         return self._criteria[key]
 
@@ -89,7 +91,7 @@ class MaskSet:
 
         Raises ValueError for a bad `level`, `scope` or `floor`.
         """
-        level = criteria.check_sparsity(level)
+        level = reference.check_sparsity(level)
         # Its variables are made here, not while tracing.
         ceiling = self.criterion(scope, floor).max_level
         if level > ceiling + 1e-12:
@@ -120,18 +122,18 @@ def _channel_criterion(masks, scope, floor):
             "use scope='global' with floor=1.0.")
     targets = [w for w, _ in masks.entries]
     model = masks.pruned.model
-    groups, _ = channel_criteria.prunable_groups(model, targets)
+    groups, _ = channel.prunable_groups(model, targets)
     if not groups:
         raise ValueError(
             f"Model '{model.name}' has no channel group that can be pruned; "
             f"`dg2pf_tf.channel_groups(model)` lists them and why each stays dense.")
-    return channel_criteria.ChannelCriterion(groups, targets, floor, masks.pruned.budget, model)
+    return channel.ChannelCriterion(groups, targets, floor, masks.pruned.budget, model)
 
 
 def _nm_criterion(masks, scope, floor):
     if floor:
         raise ValueError("An N:M pattern takes no `floor`: every block keeps the same share.")
-    n, m = criteria.nm_pattern(masks.structure)
+    n, m = reference.nm_pattern(masks.structure)
     targets = [w for w, _ in masks.entries]
     axes = registry.input_axes(masks.pruned.model, targets)
     return NMCriterion([tuple(t.shape) for t in targets], axes, n, m, scope)

@@ -2,8 +2,9 @@
 
 import keras
 
-from dg2pf_tf import checks, masking, schedules
-from dg2pf_tf.criteria import check_scope
+from dg2pf_tf import checks
+from dg2pf_tf.core import masking, schedules
+from dg2pf_tf.criteria.reference import check_scope
 
 
 class UpdateMasks(keras.callbacks.Callback):
@@ -56,7 +57,7 @@ class UpdateMasks(keras.callbacks.Callback):
         if self.schedule is None:
             raise ValueError(
                 "UpdateMasks has no schedule: the pruned model carries none. "
-                "Pass one, e.g. UpdateMasks(dg2pf_tf.schedules.Linear(0.9, 10))."
+                "Pass one, e.g. UpdateMasks(dg2pf_tf.core.schedules.Linear(0.9, 10))."
             )
         self._steps_per_epoch = (self.params or {}).get("steps")
 

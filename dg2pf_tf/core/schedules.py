@@ -13,7 +13,7 @@ import keras
 import tensorflow as tf
 
 from dg2pf_tf import checks
-from dg2pf_tf.criteria import check_sparsity
+from dg2pf_tf.criteria.reference import check_sparsity
 
 _PACKAGE = "dg2pf_tf"
 

@@ -17,7 +17,7 @@ import zipfile
 
 import numpy as np
 
-from dg2pf_tf import atomic
+from dg2pf_tf.procedure import atomic
 
 FORMAT = "dg2pf_tf.checkpoint/1"
 STATE_FILE = "state.npz"

@@ -17,8 +17,8 @@ its largest, reserved, ties to the earliest positions).
 import numpy as np
 import tensorflow as tf
 
-from dg2pf_tf.criteria import check_floor, check_scope, count_zeros, zero_count
-from dg2pf_tf.window_search import INT_MAX, WindowSearch, abs_bits
+from dg2pf_tf.criteria.reference import check_floor, check_scope, count_zeros, zero_count
+from dg2pf_tf.criteria.window_search import INT_MAX, WindowSearch, abs_bits
 
 FLAT_BELOW = 1 << 21       # smaller models: one radix select over all their weights at once
 XLA_FROM = 1 << 23         # larger ones compile the passes with XLA: 2x faster, seconds to compile

@@ -21,18 +21,20 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from dg2pf_tf import checkpoint, checks, masking, schedules, tasks
-from dg2pf_tf.batchnorm import batchnorm_layers, reestimate_batchnorm
-from dg2pf_tf.channel_costs import check_budget
-from dg2pf_tf.criteria import (check_floor, check_scope, check_sparsity, check_structure, floor_for,
+from dg2pf_tf import checks
+from dg2pf_tf.core import masking, schedules
+from dg2pf_tf.procedure import checkpoint, tasks
+from dg2pf_tf.procedure.batchnorm import batchnorm_layers, reestimate_batchnorm
+from dg2pf_tf.channels.costs import check_budget
+from dg2pf_tf.criteria.reference import (check_floor, check_scope, check_sparsity, check_structure, floor_for,
                                sparsity_for)
-from dg2pf_tf.data import TrainData, as_dataset, task_of
-from dg2pf_tf.distill import Distiller
-from dg2pf_tf.evaluation import Evaluator
-from dg2pf_tf.loop import EpochLoop, MaskUpdates, is_chief, steps_in
-from dg2pf_tf.prune import prune, strip
-from dg2pf_tf.shrink import shrink
-from dg2pf_tf.summary import report_counts
+from dg2pf_tf.procedure.data import TrainData, as_dataset, task_of
+from dg2pf_tf.procedure.distill import Distiller
+from dg2pf_tf.procedure.evaluation import Evaluator
+from dg2pf_tf.procedure.loop import EpochLoop, MaskUpdates, is_chief, steps_in
+from dg2pf_tf.core.prune import prune, strip
+from dg2pf_tf.channels.shrink import shrink
+from dg2pf_tf.core.summary import report_counts
 
 
 @dataclasses.dataclass

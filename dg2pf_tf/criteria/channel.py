@@ -1,10 +1,10 @@
 """Channel masks on the device: the structured counterpart of `device_criteria.py`.
 
-Every channel of a prunable group (`structure.ChannelGroup`) is scored by the
+Every channel of a prunable group (`graph.ChannelGroup`) is scored by the
 L2 norm of all the weights coupled to it (kernels, biases, BatchNorm
 parameters), over the square root of their number: a root mean square, so
 that a channel read by many layers does not outrank one read by few only for
-having more weights (inside a group the order is the L2 order). The same channels as `criteria.channel_keep` stay, computed in
+having more weights (inside a group the order is the L2 order). The same channels as `reference.channel_keep` stay, computed in
 TensorFlow ops inside the training step; each channel's 0 or 1 is then spread
 over every kernel entry that belongs to it, producer columns and consumer rows.
 """
@@ -12,7 +12,8 @@ over every kernel entry that belongs to it, producer columns and consumer rows.
 import numpy as np
 import tensorflow as tf
 
-from dg2pf_tf import channel_costs, criteria, structure
+from dg2pf_tf.channels import costs, graph
+from dg2pf_tf.criteria import reference
 
 
 class ChannelCriterion:
@@ -20,12 +21,12 @@ class ChannelCriterion:
 
     With `budget` 'channels', `level` is the share of channels removed; with
     'macs' or 'params', the share of the model's multiply-accumulates or
-    parameters (`channel_costs.CostModel`): channels then go in order
+    parameters (`costs.CostModel`): channels then go in order
     of score per first-order cost (the most expensive for what they are worth
     first, each group's own ranking kept) until the exact cost removed reaches
     `level`. `model` (the model the groups are in) is where costs are counted.
 
-    Raises ValueError where MACs cannot be counted (`channel_costs.kernel_uses`)."""
+    Raises ValueError where MACs cannot be counted (`costs.kernel_uses`)."""
 
     def __init__(self, groups, targets, floor, budget="channels", model=None):
         self.sizes = [g.size for g in groups]
@@ -48,7 +49,7 @@ class ChannelCriterion:
         self.shapes = [tuple(t.shape) for t in targets]
         self.costs = None
         if budget != "channels":
-            self.costs = channel_costs.CostModel(model, self.pairs, total, budget)
+            self.costs = costs.CostModel(model, self.pairs, total, budget)
             self.unit, self._per_cost = self.costs.unit, tf.constant(self.costs.first_order, tf.float32)
 
     unit = "channels"
@@ -75,8 +76,8 @@ class ChannelCriterion:
         return floors, rank < tf.cast(tf.gather(self._sizes - floors, self._group_of), tf.int32)
 
     def keep(self, scores, level):
-        """True for the channels `criteria.channel_keep` (or, with a cost budget,
-        `criteria.channel_keep_within`) keeps at `level`."""
+        """True for the channels `reference.channel_keep` (or, with a cost budget,
+        `reference.channel_keep_within`) keeps at `level`."""
         level = tf.cast(level, tf.float64)
         floors, eligible = self._eligible(scores, level)
         key = scores if self.budget == "channels" else scores / self._per_cost
@@ -115,11 +116,11 @@ class ChannelCriterion:
         return masks
 
     def removals(self, level):
-        """How many channels `level` removes (`criteria.channel_removals`); None with a
+        """How many channels `level` removes (`reference.channel_removals`); None with a
         cost budget, where that depends on the scores."""
         if self.budget != "channels":
             return None
-        return criteria.channel_removals(self.sizes, level, self.floor)
+        return reference.channel_removals(self.sizes, level, self.floor)
 
     def realised(self, level):
         """The share of channels removed at `level`: exact, from the group sizes; with a
@@ -148,7 +149,7 @@ class ChannelCriterion:
     def most_saved(self, level):
         """The largest share of the cost that `level`'s floors let go: every group
         down to its floor (its channels cost alike, so which ones does not matter)."""
-        keeps = criteria.channel_floor_keeps(self.sizes, level, self.floor)
+        keeps = reference.channel_floor_keeps(self.sizes, level, self.floor)
         removed = np.concatenate([np.arange(n) < n - keep for n, keep in zip(self.sizes, keeps)])
         return 1.0 - self.costs.cost_numpy(removed) / self.costs.total_cost
 
@@ -166,14 +167,14 @@ class ChannelCriterion:
 
 
 def channel_pairs(groups, total):
-    """The `channel_costs.Pair` of every (variable, axis) the slices of `groups` touch."""
+    """The `costs.Pair` of every (variable, axis) the slices of `groups` touch."""
     index = {}
     starts = np.cumsum([0, *[g.size for g in groups][:-1]])
     for group, start in zip(groups, starts):
         for s in group.slices:
             key = (id(s.variable), s.axis)
             if key not in index:
-                index[key] = channel_costs.Pair(s.variable, s.axis,
+                index[key] = costs.Pair(s.variable, s.axis,
                                                 np.full(s.variable.shape[s.axis], total, np.int32))
             index[key].channel[s.rows] = start + np.arange(group.size)[:, None]
     return list(index.values())
@@ -186,16 +187,16 @@ def _inverse(order, values):
 
 def prunable_groups(model, targets):
     """`(groups, dense)`: the channel groups of `model` whose kernels are all
-    among `targets` (the variables being pruned), and `structure.DenseGroup`s
+    among `targets` (the variables being pruned), and `graph.DenseGroup`s
     for the rest, with the reason."""
-    found = structure.channel_groups(model)
+    found = graph.channel_groups(model)
     ids = {id(t) for t in targets}
     groups, dense = [], list(found.dense)
     for group in found.groups:
         outside = [s.layer for s in group.slices
-                   if s.role != structure.PASSES and id(s.variable) not in ids]
+                   if s.role != graph.PASSES and id(s.variable) not in ids]
         if outside:
-            dense.append(structure.DenseGroup(group.name, group.size,
+            dense.append(graph.DenseGroup(group.name, group.size,
                                               f"'{outside[0]}' is not pruned (excluded or not prunable)"))
         else:
             groups.append(group)

@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from dg2pf_tf import tasks
+from dg2pf_tf.procedure import tasks
 
 
 def _leaves(x):

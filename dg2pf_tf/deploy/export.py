@@ -13,10 +13,11 @@ import warnings
 
 import tensorflow as tf
 
-from dg2pf_tf import atomic, litert, litert_convert, litert_sparse
-from dg2pf_tf.criteria import count_zeros, nm_pattern
-from dg2pf_tf.masking import pruned_models
-from dg2pf_tf.summary import pattern_report, sparsity_summary
+from dg2pf_tf.deploy import litert, convert, sparse_tensors
+from dg2pf_tf.procedure import atomic
+from dg2pf_tf.criteria.reference import count_zeros, nm_pattern
+from dg2pf_tf.core.masking import pruned_models
+from dg2pf_tf.core.summary import pattern_report, sparsity_summary
 
 QUANTIZE = (None, "dynamic", "int8")
 _INT8_AGREEMENT = 0.99
@@ -77,7 +78,7 @@ def export(model, path, *, tflite=True, quantize=None, representative_data=None,
     """
     _check_arguments(tflite, quantize, representative_data)
     patterns = _check_pattern(model, pattern)
-    with litert_convert.named_errors("export()"):
+    with convert.named_errors("export()"):
         return _export(model, path, tflite, quantize, representative_data, explicit_padding,
                        input_shape, overwrite, verbose, patterns)
 
@@ -103,17 +104,17 @@ def _check_pattern(model, pattern):
 def _export(model, path, tflite, quantize, representative_data, explicit_padding, input_shape,
             overwrite, verbose, patterns):
     """`export()` once its arguments are checked."""
-    plain = litert_convert.plain_model(model, input_shape)
-    shapes = litert_convert.input_shapes(plain)
+    plain = convert.plain_model(model, input_shape)
+    shapes = convert.input_shapes(plain)
     if tflite:
-        litert_convert.check_single_input(plain, shapes)
+        convert.check_single_input(plain, shapes)
     path = _check_path(path, overwrite)
     summary = sparsity_summary(plain)
     say = print if verbose else (lambda *a, **k: None)
 
     with atomic.staged_directory(path) as staging:
         saved_model = os.path.join(staging, "saved_model")
-        litert_convert.save(plain, saved_model)
+        convert.save(plain, saved_model)
         _check_saved_zeros(saved_model, summary.total_zeros)
         report = {
             "sparsity_prunable": summary.prunable_sparsity,
@@ -124,7 +125,7 @@ def _export(model, path, tflite, quantize, representative_data, explicit_padding
             **patterns,
         }
         if tflite:
-            inputs, reference = litert_convert.check_data(plain, shapes[0], representative_data)
+            inputs, reference = convert.check_data(plain, shapes[0], representative_data)
             report["files"].update(_write_litert(staging, inputs, reference, quantize,
                                                  explicit_padding, say))
         with open(os.path.join(staging, "export.json"), "w") as f:
@@ -159,7 +160,7 @@ def _write_litert(staging, inputs, reference, quantize, explicit_padding, say):
     files = {}
     for name, mode in jobs:
         say(f"[export] converting {name} ({mode or 'float32'}, sparse weights)")
-        shipped = litert_convert.litert_file(os.path.join(staging, "saved_model"), inputs, reference,
+        shipped = convert.litert_file(os.path.join(staging, "saved_model"), inputs, reference,
                                              quantize=mode, explicit_padding=explicit_padding)
         with open(os.path.join(staging, name), "wb") as f:
             f.write(shipped.content)
@@ -178,7 +179,7 @@ def _file_entry(name, mode, shipped):
             f"for {shipped.score:.1%} of the check inputs (below {_INT8_AGREEMENT:.0%}); "
             f"pass typical inputs as `representative_data` or use the float file.",
             stacklevel=4)
-    dense = len(litert_sparse.all_dense(shipped.content))
+    dense = len(sparse_tensors.all_dense(shipped.content))
     return {
         "bytes": len(shipped.content),
         "dense_equivalent_bytes": dense,

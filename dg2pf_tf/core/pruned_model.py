@@ -24,9 +24,10 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from dg2pf_tf import _compat, schedules
-from dg2pf_tf.channel_costs import check_budget
-from dg2pf_tf.criteria import check_floor, check_scope, check_structure
+from dg2pf_tf import _compat
+from dg2pf_tf.core import schedules
+from dg2pf_tf.channels.costs import check_budget
+from dg2pf_tf.criteria.reference import check_floor, check_scope, check_structure
 
 
 class _MaskConstraint:

@@ -27,7 +27,8 @@ import inspect
 import keras
 import numpy as np
 
-from dg2pf_tf import _compat, channel_probe
+from dg2pf_tf import _compat
+from dg2pf_tf.channels import probe
 
 PRODUCES, PASSES, CONSUMES = "produces", "passes", "consumes"
 # Groups inside a layer, named for what they count.
@@ -484,7 +485,7 @@ def _mixing_activation(layer, channels):
     if activation is None or activation is keras.activations.linear:
         return False
     known = (keras.activations.softmax, keras.activations.log_softmax, keras.activations.sparsemax)
-    return activation in known or not channel_probe.elementwise(activation, channels or 2)
+    return activation in known or not probe.elementwise(activation, channels or 2)
 
 
 def _rule(node):
@@ -524,7 +525,7 @@ def _rule(node):
     for kinds, rule in _TABLE:
         if isinstance(layer, kinds):
             return rule
-    return _merge if channel_probe.keeps_channels_apart(node) else _UNKNOWN
+    return _merge if probe.keeps_channels_apart(node) else _UNKNOWN
 
 
 def _pass_types():

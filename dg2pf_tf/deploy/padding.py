@@ -8,8 +8,8 @@ rewrite is done on the file.
 
 import numpy as np
 
-from dg2pf_tf import litert
-from dg2pf_tf.litert import flatbuffer_utils, schema
+from dg2pf_tf.deploy import litert
+from dg2pf_tf.deploy.litert import flatbuffer_utils, schema
 
 
 def _same_padding(size, kernel, stride, dilation):

@@ -12,9 +12,9 @@ reference; the tests hold the two equal.
 import numpy as np
 import tensorflow as tf
 
-from dg2pf_tf.criteria import nm_violations
-from dg2pf_tf.device_criteria import XLA_FROM, DeviceCriterion
-from dg2pf_tf.window_search import abs_bits
+from dg2pf_tf.criteria.reference import nm_violations
+from dg2pf_tf.criteria.magnitude import XLA_FROM, DeviceCriterion
+from dg2pf_tf.criteria.window_search import abs_bits
 
 
 def candidates(kernel, axis, n, m):

@@ -13,9 +13,9 @@ import dataclasses
 
 import numpy as np
 
-from dg2pf_tf import litert
-from dg2pf_tf.criteria import zero_fraction
-from dg2pf_tf.litert import schema
+from dg2pf_tf.deploy import litert
+from dg2pf_tf.criteria.reference import zero_fraction
+from dg2pf_tf.deploy.litert import schema
 
 
 def _index_array(vector):

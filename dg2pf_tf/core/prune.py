@@ -9,10 +9,11 @@ import warnings
 
 import keras
 
-from dg2pf_tf import _compat, masking, registry, schedules
-from dg2pf_tf.channel_costs import check_budget
-from dg2pf_tf.criteria import check_scope, check_structure, floor_for, nm_pattern, sparsity_for
-from dg2pf_tf.pruned_model import PrunedModel, build_like
+from dg2pf_tf import _compat
+from dg2pf_tf.core import masking, registry, schedules
+from dg2pf_tf.channels.costs import check_budget
+from dg2pf_tf.criteria.reference import check_scope, check_structure, floor_for, nm_pattern, sparsity_for
+from dg2pf_tf.core.pruned_model import PrunedModel, build_like
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,13 +5,14 @@ import collections
 import keras
 import numpy as np
 
-from dg2pf_tf import masking, structure
-from dg2pf_tf.prune import strip
+from dg2pf_tf.channels import graph
+from dg2pf_tf.core import masking
+from dg2pf_tf.core.prune import strip
 
 def removed_channels(group):
-    """Channels of `group` (a `structure.ChannelGroup`) that no layer reads any
+    """Channels of `group` (a `graph.ChannelGroup`) that no layer reads any
     more: every kernel row consuming them is exactly zero. One is always kept."""
-    readers = [s for s in group.slices if s.role == structure.CONSUMES]
+    readers = [s for s in group.slices if s.role == graph.CONSUMES]
     unread = np.full(group.size, bool(readers))
     for s in readers:
         unread &= ~np.any(s.per_channel() != 0, axis=1)
@@ -24,7 +25,7 @@ def shrink(model):
     """A smaller plain Keras copy of `model` without its pruned channels.
 
     A channel goes when nothing reads it any more: every kernel row that
-    consumes it (in any layer `structure.channel_groups` couples to it) is
+    consumes it (in any layer `graph.channel_groups` couples to it) is
     exactly zero, as channel pruning leaves it. Its filters (units, attention
     heads, feed-forward units), BatchNorm parameters and statistics go with
     it, so the copy computes what `model` computes at inference, and it
@@ -32,7 +33,7 @@ def shrink(model):
     ValueError for a model that is not a layer graph.
     """
     plain = strip(model) if masking.pruned_models(model) else model
-    found = structure.channel_groups(plain)
+    found = graph.channel_groups(plain)
     cut = collections.defaultdict(set)  # (id(variable), axis) -> positions removed
     for group in found.groups:
         removed = removed_channels(group)
@@ -43,7 +44,7 @@ def shrink(model):
         sizes[layer][key] = size
     for group in found.groups:
         for s in group.slices:
-            if s.role == structure.PRODUCES:
+            if s.role == graph.PRODUCES:
                 sizes[s.layer][s.size_key] = s.variable.shape[s.axis] - len(cut[(id(s.variable), s.axis)])
 
     def rebuilt(layer):

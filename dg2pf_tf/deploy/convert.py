@@ -17,8 +17,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from dg2pf_tf import _compat, litert, litert_padding, litert_sparse, masking
-from dg2pf_tf.prune import fresh_layer, strip
+from dg2pf_tf import _compat
+from dg2pf_tf.core import masking
+from dg2pf_tf.deploy import litert, padding, sparse_tensors
+from dg2pf_tf.core.prune import fresh_layer, strip
 
 FLOAT_ATOL = 1e-5
 
@@ -151,7 +153,7 @@ def _converted(saved_model, quantize, calibration, explicit_padding):
     content = converter.convert()
     if explicit_padding and not quantize:
         tree = litert.read(content)
-        if litert_padding.explicit_padding(tree):
+        if padding.explicit_padding(tree):
             content = litert.write(tree)
     return content
 
@@ -185,12 +187,12 @@ def _choice(graph, sparse, refused):
     """`(encoding, reason, sizes)` for `sparse`: the smallest of dense, CSR and
     the converter's own encoding, unless the interpreter refused it sparse."""
     tensor = graph.tensor(sparse.index)
-    sizes = {"converter": litert_sparse.stored_bytes(tensor, graph.model.buffers[tensor.buffer].data),
+    sizes = {"converter": sparse_tensors.stored_bytes(tensor, graph.model.buffers[tensor.buffer].data),
              "dense": sparse.dense.nbytes}
     if all(name == "DENSIFY" for name in sparse.consumers):
         # DENSIFY reads any layout; kernels that take sparse weights
         # directly accept just the converter's.
-        sizes["csr"] = litert_sparse.csr_bytes(sparse.dense)
+        sizes["csr"] = sparse_tensors.csr_bytes(sparse.dense)
     if refused.dense(sparse):
         return "dense", "the default interpreter refused it sparse", sizes
     return min(sizes, key=lambda k: (sizes[k], k != "dense")), "smallest", sizes
@@ -200,10 +202,10 @@ def _reencoded(content, refused):
     """`(bytes, rows)`: `content` with each sparse weight stored as `_choice` says."""
     model, rows = litert.read(content), []
     for graph in litert.indexes(model):
-        for sparse in litert_sparse.sparse_tensors(graph):
+        for sparse in sparse_tensors.sparse_tensors(graph):
             choice, reason, sizes = _choice(graph, sparse, refused)
             if choice != "converter":
-                litert_sparse.set_encoding(graph, sparse, choice)
+                sparse_tensors.set_encoding(graph, sparse, choice)
             rows.append({"name": sparse.name, "shape": list(sparse.dense.shape),
                          "sparsity": round(sparse.sparsity, 6), "kernels": sparse.kernels,
                          "encoding": choice, "bytes": sizes[choice],

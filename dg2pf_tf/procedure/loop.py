@@ -20,7 +20,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from dg2pf_tf import schedules
+from dg2pf_tf.core import schedules
 
 _CHECK_EVERY_STEPS = 256  # how often the host looks at the non-finite-loss flag
 

@@ -11,7 +11,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 
-from dg2pf_tf import tasks
+from dg2pf_tf.procedure import tasks
 
 
 @keras.saving.register_keras_serializable(package="dg2pf_tf")

@@ -2,8 +2,8 @@
 
 import tensorflow as tf
 
-from dg2pf_tf import tasks
-from dg2pf_tf.data import first_batch
+from dg2pf_tf.procedure import tasks
+from dg2pf_tf.procedure.data import first_batch
 
 
 def evaluate(model, data, task="auto"):

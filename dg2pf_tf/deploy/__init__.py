@@ -1,0 +1,2 @@
+"""What ships: SavedModel and LiteRT files (`export`), XNNPACK's sparse path
+(`deploy_report`, `presets`)."""
