@@ -146,16 +146,15 @@ def main(argv):
 
     import dg2pf_tf
     from dg2pf_tf import checks
-    from dg2pf_tf.criteria import reference
     from dg2pf_tf.procedure import atomic, loop
     from zoo.data import DataUnavailable, load
     from zoo.models import preprocessing_for
 
     try:
-        sparsity = reference.sparsity_for(cfg.structure, cfg.sparsity, default=0.95)
+        sparsity = checks.sparsity_for(cfg.structure, cfg.sparsity, default=0.95)
     except ValueError as error:
         _fail(f"--structure={cfg.structure}, --sparsity={cfg.sparsity}: {error}")
-    pattern = cfg.structure if reference.nm_pattern(cfg.structure) else None
+    pattern = cfg.structure if checks.nm_pattern(cfg.structure) else None
 
     keras.utils.set_random_seed(cfg.seed)
     if cfg.mixed_precision:

@@ -1,4 +1,22 @@
-"""Argument checks shared by the public functions, each with the message users see."""
+"""Every argument check of the public functions, each with the message users see.
+
+Keras-free but for `check_model` and `fitting_teacher`, which look at models.
+"""
+
+import keras
+
+SCOPES = ("global", "layer")
+# What a mask removes: single weights, whole channels of coupled groups, or
+# weights in an N:M pattern ('2:4': at most 2 nonzeros in every 4 inputs).
+STRUCTURES = ("unstructured", "channel", "N:M")
+# `floor=None` means: ERK floor 1.0 for weights; for channels, each group
+# keeps at least half its uniform share, so the ranking stays global. An N:M
+# pattern fixes every block's share, so it has no floor.
+DEFAULT_FLOORS = {"unstructured": 1.0, "channel": 0.5}
+DEFAULT_SPARSITY = 0.9
+_LARGEST_M = 64
+BUDGETS = ("channels", "macs", "params")
+
 
 
 def positive_int(name, value, *, none_ok=False):
@@ -32,3 +50,149 @@ def fitting_teacher(model, teacher):
                 f"'{model.name}' {mine}: distillation feeds both the same inputs and compares "
                 "their outputs. Give a teacher of the same task (the dense model this one was "
                 "pruned from).")
+
+
+def check_sparsity(sparsity, name="sparsity"):
+    """Returns `sparsity` as a float; raises ValueError unless it is in [0, 1)."""
+    try:
+        value = float(sparsity)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"`{name}` must be a number in [0, 1), got {sparsity!r}."
+        ) from None
+    if not 0.0 <= value < 1.0:
+        raise ValueError(
+            f"`{name}` must be in [0, 1): it is the fraction of prunable "
+            f"weights set to zero (0.9 keeps 10%). Got {sparsity!r}."
+        )
+    return value
+
+
+def check_scope(scope):
+    """Raises ValueError unless `scope` is 'global' or 'layer'."""
+    if scope not in SCOPES:
+        raise ValueError(
+            f"`scope` must be one of {SCOPES} ('global': one magnitude "
+            f"threshold over every prunable weight; 'layer': the same "
+            f"sparsity in each kernel). Got {scope!r}."
+        )
+    return scope
+
+
+def nm_pattern(structure):
+    """`(n, m)` of an N:M structure such as '2:4', else None. No checks."""
+    parts = structure.split(":") if isinstance(structure, str) else ()
+    if len(parts) == 2 and all(p.strip().isdigit() for p in parts):
+        return int(parts[0]), int(parts[1])
+    return None
+
+
+def check_structure(structure):
+    """Returns `structure`; raises ValueError unless it is 'unstructured',
+    'channel' or 'N:M' with 1 <= N < M <= 64 (e.g. '2:4')."""
+    pattern = nm_pattern(structure)
+    if pattern is not None:
+        n, m = pattern
+        if not 1 <= n < m <= _LARGEST_M:
+            raise ValueError(
+                f"`structure` {structure!r}: an N:M pattern keeps N of every M weights, so it "
+                f"needs 1 <= N < M <= {_LARGEST_M} (e.g. '2:4').")
+        return f"{n}:{m}"
+    if structure not in STRUCTURES[:2]:
+        raise ValueError(
+            f"`structure` must be 'unstructured', 'channel' or an N:M pattern such as '2:4', "
+            f"got {structure!r}.")
+    return structure
+
+
+def floor_for(structure, floor):
+    """`floor`, or the default for `structure` when it is None; checked.
+
+    Raises ValueError for a bad `floor`, or any floor but 0 with an N:M pattern.
+    """
+    structure = check_structure(structure)
+    if nm_pattern(structure) is None:
+        return check_floor(DEFAULT_FLOORS[structure] if floor is None else floor)
+    if floor not in (None, 0, 0.0):
+        raise ValueError(
+            f"`floor` has no meaning with structure {structure!r}: every block keeps the same "
+            f"share, so no layer can be emptied. Leave `floor` unset; got {floor!r}.")
+    return 0.0
+
+
+def sparsity_for(structure, sparsity, default=DEFAULT_SPARSITY):
+    """The target sparsity: `sparsity` (`default` when None); for an N:M
+    pattern 1 - N/M, the only target it has.
+
+    Raises ValueError for a bad `sparsity`, or one other than 1 - N/M with N:M.
+    """
+    pattern = nm_pattern(check_structure(structure))
+    if pattern is None:
+        return check_sparsity(default if sparsity is None else sparsity)
+    target = 1.0 - pattern[0] / pattern[1]
+    if sparsity is not None and abs(check_sparsity(sparsity) - target) > 1e-9:
+        raise ValueError(
+            f"With structure {structure!r} the final sparsity is 1 - {pattern[0]}/{pattern[1]} "
+            f"= {target:g}: leave `sparsity` unset or give {target:g}; got {sparsity!r}.")
+    return target
+
+
+def check_floor(floor):
+    """Returns `floor` as a float; raises ValueError unless it is in [0, 1]."""
+    try:
+        value = float(floor)
+    except (TypeError, ValueError):
+        raise TypeError(f"`floor` must be a number in [0, 1], got {floor!r}.") from None
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(
+            f"`floor` must be in [0, 1]: the share of its Erdos-Renyi-kernel "
+            f"allocation each kernel keeps whatever its magnitudes (0: pure "
+            f"global magnitude). Got {floor!r}."
+        )
+    return value
+
+
+def check_budget(budget, structure):
+    """Returns `budget`; raises ValueError for an unknown one, or one other than
+    'channels' with a structure other than 'channel'."""
+    if budget not in BUDGETS:
+        raise ValueError(
+            f"`budget` must be one of {BUDGETS} (what `sparsity` is a share of: channels, "
+            f"multiply-accumulates, or parameters), got {budget!r}.")
+    if budget != "channels" and structure != "channel":
+        raise ValueError(
+            f"`budget={budget!r}` allocates whole channels by what they cost, so it needs "
+            f"structure='channel' (got structure={structure!r}). Single weights and N:M "
+            f"patterns save no compute on a CPU; their `sparsity` counts weights.")
+    return budget
+
+
+def check_model(model, what):
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"{what} takes a Keras model, got {type(model).__name__}.")
+    if not model.built:
+        raise ValueError(
+            f"{what}: model '{model.name}' is not built. Build it first (give it an "
+            f"Input, call it on a batch, or call `model.build(input_shape)`).")
+
+
+def check_begin(begin_epoch):
+    if isinstance(begin_epoch, bool) or not isinstance(begin_epoch, int) or begin_epoch < 0:
+        raise ValueError(
+            f"`begin_epoch` must be a whole number >= 0, got {begin_epoch!r}."
+        )
+    return begin_epoch
+
+
+def check_temperature(temperature):
+    """Returns the distillation `temperature` as a float; raises ValueError unless it is > 0."""
+    if not float(temperature) > 0:
+        raise ValueError(f"`temperature` must be > 0 (it softens both distributions), got {temperature!r}.")
+    return float(temperature)
+
+
+def check_alpha(alpha):
+    """Returns the KD weight `alpha` as a float; raises ValueError unless it is in [0, 1]."""
+    if not 0.0 <= float(alpha) <= 1.0:
+        raise ValueError(f"`alpha` must be in [0, 1] (the weight of the distillation term), got {alpha!r}.")
+    return float(alpha)

@@ -1,7 +1,6 @@
 """Data sets as batched tf.data pipelines: digits (embedded), CIFAR-10/100 and
 ImageNet through tensorflow-datasets."""
 
-import numpy as np
 import tensorflow as tf
 
 DATASETS = ("digits", "cifar10", "cifar100", "imagenet2012")

@@ -25,23 +25,7 @@ import tensorflow as tf
 
 from dg2pf_tf import _compat
 
-BUDGETS = ("channels", "macs", "params")
 UNITS = {"channels": "channels", "macs": "MACs", "params": "parameters"}
-
-
-def check_budget(budget, structure):
-    """Returns `budget`; raises ValueError for an unknown one, or one other than
-    'channels' with a structure other than 'channel'."""
-    if budget not in BUDGETS:
-        raise ValueError(
-            f"`budget` must be one of {BUDGETS} (what `sparsity` is a share of: channels, "
-            f"multiply-accumulates, or parameters), got {budget!r}.")
-    if budget != "channels" and structure != "channel":
-        raise ValueError(
-            f"`budget={budget!r}` allocates whole channels by what they cost, so it needs "
-            f"structure='channel' (got structure={structure!r}). Single weights and N:M "
-            f"patterns save no compute on a CPU; their `sparsity` counts weights.")
-    return budget
 
 
 def _positions(shape, channels_first=False):

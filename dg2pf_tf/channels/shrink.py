@@ -6,8 +6,9 @@ import keras
 import numpy as np
 
 from dg2pf_tf.channels import graph
-from dg2pf_tf.core import masking
+from dg2pf_tf.core import clone, masking
 from dg2pf_tf.core.prune import strip
+
 
 def removed_channels(group):
     """Channels of `group` (a `graph.ChannelGroup`) that no layer reads any
@@ -50,35 +51,21 @@ def shrink(model):
     def rebuilt(layer):
         reshaped = layer.name in found.reshapes
         if not getattr(layer, "weights", None) and layer.name not in sizes and not reshaped:
-            return layer  # stateless (an op, a Lambda whose config may not load): shared
+            return None  # nothing to resize: a plain copy
         config = layer.get_config()
         for key, size in sizes.get(layer.name, {}).items():
             config[key] = _resized(config[key], int(size))
         if reshaped:  # (1, ..., 1, channels): the channels are what is left
             config["target_shape"] = (*config["target_shape"][:-1], -1)
-        return type(layer).from_config(config)
+        return clone.Rebuilt(type(layer).from_config(config), [_cut(w, cut) for w in layer.weights])
 
-    small = keras.models.clone_model(plain, clone_function=rebuilt)
-    for old, new in zip(_layers(plain), _layers(small)):
-        values = [_cut(w, cut) for w in old.weights]
-        wanted = [tuple(w.shape) for w in new.weights]
-        if [v.shape for v in values] != wanted:
-            raise RuntimeError(
-                f"shrink(): layer '{old.name}' would get weights shaped "
-                f"{[v.shape for v in values]}, its rebuilt copy has {wanted}. Please report "
-                "this model: its channel groups were read wrongly.")
-        new.set_weights(values)
-    return small
+    return clone.copy(plain, rebuilt)
 
 
 def _resized(entry, size):
     """A size entry of a layer config with its channel count set to `size`:
     a count, or a shape (EinsumDense's `output_shape`) whose last entry it is."""
     return size if entry is None or isinstance(entry, int) else (*entry[:-1], size)
-
-
-def _layers(model):
-    return [layer for layer in model.layers if layer.weights]
 
 
 def _cut(variable, cut):

@@ -4,7 +4,7 @@ import keras
 
 from dg2pf_tf import checks
 from dg2pf_tf.core import masking, schedules
-from dg2pf_tf.criteria.reference import check_scope
+from dg2pf_tf.checks import check_scope
 
 
 class UpdateMasks(keras.callbacks.Callback):

@@ -5,9 +5,9 @@ import weakref
 import numpy as np
 import tensorflow as tf
 
-from dg2pf_tf import _compat
+from dg2pf_tf import _compat, checks
 from dg2pf_tf.core import registry
-from dg2pf_tf.criteria import channel, reference
+from dg2pf_tf.criteria import channel
 from dg2pf_tf.criteria.magnitude import DeviceCriterion
 from dg2pf_tf.criteria.nm import NMCriterion
 from dg2pf_tf.core.pruned_model import PrunedModel
@@ -65,10 +65,10 @@ class MaskSet:
 
     def criterion(self, scope=None, floor=None):
         """The `DeviceCriterion` for `scope`/`floor` (default: the model's own)."""
-        key = (self.scope if scope is None else reference.check_scope(scope),
-               self.floor if floor is None else reference.check_floor(floor))
+        key = (self.scope if scope is None else checks.check_scope(scope),
+               self.floor if floor is None else checks.check_floor(floor))
         if key not in self._criteria:
-            kind = "N:M" if reference.nm_pattern(self.structure) else self.structure
+            kind = "N:M" if checks.nm_pattern(self.structure) else self.structure
             self._criteria[key] = _CRITERIA[kind](self, *key)
         return self._criteria[key]
 
@@ -91,7 +91,7 @@ class MaskSet:
 
         Raises ValueError for a bad `level`, `scope` or `floor`.
         """
-        level = reference.check_sparsity(level)
+        level = checks.check_sparsity(level)
         # Its variables are made here, not while tracing.
         ceiling = self.criterion(scope, floor).max_level
         if level > ceiling + 1e-12:
@@ -133,7 +133,7 @@ def _channel_criterion(masks, scope, floor):
 def _nm_criterion(masks, scope, floor):
     if floor:
         raise ValueError("An N:M pattern takes no `floor`: every block keeps the same share.")
-    n, m = reference.nm_pattern(masks.structure)
+    n, m = checks.nm_pattern(masks.structure)
     targets = [w for w, _ in masks.entries]
     axes = registry.input_axes(masks.pruned.model, targets)
     return NMCriterion([tuple(t.shape) for t in targets], axes, n, m, scope)

@@ -10,10 +10,10 @@ import warnings
 import keras
 
 from dg2pf_tf import _compat
-from dg2pf_tf.core import masking, registry, schedules
-from dg2pf_tf.channels.costs import check_budget
-from dg2pf_tf.criteria.reference import check_scope, check_structure, floor_for, nm_pattern, sparsity_for
-from dg2pf_tf.core.pruned_model import PrunedModel, build_like
+from dg2pf_tf.core import clone, masking, registry, schedules
+from dg2pf_tf.checks import (check_budget, check_model, check_scope, check_structure, floor_for, nm_pattern,
+                             sparsity_for)
+from dg2pf_tf.core.pruned_model import PrunedModel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,91 +78,6 @@ def _exclusion(model, exclude):
             f"Layers holding prunable weights: {shown}.")
     names = set(names)
     return lambda layer: layer.name in names
-
-
-def _check_model(model, what):
-    if not isinstance(model, keras.Model):
-        raise TypeError(f"{what} takes a Keras model, got {type(model).__name__}.")
-    if not model.built:
-        raise ValueError(
-            f"{what}: model '{model.name}' is not built. Build it first (give it an "
-            f"Input, call it on a batch, or call `model.build(input_shape)`).")
-
-
-def copy_model(model, replace=None):
-    """A copy of built `model`: same class, config and weights, no shared state
-    (but plain Lambda layers, which hold none of their own).
-
-    Sequential and Functional models are rebuilt layer by layer (nested ones
-    too); `replace(layer)` may return a ready replacement for a layer (its
-    weights set) or None. Subclassed models are rebuilt from `get_config()`.
-
-    Raises:
-        TypeError: a subclassed model without a usable `get_config()`.
-        ValueError: a subclassed model that cannot be rebuilt from its build
-            config (the weights do not line up).
-    """
-    if _compat.is_graph_model(model):
-        clone = _clone_graph(model, replace or (lambda layer: None))
-        if replace is None:
-            _check_same_weights(model, clone)
-        return clone
-    try:
-        clone = model.__class__.from_config(model.get_config())
-    except NotImplementedError:
-        raise TypeError(
-            f"Model '{model.name}' ({type(model).__name__}) is subclassed and has no "
-            f"get_config(), so dg2pf_tf cannot copy it. Give it get_config() (and "
-            f"from_config() if its __init__ takes objects), as `.keras` saving needs too."
-        ) from None
-    build_like(clone, model.get_build_config())
-    _check_same_weights(model, clone)
-    for source, target in zip(model.weights, clone.weights):
-        target.assign(source)
-    return clone
-
-
-def _check_same_weights(model, clone):
-    theirs, ours = model.weights, clone.weights
-    if not clone.built or [tuple(v.shape) for v in theirs] != [tuple(v.shape) for v in ours]:
-        raise ValueError(
-            f"Model '{model.name}' ({type(model).__name__}) rebuilt from its config has other "
-            f"weights than the original ({len(ours)} against {len(theirs)}). Build it by "
-            f"calling it on a batch or with `model.build(input_shape)`.")
-
-
-def fresh_layer(layer):
-    """A new `layer` (or graph operation) from its config, unbuilt. A plain
-    Lambda is shared instead: it holds no weights of its own, and Keras' safe
-    mode refuses to rebuild a Python lambda from its config."""
-    if type(layer) is keras.layers.Lambda and not layer.weights:
-        return layer
-    return layer.__class__.from_config(layer.get_config())
-
-
-def _clone_graph(model, replace):
-    """`keras.models.clone_model`, recursive, keeping input names and weights."""
-    copied = []
-
-    def clone_function(layer):
-        new = replace(layer)
-        if new is None:
-            new = fresh_layer(layer)
-            if new is not layer and isinstance(layer, keras.layers.Layer):  # not an op (`x + 1`)
-                copied.append((layer, new))
-        return new
-
-    inputs = None
-    if not isinstance(model, keras.Sequential):
-        inputs = keras.tree.map_structure(
-            lambda x: keras.Input(batch_shape=x.shape, dtype=x.dtype, name=_compat.producer(x).name),
-            model.input)
-    clone = keras.models.clone_model(
-        model, input_tensors=inputs, clone_function=clone_function, recursive=True)
-    # After the clone is built: also covers layers that create weights in `call`.
-    for layer, new in copied:
-        new.set_weights(layer.get_weights())
-    return clone
 
 
 def _warn_unknown(model, found):
@@ -276,7 +191,7 @@ def prune(
             floors keep too much, or too much of the cost is in dense layers);
             'macs' on convolutions of no fixed input size.
     """
-    _check_model(model, "prune()")
+    check_model(model, "prune()")
     structure = check_structure(structure)
     check_budget(budget, structure)
     if schedule is None:
@@ -304,7 +219,7 @@ def prune(
     _warn_unknown(model, found)
     chosen = found.chosen if nm_pattern(structure) is None else _nm_eligible(found.chosen, structure)
     index = {id(v): i for i, v in enumerate(model.weights)}
-    pruned = PrunedModel(copy_model(model), [index[id(w.variable)] for w in chosen],
+    pruned = PrunedModel(clone.copy(model), [index[id(w.variable)] for w in chosen],
                          recovery=recovery, schedule=schedule, scope=scope, floor=floor,
                          structure=structure, budget=budget)
     criterion = masking.mask_set(pruned, "prune()").criterion()  # refuses a structure the model cannot take
@@ -327,7 +242,7 @@ def _check_reachable(criterion, sparsity, budget, floor):
 
 
 def _stripped(pruned):
-    plain = copy_model(pruned.model)
+    plain = clone.copy(pruned.model)
     weights = plain.weights
     for i, variable, mask in zip(pruned.target_indices, pruned.targets, pruned.masks):
         weights[i].assign((variable.numpy() * mask.numpy()).astype(weights[i].dtype))
@@ -348,14 +263,16 @@ def strip(model):
         TypeError: a subclassed model with a `PrunedModel` inside (strip that
             `PrunedModel` itself).
     """
-    _check_model(model, "strip()")
+    check_model(model, "strip()")
     if isinstance(model, PrunedModel):
         return _stripped(model)
     if masking.pruned_models(model) and not _compat.is_graph_model(model):
         raise TypeError(
             f"strip(): '{model.name}' is a subclassed model with a PrunedModel inside; call "
             f"dg2pf_tf.strip() on that PrunedModel and put the result in its place.")
-    return copy_model(model, lambda l: _stripped(l) if isinstance(l, PrunedModel) else None)
+    if not masking.pruned_models(model):
+        return clone.copy(model)
+    return clone.copy(model, lambda l: clone.Rebuilt(_stripped(l)) if isinstance(l, PrunedModel) else None)
 
 
 def finalize(model):

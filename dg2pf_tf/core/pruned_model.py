@@ -20,14 +20,14 @@ already traced training step follows the switch):
 """
 
 import keras
-import numpy as np
 import tensorflow as tf
 from keras import ops
 
 from dg2pf_tf import _compat
 from dg2pf_tf.core import schedules
-from dg2pf_tf.channels.costs import check_budget
-from dg2pf_tf.criteria.reference import check_floor, check_scope, check_structure
+from dg2pf_tf.core.clone import build_like
+from dg2pf_tf.checks import check_budget
+from dg2pf_tf.checks import check_floor, check_scope, check_structure
 
 
 class _MaskConstraint:
@@ -58,21 +58,6 @@ def _masked(value, mask, hard):
     """
     return tf.cond(hard > 0.5, lambda: value * mask,
                    lambda: value + tf.stop_gradient(value * mask - value))
-
-
-def build_like(model, build_config):
-    """Builds subclassed `model` as a call did when `build_config` was recorded:
-    by calling it on zeros of that shape, so its weights come out as they did
-    then (`Model.build` alone may create them elsewhere and leave it unbuilt)."""
-    if model.built:  # a Functional subclass is built by its constructor
-        return
-    shape = (build_config or {}).get("input_shape")
-    if shape is None:
-        model.build_from_config(build_config)
-        return
-    zeros = keras.tree.map_shape_structure(
-        lambda s: np.zeros([1 if d is None else d for d in s], "float32"), shape)
-    model(zeros, training=False)
 
 
 @keras.saving.register_keras_serializable(package="dg2pf_tf")

@@ -13,19 +13,11 @@ import keras
 import tensorflow as tf
 
 from dg2pf_tf import checks
-from dg2pf_tf.criteria.reference import check_sparsity
+from dg2pf_tf.checks import check_begin, check_sparsity
 
 _PACKAGE = "dg2pf_tf"
 
 
-
-
-def _check_begin(begin_epoch):
-    if isinstance(begin_epoch, bool) or not isinstance(begin_epoch, int) or begin_epoch < 0:
-        raise ValueError(
-            f"`begin_epoch` must be a whole number >= 0, got {begin_epoch!r}."
-        )
-    return begin_epoch
 
 
 class Schedule:
@@ -34,7 +26,7 @@ class Schedule:
     def __init__(self, sparsity, epochs, begin_epoch=0):
         self.sparsity = check_sparsity(sparsity)
         self.epochs = checks.positive_int("pruning_epochs", epochs)
-        self.begin_epoch = _check_begin(begin_epoch)
+        self.begin_epoch = check_begin(begin_epoch)
 
     @property
     def end_epoch(self):

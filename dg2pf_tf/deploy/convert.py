@@ -20,7 +20,8 @@ import tensorflow as tf
 from dg2pf_tf import _compat
 from dg2pf_tf.core import masking
 from dg2pf_tf.deploy import litert, padding, sparse_tensors
-from dg2pf_tf.core.prune import fresh_layer, strip
+from dg2pf_tf.core import clone
+from dg2pf_tf.core.prune import strip
 
 FLOAT_ATOL = 1e-5
 
@@ -65,9 +66,7 @@ def plain_model(model, input_shape=None):
             f"build '{plain.name}' at the size to export instead.")
     inputs = keras.Input(shape=tuple(input_shape), dtype=plain.inputs[0].dtype,
                          name=_compat.producer(plain.inputs[0]).name)
-    fixed = keras.models.clone_model(plain, input_tensors=inputs, clone_function=fresh_layer)
-    fixed.set_weights(plain.get_weights())
-    return fixed
+    return clone.copy(plain, inputs=inputs)
 
 
 def input_shapes(model):

@@ -11,6 +11,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 
+from dg2pf_tf.checks import check_alpha, check_temperature
 from dg2pf_tf.procedure import tasks
 
 
@@ -66,16 +67,12 @@ class Distiller(keras.Model):
                 raise TypeError(f"`{role}` must be a keras.Model, got {type(model).__name__}.")
         if student is None:
             raise TypeError("`student` must be a keras.Model, got None.")
-        if not float(temperature) > 0:
-            raise ValueError(f"`temperature` must be > 0, got {temperature!r}.")
-        if not 0.0 <= float(alpha) <= 1.0:
-            raise ValueError(f"`alpha` must be in [0, 1], got {alpha!r}.")
         self.student = student
         self.teacher = teacher
         if teacher is not None:
             teacher.trainable = False
-        self.temperature = float(temperature)
-        self.alpha = float(alpha)
+        self.temperature = check_temperature(temperature)
+        self.alpha = check_alpha(alpha)
         self.from_logits = from_logits
         activation = tasks.final_activation(student)
         if task is None:

@@ -25,9 +25,8 @@ from dg2pf_tf import checks
 from dg2pf_tf.core import masking, schedules
 from dg2pf_tf.procedure import checkpoint, tasks
 from dg2pf_tf.procedure.batchnorm import batchnorm_layers, reestimate_batchnorm
-from dg2pf_tf.channels.costs import check_budget
-from dg2pf_tf.criteria.reference import (check_floor, check_scope, check_sparsity, check_structure, floor_for,
-                               sparsity_for)
+from dg2pf_tf.checks import check_budget
+from dg2pf_tf.checks import check_floor, check_scope, check_sparsity, check_structure, floor_for, sparsity_for
 from dg2pf_tf.procedure.data import TrainData, as_dataset, task_of
 from dg2pf_tf.procedure.distill import Distiller
 from dg2pf_tf.procedure.evaluation import Evaluator
