@@ -40,7 +40,8 @@ from dg2pf_tf.procedure import tasks
 from dg2pf_tf.procedure.batchnorm import reestimate_batchnorm
 from dg2pf_tf.procedure.distill import Distiller
 from dg2pf_tf.procedure.evaluation import evaluate
-from dg2pf_tf.procedure.run import RunResult, run
+from dg2pf_tf.procedure.phases import RunResult
+from dg2pf_tf.procedure.run import RunConfig, run
 
 __version__ = "0.1.0"
 
@@ -51,6 +52,7 @@ __all__ = [
     "Distiller",
     "PatternReport",
     "PrunedModel",
+    "RunConfig",
     "RunResult",
     "SparsitySummary",
     "UpdateMasks",

@@ -136,9 +136,9 @@ def test_run_reports_the_share_of_the_budget_removed():
     dense.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
     dense.fit(x, y, epochs=2, batch_size=64, verbose=0)
     dg2pf_tf.reestimate_batchnorm(dense, [x[i:i + 64] for i in range(0, len(x), 64)])
-    result = dg2pf_tf.run(dense, (x[:1000], y[:1000]), (x[1000:], y[1000:]), sparsity=0.4,
-                          structure="channel", budget="macs", pruning_epochs=2, patience=1,
-                          max_epochs=1, finetune=False, seed=0, verbose=0)
+    config = dg2pf_tf.RunConfig(sparsity=0.4, structure="channel", budget="macs", pruning_epochs=2,
+                                patience=1, max_epochs=1, finetune=False)
+    result = dg2pf_tf.run(dense, (x[:1000], y[:1000]), (x[1000:], y[1000:]), config, seed=0, verbose=0)
     report = result.report
     removed = 1 - model_macs(result.model) / model_macs(dense)
     assert report["macs_removed"] == pytest.approx(removed) and removed >= 0.4

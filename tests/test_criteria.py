@@ -68,3 +68,15 @@ def test_zero_counts_are_exact_zeros_only_and_empty_arrays_count_none():
     assert reference.zero_fraction(values) == 0.5
     assert reference.count_zeros(np.zeros((0, 4))) == 0
     assert reference.zero_fraction(np.zeros((0, 4))) == 0.0
+
+
+def test_every_device_criterion_keeps_the_criterion_protocol():
+    import dg2pf_tf
+    from dg2pf_tf.core import masking
+    from dg2pf_tf.criteria.protocol import Criterion
+    from helpers import gated_cnn
+
+    for options in ({}, {"structure": "2:4"}, {"structure": "channel"}, {"structure": "channel", "budget": "macs"}):
+        criterion = masking.mask_set(dg2pf_tf.prune(gated_cnn(), **options)).criterion()
+        assert isinstance(criterion, Criterion), options
+        assert criterion.max_level <= 1.0 and criterion.total > 0 and criterion.unit

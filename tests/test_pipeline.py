@@ -134,3 +134,20 @@ def test_per_layer_scope_prunes_each_kernel_to_its_own_count(digits):
     # One global round(0.98 * n) would differ from the per-kernel sum here.
     assert sum(r.zeros for r in rows) != round(0.98 * sum(r.weights for r in rows))
 
+
+
+def test_run_takes_a_run_config_and_refuses_unknown_settings_before_any_work():
+    import dataclasses
+
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    data = (np.zeros((8, 4), "float32"), np.zeros(8, "int32"))
+    with pytest.raises(TypeError, match=r"unexpected keyword arguments \['sparcity'\].*RunConfig: alpha"):
+        dg2pf_tf.run(model, data, data, sparcity=0.9)
+    with pytest.raises(TypeError, match="must be a dg2pf_tf.RunConfig"):
+        dg2pf_tf.run(model, data, data, config={"sparsity": 0.5})
+    with pytest.raises(ValueError, match="`alpha` must be in"):
+        dg2pf_tf.run(model, data, data, alpha=2.0)
+    config = dg2pf_tf.RunConfig(structure="2:4")
+    assert (config.sparsity, config.floor) == (0.5, 0.0)
+    assert dataclasses.replace(config, patience=2).patience == 2
+    assert dg2pf_tf.RunConfig().sparsity == 0.9 and dg2pf_tf.RunConfig(structure="channel").floor == 0.5

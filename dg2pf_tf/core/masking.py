@@ -42,7 +42,7 @@ class MaskSet:
 
     `assign(level)` recomputes every mask from the weights' current values
     (masked ones included, so pruned weights can return: weight recovery) with
-    `DeviceCriterion`, in TensorFlow ops; call it inside a compiled training
+    the model's `Criterion` (by its structure), in TensorFlow ops; call it inside a compiled training
     step. `update(level)` is the same, compiled on its own, for callbacks and
     custom loops. In hard mode masked weights are zeroed at once.
     """
@@ -64,7 +64,7 @@ class MaskSet:
         return self._pruned()
 
     def criterion(self, scope=None, floor=None):
-        """The `DeviceCriterion` for `scope`/`floor` (default: the model's own)."""
+        """The `criteria.protocol.Criterion` for `scope`/`floor` (default: the model's own)."""
         key = (self.scope if scope is None else checks.check_scope(scope),
                self.floor if floor is None else checks.check_floor(floor))
         if key not in self._criteria:
@@ -139,7 +139,7 @@ def _nm_criterion(masks, scope, floor):
     return NMCriterion([tuple(t.shape) for t in targets], axes, n, m, scope)
 
 
-# The device code that computes masks, by `PrunedModel.structure` ('N:M' for every pattern).
+# The `Criterion` that computes masks, by `PrunedModel.structure` ('N:M' for every pattern).
 _CRITERIA = {"unstructured": _weight_criterion, "channel": _channel_criterion, "N:M": _nm_criterion}
 
 _SETS = weakref.WeakKeyDictionary()

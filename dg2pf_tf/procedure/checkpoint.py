@@ -93,11 +93,12 @@ def _layout(model):
     return hashlib.sha1(layout.encode()).hexdigest()[:16]
 
 
-def fingerprint(config, student, teacher):
+def fingerprint(config, student, teacher, replicas):
     """What a checkpoint must agree with: every field of `config` (a dataclass),
-    and the layout of the student's and the teacher's weights."""
+    the layout of the student's and the teacher's weights, and the number of
+    replicas (the batch each one sees, so the result)."""
     return {"model": _layout(student), "model_name": student.name, "teacher": _layout(teacher),
-            **dataclasses.asdict(config)}
+            **dataclasses.asdict(config), "replicas": replicas}
 
 
 class BestState:
