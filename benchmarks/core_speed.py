@@ -35,7 +35,8 @@ tf.random.set_seed(0)
 x = np.random.default_rng(0).normal(size=(64, 32, 32, 3)).astype("float32")
 y = np.random.default_rng(1).integers(0, 10, 64)
 def build():
-    return keras.applications.MobileNetV2(input_shape=(32, 32, 3), alpha=0.35, weights=None, classes=10, classifier_activation=None)
+    return keras.applications.MobileNetV2(input_shape=(32, 32, 3), alpha=0.35, weights=None, classes=10,
+                                          classifier_activation=None)
 dense = build()
 sched = tfmot.sparsity.keras.ConstantSparsity(0.9, begin_step=0, frequency=1)
 pruned = tfmot.sparsity.keras.prune_low_magnitude(build(), pruning_schedule=sched)
@@ -135,7 +136,8 @@ def main():
     theirs = tfmot_ratio(args.steps)
 
     rows = [
-        ("dg2pf_tf wrapped step / dense step (MobileNetV2 a0.35, 32x32, b64)", ours["dg2pf_tf"] / ours["dense"], "<= 1.10"),
+        ("dg2pf_tf wrapped step / dense step (MobileNetV2 a0.35, 32x32, b64)", ours["dg2pf_tf"] / ours["dense"],
+         "<= 1.10"),
         ("stripped step / dense step", ours["stripped"] / ours["dense"], "~ 1.00"),
         ("distillation step (teacher + pruned student) / dense step", ours["distiller"] / ours["dense"],
          "<= 1.40"),
@@ -148,7 +150,7 @@ def main():
         print(f"{name:<{width}}  {value:>8.3f}  {target}")
 
     result = {
-        "command": "python benchmarks/core_speed.py --steps %d" % args.steps,
+        "command": f"python benchmarks/core_speed.py --steps {args.steps}",
         "step_seconds": ours,
         "tfmot_step_seconds": theirs,
         "wrapped_over_dense": ours["dg2pf_tf"] / ours["dense"],

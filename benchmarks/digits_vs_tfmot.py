@@ -68,7 +68,8 @@ if ":" in sys.argv[6]:
 else:
     schedule = tfmot.sparsity.keras.PolynomialDecay(0.0, sparsity, 0, 10 * steps, frequency=steps // 4 or 1)
     pruned = tfmot.sparsity.keras.prune_low_magnitude(model, pruning_schedule=schedule)
-pruned.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+pruned.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+               metrics=["accuracy"])
 pruned.fit(xtr, ytr, batch_size=32, epochs=epochs, verbose=0, callbacks=[tfmot.sparsity.keras.UpdatePruningStep()])
 final = tfmot.sparsity.keras.strip_pruning(pruned)
 final.compile(metrics=["accuracy"], loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
@@ -105,7 +106,7 @@ def main():
     parser.add_argument("--sparsities", default="0.9,0.95,0.98,0.99")
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--ablations", default=",".join(ABLATIONS),
-                        help="comma-separated subset of %s, or '' for none" % ", ".join(ABLATIONS))
+                        help=f"comma-separated subset of {', '.join(ABLATIONS)}, or '' for none")
     parser.add_argument("--ablation_sparsities", default="0.95,0.98")
     parser.add_argument("--ablation_seeds", type=int, default=3)
     parser.add_argument("--structure", default="unstructured",
@@ -217,7 +218,10 @@ def main():
                     yerr=[[r["mean"] - r["min"] for r in rows], [r["max"] - r["mean"] for r in rows]],
                     marker="o", capsize=3, label=method)
     ax.axhline(dense_acc, color="grey", linestyle="--", label="dense")
-    ax.set_xlabel("sparsity"); ax.set_ylabel("test accuracy"); ax.legend(); fig.tight_layout()
+    ax.set_xlabel("sparsity")
+    ax.set_ylabel("test accuracy")
+    ax.legend()
+    fig.tight_layout()
     fig.savefig(args.out.replace(".json", ".png"), dpi=120)
     print(f"wrote {args.out}")
 

@@ -231,8 +231,8 @@ def phase_steps(name, steps):
     dense = getattr(keras.applications, app)(input_shape=(32, 32, 3), weights=None, classes=10,
                                               classifier_activation=None, **kwargs)
     references = _references(dense, x, y)
-    common = dict(sparsity=0.9, pruning_epochs=1, patience=1, max_epochs=1, batch_size=BATCH, verbose=0,
-                  recalibrate_bn=False)
+    common = {"sparsity": 0.9, "pruning_epochs": 1, "patience": 1, "max_epochs": 1, "batch_size": BATCH, "verbose": 0,
+                  "recalibrate_bn": False}
     out = {}
     # One epoch per phase: patience and max_epochs of 1 end each phase after it.
     timer = PairedSteps(references, (x, y))

@@ -88,7 +88,7 @@ def keras_latency(models, batch, runs):
 
     x = np.random.default_rng(0).uniform(0, 255, (batch, 224, 224, 3)).astype("float32")
     times = {name: [] for name in models}
-    for name, (model, _, _) in models.items():
+    for model, _, _ in models.values():
         model.predict_on_batch(x)  # traces
     for _ in range(runs):
         for name, (model, _, _) in models.items():
@@ -127,8 +127,8 @@ def main():
     parser.add_argument("--train_epochs", type=int, default=10)
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "shrink_latency.json"))
     args = parser.parse_args()
-    from dg2pf_tf.deploy import convert
     from dg2pf_tf.channels.costs import model_macs
+    from dg2pf_tf.deploy import convert
 
     levels = [float(v) for v in args.levels.split(",")]
     rows = []

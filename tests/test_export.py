@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import dg2pf_tf
-from helpers import run_python
 from dg2pf_tf.deploy import litert
+from helpers import run_python
 from zoo.data import digits_arrays
 
 pytest.importorskip("ai_edge_litert")

@@ -135,11 +135,11 @@ def test_export_records_the_pattern_and_refuses_a_broken_one(tmp_path):
 
 
 @pytest.mark.parametrize("arguments, message", [
-    (dict(sparsity=0.9), r"final sparsity is 1 - 2/4 = 0.5"),
-    (dict(floor=0.5), "`floor` has no meaning"),
-    (dict(structure="4:4"), "needs 1 <= N < M"),
-    (dict(structure="2:4:8"), "must be 'unstructured', 'channel' or an N:M"),
-    (dict(schedule=dg2pf_tf.core.schedules.Linear(0.8, 2)), "final sparsity is 1 - 2/4"),
+    ({"sparsity": 0.9}, r"final sparsity is 1 - 2/4 = 0.5"),
+    ({"floor": 0.5}, "`floor` has no meaning"),
+    ({"structure": "4:4"}, "needs 1 <= N < M"),
+    ({"structure": "2:4:8"}, "must be 'unstructured', 'channel' or an N:M"),
+    ({"schedule": dg2pf_tf.core.schedules.Linear(0.8, 2)}, "final sparsity is 1 - 2/4"),
 ])
 def test_bad_pattern_arguments_are_refused(arguments, message):
     with pytest.raises(ValueError, match=message):

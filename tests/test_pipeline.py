@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import dg2pf_tf
-from helpers import TWO_CPUS, run_python
 from dg2pf_tf.criteria import reference
+from helpers import TWO_CPUS, run_python
 from zoo.data import digits_arrays
 from zoo.models import small_cnn
 
@@ -64,7 +64,7 @@ def test_run_reaches_the_exact_sparsity_and_leaves_the_input_model_alone(digits)
 def test_run_with_a_seed_is_repeatable(digits):
     (xtr, ytr), (xte, yte) = digits
     model = _trained(digits, epochs=3)
-    kwargs = dict(sparsity=0.8, pruning_epochs=1, patience=1, max_epochs=1, seed=5, verbose=0)
+    kwargs = {"sparsity": 0.8, "pruning_epochs": 1, "patience": 1, "max_epochs": 1, "seed": 5, "verbose": 0}
     a = dg2pf_tf.run(model, (xtr[:400], ytr[:400]), (xte, yte), **kwargs)
     b = dg2pf_tf.run(model, (xtr[:400], ytr[:400]), (xte, yte), **kwargs)
     for wa, wb in zip(a.model.get_weights(), b.model.get_weights()):

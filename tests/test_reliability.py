@@ -17,12 +17,12 @@ import pytest
 import tensorflow as tf
 
 import dg2pf_tf
-from helpers import ROOT, TWO_CPUS, run_python
 from dg2pf_tf.procedure import atomic, checkpoint
+from helpers import ROOT, TWO_CPUS, run_python
 from zoo.data import digits_arrays
 from zoo.models import small_cnn
 
-SMALL = dict(sparsity=0.9, pruning_epochs=2, patience=1, max_epochs=2, batch_size=64, verbose=0)
+SMALL = {"sparsity": 0.9, "pruning_epochs": 2, "patience": 1, "max_epochs": 2, "batch_size": 64, "verbose": 0}
 
 
 @pytest.fixture(scope="module")
@@ -380,10 +380,9 @@ def test_a_staged_directory_lands_whole_or_not_at_all(tmp_path):
     out = tmp_path / "export"
     out.mkdir()
     (out / "model.tflite").write_text("old")
-    with pytest.raises(RuntimeError, match="killed"):
-        with atomic.staged_directory(out) as staging:
-            (tmp_path / staging / "model.tflite").write_text("new")
-            raise RuntimeError("killed half-way")
+    with pytest.raises(RuntimeError, match="killed"), atomic.staged_directory(out) as staging:
+        (tmp_path / staging / "model.tflite").write_text("new")
+        raise RuntimeError("killed half-way")
     assert (out / "model.tflite").read_text() == "old"
     assert os.listdir(tmp_path) == ["export"]
     with atomic.staged_directory(out) as staging:

@@ -109,7 +109,7 @@ def build(name, input_shape, classes, weights=None):
         "vgg16": (keras.applications.VGG16, None),
     }
     builder, stem = apps[name]
-    kwargs = dict(input_shape=input_shape, weights=weights, classes=classes)
+    kwargs = {"input_shape": input_shape, "weights": weights, "classes": classes}
     if weights == "imagenet":
         kwargs["classifier_activation"] = "softmax"
     else:

@@ -3,8 +3,8 @@
 import keras
 
 from dg2pf_tf import checks
-from dg2pf_tf.core import masking, schedules
 from dg2pf_tf.checks import check_scope
+from dg2pf_tf.core import masking, schedules
 
 
 class UpdateMasks(keras.callbacks.Callback):

@@ -7,10 +7,10 @@ import tensorflow as tf
 
 from dg2pf_tf import _compat, checks
 from dg2pf_tf.core import registry
+from dg2pf_tf.core.pruned_model import PrunedModel
 from dg2pf_tf.criteria import channel
 from dg2pf_tf.criteria.magnitude import DeviceCriterion
 from dg2pf_tf.criteria.nm import NMCriterion
-from dg2pf_tf.core.pruned_model import PrunedModel
 
 
 def pruned_models(model):

@@ -10,9 +10,8 @@ import warnings
 import keras
 
 from dg2pf_tf import _compat
+from dg2pf_tf.checks import check_budget, check_model, check_scope, check_structure, floor_for, nm_pattern, sparsity_for
 from dg2pf_tf.core import clone, masking, registry, schedules
-from dg2pf_tf.checks import (check_budget, check_model, check_scope, check_structure, floor_for, nm_pattern,
-                             sparsity_for)
 from dg2pf_tf.core.pruned_model import PrunedModel
 
 

@@ -24,10 +24,9 @@ import tensorflow as tf
 from keras import ops
 
 from dg2pf_tf import _compat
+from dg2pf_tf.checks import check_budget, check_floor, check_scope, check_structure
 from dg2pf_tf.core import schedules
 from dg2pf_tf.core.clone import build_like
-from dg2pf_tf.checks import check_budget
-from dg2pf_tf.checks import check_floor, check_scope, check_structure
 
 
 class _MaskConstraint:

@@ -8,11 +8,11 @@ stripped copy agree; a pruned model also says which weights carry masks.
 
 import dataclasses
 
-from dg2pf_tf.core import registry
-from dg2pf_tf.criteria.reference import count_zeros, nm_violations
 from dg2pf_tf.checks import check_structure, nm_pattern
+from dg2pf_tf.core import registry
 from dg2pf_tf.core.masking import pruned_models
 from dg2pf_tf.core.prune import find_prunable
+from dg2pf_tf.criteria.reference import count_zeros, nm_violations
 
 
 @dataclasses.dataclass(frozen=True)

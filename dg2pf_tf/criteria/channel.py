@@ -4,8 +4,10 @@ Every channel of a prunable group (`graph.ChannelGroup`) is scored by the
 L2 norm of all the weights coupled to it (kernels, biases, BatchNorm
 parameters), over the square root of their number: a root mean square, so
 that a channel read by many layers does not outrank one read by few only for
-having more weights (inside a group the order is the L2 order). The same channels as `reference.channel_keep` stay, computed in
-TensorFlow ops inside the training step; each channel's 0 or 1 is then spread
+having more weights (inside a group the order is the L2 order). The same
+channels as `reference.channel_keep` stay (or, with a cost budget,
+`reference.channel_keep_within`), computed in TensorFlow ops inside the
+training step; each channel's 0 or 1 is then spread
 over every kernel entry that belongs to it, producer columns and consumer rows.
 """
 

@@ -17,8 +17,8 @@ its largest, reserved, ties to the earliest positions).
 import numpy as np
 import tensorflow as tf
 
-from dg2pf_tf.criteria.reference import count_zeros, zero_count
 from dg2pf_tf.checks import check_floor, check_scope
+from dg2pf_tf.criteria.reference import count_zeros, zero_count
 from dg2pf_tf.criteria.window_search import INT_MAX, WindowSearch, abs_bits
 
 FLAT_BELOW = 1 << 21       # smaller models: one radix select over all their weights at once

@@ -12,8 +12,8 @@ reference; the tests hold the two equal.
 import numpy as np
 import tensorflow as tf
 
-from dg2pf_tf.criteria.reference import nm_violations
 from dg2pf_tf.criteria.magnitude import XLA_FROM, DeviceCriterion
+from dg2pf_tf.criteria.reference import nm_violations
 from dg2pf_tf.criteria.window_search import abs_bits
 
 

@@ -319,7 +319,7 @@ class WindowSearch:
 
     def __init__(self, sizes, *, jit_compile):
         self.sizes = np.asarray(sizes, np.int64)
-        options = dict(jit_compile=bool(jit_compile), reduce_retracing=False, autograph=False)
+        options = {"jit_compile": bool(jit_compile), "reduce_retracing": False, "autograph": False}
         self._counts = {(own, shared): tf.function(functools.partial(_count_pass, own=own, shared=shared),
                                                    **options)
                         for own in (False, True) for shared in (False, True)}

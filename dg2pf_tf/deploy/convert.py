@@ -18,10 +18,9 @@ import numpy as np
 import tensorflow as tf
 
 from dg2pf_tf import _compat
-from dg2pf_tf.core import masking
-from dg2pf_tf.deploy import litert, padding, sparse_tensors
-from dg2pf_tf.core import clone
+from dg2pf_tf.core import clone, masking
 from dg2pf_tf.core.prune import strip
+from dg2pf_tf.deploy import litert, padding, sparse_tensors
 
 FLOAT_ATOL = 1e-5
 

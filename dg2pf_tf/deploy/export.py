@@ -13,12 +13,12 @@ import warnings
 
 import tensorflow as tf
 
-from dg2pf_tf.deploy import litert, convert, sparse_tensors
-from dg2pf_tf.procedure import atomic
-from dg2pf_tf.criteria.reference import count_zeros
 from dg2pf_tf.checks import nm_pattern
 from dg2pf_tf.core.masking import pruned_models
 from dg2pf_tf.core.summary import pattern_report, sparsity_summary
+from dg2pf_tf.criteria.reference import count_zeros
+from dg2pf_tf.deploy import convert, litert, sparse_tensors
+from dg2pf_tf.procedure import atomic
 
 QUANTIZE = (None, "dynamic", "int8")
 _INT8_AGREEMENT = 0.99

@@ -20,7 +20,7 @@ import keras
 import numpy as np
 
 from dg2pf_tf.criteria import reference
-from dg2pf_tf.deploy import litert, convert, sparse_tensors
+from dg2pf_tf.deploy import convert, litert, sparse_tensors
 from dg2pf_tf.deploy.litert import schema
 
 _UNARY = ("RELU", "RELU6", "RELU_N1_TO_1", "RELU_0_TO_1", "LOGISTIC", "TANH", "HARD_SWISH",

@@ -30,11 +30,10 @@ def atomic_path(path):
 def write_atomic(path, write):
     """Calls `write(file_object)` on a temporary file next to `path`, flushed to
     disk, then renames it over `path`."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 @contextlib.contextmanager
