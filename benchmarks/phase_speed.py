@@ -1,13 +1,17 @@
 """Speed of DG2PF at scale: one mask update, and each phase of `run()` against dense `fit`.
 
 Prints two tables and writes JSON (default benchmarks/results/phase_speed.json):
-- one mask update (`dg2pf_tf.update_masks`) on ResNet-50, ResNet-152 and
-  EfficientNetV2L, for each scope and floor (or, with `--structure 2:4`, the
-  N:M masks for each scope): median seconds over updates whose
-  weights moved in between (as in training), compiled and warm; the first
-  call's time (tracing and XLA compilation); peak resident memory during the
-  updates above what the process held before, as a multiple of the prunable
-  weights' float32 bytes (Linux VmHWM, reset through /proc/self/clear_refs);
+- one mask update on ResNet-50, ResNet-152 and EfficientNetV2L, for each
+  scope and floor (or, with `--structure 2:4`, the N:M masks for each scope),
+  the model pruned with them: median seconds of `dg2pf_tf.update_masks`
+  a training step apart (weights nudged, the level moved by 1e-4: what the
+  fused step of `run()` does), then at each epoch of a 10-epoch linear
+  schedule (weights moved as by an epoch: a jump of the level) by
+  `update_masks` and by `UpdateMasks.on_epoch_begin` (the first of each
+  series left out); the first call's time (tracing and XLA compilation); peak
+  resident memory during the step updates above what the process held
+  before, as a multiple of the prunable weights' float32 bytes (Linux VmHWM,
+  reset through /proc/self/clear_refs);
 - time per training step of each phase of `run()` (gradual with masks
   recomputed every step, with run()'s default learning rate and with the
   paper's 1e-4, distill, detached, finetune), each step paired with a step of
@@ -103,55 +107,84 @@ class _Memory:
 
 
 def mask_updates(name, updates=6, structure="unstructured"):
-    """Rows of mask-update measurements for one `keras.applications` model."""
+    """Rows of mask-update measurements for one `keras.applications` model, one per
+    scope and floor (see `_update_row`)."""
+    dense = getattr(keras.applications, UPDATE_MODELS[name])(input_shape=(32, 32, 3), weights=None, classes=1000)
+    rows = []
+    for scope, floor in NM_SETTINGS if ":" in structure else SETTINGS:
+        rows.append(_update_row(dense, name, structure, scope, floor, updates))
+        print(json.dumps(rows[-1]), flush=True)
+        keras.backend.clear_session(free_memory=False)
+    return rows
+
+
+def _update_row(dense, name, structure, scope, floor, updates):
+    """`dense` pruned with `scope` and `floor`: its updates a training step apart
+    (weights nudged, level moved by 1e-4), and what users call at each epoch of a
+    10-epoch linear schedule (weights moved as by an epoch of training):
+    `update_masks`, and `UpdateMasks.on_epoch_begin` of a callback on the model."""
     import numpy as np
     import tensorflow as tf
 
     import dg2pf_tf
     from dg2pf_tf.core import masking
 
-    model = getattr(keras.applications, UPDATE_MODELS[name])(input_shape=(32, 32, 3), weights=None, classes=1000)
     nm = ":" in structure
-    pruned = dg2pf_tf.prune(model, sparsity=None if nm else 0.9, pruning_epochs=1, structure=structure)
-    del model
+    target = 0.5 if nm else 0.9
+    pruned = dg2pf_tf.prune(dense, sparsity=None if nm else target, pruning_epochs=1, structure=structure,
+                            scope=scope, floor=None if nm else floor)
     masks = masking.mask_set(pruned)
     kernels = [kernel for kernel, _ in masks.entries]
     prunable = sum(int(np.prod(k.shape)) for k in kernels)
 
     @tf.function
-    def nudge(seed):
-        # What a training step does to the weights between two updates.
+    def nudge(seed, scale):
+        # What training does to the weights between two updates: a step (1e-3), an epoch (1e-2).
         for i, kernel in enumerate(kernels):
-            noise = tf.random.stateless_normal(kernel.shape, [seed, i], stddev=1e-3)
-            kernel.assign_add(noise * tf.abs(kernel))
+            noise = tf.random.stateless_normal(kernel.shape, [seed, i], stddev=1.0)
+            kernel.assign_add(scale * noise * tf.abs(kernel))
 
-    rows, memory = [], _Memory()
-    base = 0.3 if nm else 0.6  # levels below an N:M pattern's ceiling
-    for scope, floor in NM_SETTINGS if nm else SETTINGS:
-        nudge(tf.constant(0))
+    def timed(call, *args):
         start = time.perf_counter()
-        masks.update(base - 0.1, scope, floor)
-        first = time.perf_counter() - start
-        masks.update(base - 1e-4, scope, floor)
-        seconds = []
-        memory.reset()
-        for i in range(updates):
-            nudge(tf.constant(i + 1))
-            level = base + 1e-4 * i  # a step of a 10-epoch schedule of ~1,000 steps an epoch
-            start = time.perf_counter()
-            masks.update(level, scope, floor)
-            _ = masks.entries[0][1][..., :1].numpy()  # waits for the device
-            seconds.append(time.perf_counter() - start)
-        peak = memory.extra_peak()
-        zeros = prunable - sum(int(np.count_nonzero(m.numpy())) for _, m in masks.entries)
-        row = {"model": name, "structure": structure, "prunable_weights": prunable, "scope": scope, "floor": floor,
-               "seconds": median(seconds), "first_call_seconds": first,
-               "peak_extra_over_weight_bytes": peak / (4 * prunable),
-               "exact": zeros == round(masks.realised(level, scope) * prunable)}
-        print(json.dumps(row), flush=True)
-        rows.append(row)
-    keras.backend.clear_session()
-    return rows
+        call(*args)
+        _ = masks.entries[0][1][..., :1].numpy()  # waits for the device
+        return time.perf_counter() - start
+
+    base = target * 2 / 3
+    nudge(tf.constant(0), 1e-3)
+    first = timed(dg2pf_tf.update_masks, pruned, base - 0.1)
+    dg2pf_tf.update_masks(pruned, base - 1e-4)
+    steps, memory = [], _Memory()
+    memory.reset()
+    for i in range(updates):
+        nudge(tf.constant(i + 1), 1e-3)
+        level = base + 1e-4 * i  # a step of a 10-epoch schedule of ~1,000 steps an epoch
+        steps.append(timed(dg2pf_tf.update_masks, pruned, level))
+    peak = memory.extra_peak()
+    exact = _zeros(masks) == round(masks.realised(level) * prunable)
+    schedule = dg2pf_tf.schedules.Linear(target, 10)
+    epochs = []
+    for epoch in range(10):
+        nudge(tf.constant(100 + epoch), 1e-2)
+        epochs.append(timed(dg2pf_tf.update_masks, pruned, schedule(epoch)))
+    callback = dg2pf_tf.UpdateMasks(schedule)
+    callback.set_model(pruned)
+    callback.on_train_begin()
+    calls = []
+    for epoch in range(10):
+        nudge(tf.constant(200 + epoch), 1e-2)
+        calls.append(timed(callback.on_epoch_begin, epoch))
+    exact &= _zeros(masks) == round(masks.realised(target) * prunable)
+    return {"model": name, "structure": structure, "prunable_weights": prunable, "scope": scope, "floor": floor,
+            "seconds": median(steps), "epoch_update_seconds": median(epochs[1:]),
+            "callback_seconds": median(calls[1:]), "first_call_seconds": first,
+            "peak_extra_over_weight_bytes": peak / (4 * prunable), "exact": bool(exact)}
+
+
+def _zeros(masks):
+    import numpy as np
+
+    return sum(int(m.numpy().size - np.count_nonzero(m.numpy())) for _, m in masks.entries)
 
 
 class PairedSteps(keras.callbacks.Callback):
@@ -294,11 +327,12 @@ def main():
             baseline[name] = tfmot_steps(name, args.steps)
             print(json.dumps(baseline[name]), flush=True)
 
-    print(f"\n{'model':<16}{'masks':>13}{'weights':>12}{'scope':>8}{'floor':>7}{'update ms':>11}{'first s':>9}"
-          f"{'peak/weights':>14}{'exact':>7}")
+    print(f"\n{'model':<16}{'masks':>13}{'weights':>12}{'scope':>8}{'floor':>7}{'step ms':>9}{'epoch ms':>10}"
+          f"{'callback ms':>13}{'first s':>9}{'peak/weights':>14}{'exact':>7}")
     for r in updates:
         print(f"{r['model']:<16}{r['structure']:>13}{r['prunable_weights']:>12,}{r['scope']:>8}{r['floor']:>7.1f}"
-              f"{1000 * r['seconds']:>11.1f}{r['first_call_seconds']:>9.1f}"
+              f"{1000 * r['seconds']:>9.1f}{1000 * r['epoch_update_seconds']:>10.1f}"
+              f"{1000 * r['callback_seconds']:>13.1f}{r['first_call_seconds']:>9.1f}"
               f"{r['peak_extra_over_weight_bytes']:>14.2f}{str(r['exact']):>7}")
     print(f"\n{'model':<14}" + "".join(f"{p:>17}" for p in (*PHASES, "tfmot/1", "tfmot/100")))
     for name, t in phases.items():

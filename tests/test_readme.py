@@ -1,4 +1,4 @@
-"""The README's Python examples, taken from README.md and run as written, in order."""
+"""The Python examples of the README and of docs/, taken from the files and run as written, in order."""
 
 import os
 import re
@@ -10,8 +10,22 @@ import pytest
 import dg2pf_tf
 from helpers import ROOT
 
-with open(os.path.join(ROOT, "README.md")) as f:
-    BLOCKS = re.findall(r"```python\n(.*?)```", f.read(), re.S)
+# Read in this order: later guides use what earlier examples made (a trained `model`, `pruned`).
+DOCUMENTS = ["README.md", "docs/pruning.md", "docs/channels.md", "docs/nm.md", "docs/deployment.md",
+             "docs/command_line.md", "docs/distributed.md", "docs/architecture.md"]
+
+
+def _blocks(path):
+    with open(os.path.join(ROOT, path)) as f:
+        return [(path, block) for block in re.findall(r"```python\n(.*?)```", f.read(), re.S)]
+
+
+BLOCKS = [block for path in DOCUMENTS for block in _blocks(path)]
+
+
+def test_every_guide_is_read_here():
+    guides = {f"docs/{name}" for name in os.listdir(os.path.join(ROOT, "docs")) if name.endswith(".md")}
+    assert guides <= set(DOCUMENTS)
 
 
 def _prelude():
@@ -35,13 +49,18 @@ def _prelude():
 
 @pytest.mark.slow
 def test_readme_examples_run_as_written(tmp_path, monkeypatch, capsys):
-    assert len(BLOCKS) >= 5
+    assert len(BLOCKS) >= 8
     monkeypatch.chdir(tmp_path)
     namespace = _prelude()
-    for i, block in enumerate(BLOCKS):
-        exec(compile(block, f"README.md, python block {i + 1}", "exec"), namespace)
+    for i, (path, block) in enumerate(BLOCKS):
+        exec(compile(block, f"{path}, python block {i + 1}", "exec"), namespace)
     assert os.path.isfile("pruned.keras") and os.path.isfile("out/model_int8.tflite")
     assert namespace["result"].report["sparsity_prunable"] == pytest.approx(0.95, abs=1e-3)
+    faster = namespace["faster"]  # half the MACs gone, as the shrunk model counts them
+    from dg2pf_tf.channels.costs import model_macs
+    assert faster.report["macs_removed"] >= 0.5
+    assert model_macs(faster.model) == round(faster.report["macs_total"] * (1 - faster.report["macs_removed"]))
+    assert model_macs(dg2pf_tf.shrink(namespace["fast"])) <= 0.5 * model_macs(namespace["model"])
     assert "prunable weights" in capsys.readouterr().out
     small, model = namespace["small"], namespace["model"]
     assert small.count_params() < 0.5 * model.count_params()  # channels physically removed
