@@ -22,7 +22,10 @@ from dg2pf_tf.core import clone, masking
 from dg2pf_tf.core.prune import strip
 from dg2pf_tf.deploy import litert, padding, sparse_tensors
 
-FLOAT_ATOL = 1e-5
+# A float file must compute what Keras computes: float32 sums in another order (XNNPACK's,
+# not oneDNN's) differ by up to ~2e-5 of the largest output on a trained ResNet-50 at
+# 224x224, a wrongly stored weight by orders of magnitude more.
+FLOAT_ATOL = 1e-4
 
 
 @contextlib.contextmanager
