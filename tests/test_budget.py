@@ -119,7 +119,8 @@ def test_macs_of_transformer_layers_count_per_token():
     x = keras.layers.Dense(32, activation="relu", name="up")(x)
     model = keras.Model(inputs, keras.layers.Dense(16, name="down")(x))
     attention = model.get_layer("attention")
-    per_token = sum(int(np.prod(v.shape)) for v in attention.weights if len(v.shape) >= 2) + 16 * 32 + 32 * 16
+    projections = (attention.query_dense, attention.key_dense, attention.value_dense, attention.output_dense)
+    per_token = sum(int(np.prod(d.kernel.shape)) for d in projections) + 16 * 32 + 32 * 16
     assert model_macs(model) == per_token
     pruned = dg2pf_tf.prune(model, sparsity=0.3, structure="channel", budget="macs", floor=0.0)
     dg2pf_tf.update_masks(pruned, 0.3)
@@ -141,6 +142,19 @@ def test_run_reports_the_share_of_the_budget_removed():
     result = dg2pf_tf.run(dense, (x[:1000], y[:1000]), (x[1000:], y[1000:]), config, seed=0, verbose=0)
     report = result.report
     removed = 1 - model_macs(result.model) / model_macs(dense)
-    assert report["macs_removed"] == pytest.approx(removed) and removed >= 0.4
-    assert report["macs_total"] == model_macs(dense)
+    assert report["budget"] == "macs" and report["budget_removed"] == pytest.approx(removed) and removed >= 0.4
+    assert report["budget_total"] == model_macs(dense)
     assert 0 < report["channels_removed"] < report["channels_total"]
+
+
+def test_macs_are_what_a_hand_count_of_the_layers_gives():
+    image, tokens = keras.Input((10, 10, 3)), keras.Input((7,), dtype="int32")
+    x = keras.layers.Conv2D(8, 3, strides=2, padding="same")(image)    # 5x5 positions x 3*3*3*8
+    x = keras.layers.PReLU()(x)                                        # scales: no MACs
+    x = keras.layers.DepthwiseConv2D(3)(x)                             # 3x3 positions x 3*3*8
+    x = keras.layers.Dense(4)(keras.layers.Flatten()(x))               # 72*4
+    t = keras.layers.Embedding(50, 6)(tokens)                          # a lookup: no MACs
+    t = keras.layers.GlobalAveragePooling1D()(keras.layers.Dense(5)(t))  # 7 tokens x 6*5
+    out = keras.layers.Dense(2)(keras.layers.Concatenate()([x, t]))    # 9*2
+    model = keras.Model([image, tokens], out)
+    assert model_macs(model) == 25 * 216 + 9 * 72 + 72 * 4 + 7 * 30 + 9 * 2

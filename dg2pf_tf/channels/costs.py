@@ -10,20 +10,25 @@ convolution that loses inputs and outputs loses their product), and the same
 integer arithmetic runs in numpy (the reference) and in TensorFlow ops
 (inside the training step, `ChannelCriterion` with a budget).
 
-MACs count convolutions (depthwise, separable and transposed ones too),
-`Dense` and `EinsumDense` layers, and every kernel inside a layer made of
-others (attention, recurrent cells: once per position of the layer's input;
-an unknown sequence length counts once, per token). Embedding lookups,
-biases, normalisation and activations cost nothing here.
+MACs count the kernels prunable layers multiply with: convolutions
+(depthwise, separable and transposed ones too; at the positions they write,
+transposed ones at those they read), `Dense` and `EinsumDense` layers, attention
+projections (at the query's or the key's and value's positions), recurrent
+kernels (once per step), and such kernels inside a layer made of others (once
+per position of its input). An unknown sequence length counts once (MACs per
+token). Embedding lookups, biases, normalisation, activations and the
+attention scores themselves cost nothing here.
 """
 
 import dataclasses
+import inspect
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from dg2pf_tf import _compat
+from dg2pf_tf.core import registry
 
 UNITS = {"channels": "channels", "macs": "MACs", "params": "parameters"}
 
@@ -52,8 +57,36 @@ _TRANSPOSED = (keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose, keras
 
 
 def _kernels(layer):
-    """The float weights of `layer` with two axes or more (kernels, not biases or scales)."""
-    return [v for v in layer.weights if len(v.shape) >= 2 and "float" in str(v.dtype)]
+    """The weights of `layer` and every layer inside it that multiply inputs: the
+    kernels a layer offers for pruning (`registry`), embedding tables aside (a lookup)."""
+    found = {}
+    for inner in [layer, *_compat.sublayers(layer, recursive=True)]:
+        if isinstance(inner, keras.layers.Embedding):
+            continue
+        found.update((id(w.variable), w.variable) for w in registry.prunable_weights(inner))
+    return list(found.values())
+
+
+def _per_position(tensor, layer, what):
+    """Positions of `tensor` ([batch, *positions, channels]); for a convolution they
+    must be known, elsewhere an unknown length counts once (MACs per token)."""
+    first = getattr(layer, "data_format", "channels_last") == "channels_first"
+    dims = _positions(tensor.shape, first)
+    if isinstance(layer, _SPATIAL + _TRANSPOSED):
+        return _count(dims, layer, what)
+    return int(np.prod([1 if d is None else d for d in dims], dtype=np.int64))
+
+
+def _attention_uses(node):
+    """`{id(kernel): uses}` of a MultiHeadAttention call: the query and output projections
+    once per query position, the key and value projections once per key and value position."""
+    layer = node.operation
+    bound = inspect.signature(layer.call).bind(*node.arguments.args, **node.arguments.kwargs)
+    query, value = bound.arguments["query"], bound.arguments["value"]
+    key = bound.arguments.get("key")
+    reads = ((layer.query_dense, query), (layer.key_dense, value if key is None else key),
+             (layer.value_dense, value), (layer.output_dense, query))
+    return {id(dense.kernel): _per_position(x, layer, "input") for dense, x in reads}
 
 
 def kernel_uses(model):
@@ -65,31 +98,33 @@ def kernel_uses(model):
     """
     uses = {}
 
-    def add(variables, count):
-        for variable in variables:
-            uses[id(variable)] = uses.get(id(variable), 0) + count
+    def add(counts):
+        for key, count in counts.items():
+            uses[key] = uses.get(key, 0) + count
 
     for node in _compat.graph_nodes(model) or ():
         layer = node.operation
         if not isinstance(layer, keras.layers.Layer) or not layer.weights:
             continue
         if _compat.graph_nodes(layer) is not None and isinstance(layer, keras.Model):
-            for key, count in kernel_uses(layer).items():
-                uses[key] = uses.get(key, 0) + count
+            try:
+                add(kernel_uses(layer))
+            except ValueError as error:
+                raise ValueError(f"Inside model '{layer.name}': {error} (a nested model needs a fixed input "
+                                 f"size of its own).") from None
             continue
-        first = getattr(layer, "data_format", "channels_last") == "channels_first"
-        if isinstance(layer, _SPATIAL):
-            shape = node.outputs[0].shape
-            add(_kernels(layer), _count(_positions(shape, first), layer, "output"))
-        elif isinstance(layer, _TRANSPOSED):
-            shape = node.input_tensors[0].shape
-            add(_kernels(layer), _count(_positions(shape, first), layer, "input"))
+        if type(layer) is keras.layers.MultiHeadAttention:
+            add(_attention_uses(node))
+            continue
+        kernels = _kernels(layer)
+        if isinstance(layer, (*_SPATIAL, keras.layers.TimeDistributed)):
+            count = _per_position(node.outputs[0], layer, "output")  # strided: where it writes
         elif node.input_tensors:
-            # Dense, EinsumDense and layers made of others: once per input position;
-            # an unknown sequence length counts once (MACs per token).
-            dims = node.input_tensors[0].shape[1:-1]
-            inside = {id(v): v for s in [layer, *_compat.sublayers(layer, recursive=True)] for v in _kernels(s)}
-            add(inside.values(), int(np.prod([1 if d is None else d for d in dims], dtype=np.int64)))
+            # Dense, EinsumDense, recurrent layers (once per step) and layers made of others.
+            count = _per_position(node.input_tensors[0], layer, "input")
+        else:
+            continue
+        add({id(v): count for v in kernels})
     return uses
 
 
