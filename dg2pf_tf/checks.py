@@ -32,6 +32,31 @@ def positive_int(name, value, *, none_ok=False):
     return value
 
 
+def positive_number(name, value, *, zero_ok=False):
+    """Returns `value` as a float if it is a number > 0 (>= 0 when `zero_ok`).
+
+    Raises ValueError naming the argument `name` and the value given.
+    """
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if not (number >= 0 if zero_ok else number > 0):
+        raise ValueError(f"`{name}` must be a number {'>= 0' if zero_ok else '> 0'}, got {value!r}.")
+    return number
+
+
+def check_schedule(schedule, classes):
+    """Returns `schedule` if it is None or an instance of `classes` (dg2pf_tf schedules).
+
+    Raises TypeError otherwise.
+    """
+    if schedule is not None and not isinstance(schedule, classes):
+        raise TypeError(
+            f"`schedule` must be a dg2pf_tf.schedules object (Linear, Polynomial, Constant), got {schedule!r}.")
+    return schedule
+
+
 def fitting_teacher(model, teacher):
     """Checks that `teacher` takes `model`'s inputs and gives outputs of its
     shapes (when both are built graphs; a subclassed model is checked as it runs).

@@ -148,6 +148,12 @@ def test_run_takes_a_run_config_and_refuses_unknown_settings_before_any_work():
     with pytest.raises(ValueError, match="`alpha` must be in"):
         dg2pf_tf.run(model, data, data, alpha=2.0)
     config = dg2pf_tf.RunConfig(structure="2:4")
-    assert (config.sparsity, config.floor) == (0.5, 0.0)
+    assert (config.sparsity, config.floor) == (None, None)  # the structure's defaults, when resolved
+    assert (config.resolved().sparsity, config.resolved().floor) == (0.5, 0.0)
     assert dataclasses.replace(config, patience=2).patience == 2
-    assert dg2pf_tf.RunConfig().sparsity == 0.9 and dg2pf_tf.RunConfig(structure="channel").floor == 0.5
+    # A config made for one structure serves another: no default of the first one is kept.
+    channels = dataclasses.replace(dg2pf_tf.RunConfig(pruning_epochs=5), structure="channel").resolved()
+    assert (channels.sparsity, channels.floor, channels.pruning_epochs) == (0.9, 0.5, 5)
+    assert dataclasses.replace(dg2pf_tf.RunConfig(structure="channel"), structure="2:4").resolved().floor == 0.0
+    with pytest.raises(ValueError, match="`learning_rate` must be a number > 0"):
+        dg2pf_tf.RunConfig(learning_rate=0)

@@ -32,10 +32,7 @@ class UpdateMasks(keras.callbacks.Callback):
 
     def __init__(self, schedule=None, *, scope=None, every_n_steps=None, verbose=0):
         super().__init__()
-        if schedule is not None and not isinstance(schedule, schedules.Schedule):
-            raise TypeError(
-                f"`schedule` must be a dg2pf_tf.schedules object, got {schedule!r}."
-            )
+        checks.check_schedule(schedule, schedules.Schedule)
         checks.positive_int("every_n_steps", every_n_steps, none_ok=True)
         self.schedule = schedule
         self.scope = None if scope is None else check_scope(scope)
@@ -57,7 +54,7 @@ class UpdateMasks(keras.callbacks.Callback):
         if self.schedule is None:
             raise ValueError(
                 "UpdateMasks has no schedule: the pruned model carries none. "
-                "Pass one, e.g. UpdateMasks(dg2pf_tf.core.schedules.Linear(0.9, 10))."
+                "Pass one, e.g. UpdateMasks(dg2pf_tf.schedules.Linear(0.9, 10))."
             )
         self._steps_per_epoch = (self.params or {}).get("steps")
 

@@ -10,7 +10,16 @@ import warnings
 import keras
 
 from dg2pf_tf import _compat
-from dg2pf_tf.checks import check_budget, check_model, check_scope, check_structure, floor_for, nm_pattern, sparsity_for
+from dg2pf_tf.checks import (
+    check_budget,
+    check_model,
+    check_schedule,
+    check_scope,
+    check_structure,
+    floor_for,
+    nm_pattern,
+    sparsity_for,
+)
 from dg2pf_tf.core import clone, masking, registry, schedules
 from dg2pf_tf.core.pruned_model import PrunedModel
 
@@ -193,12 +202,8 @@ def prune(
     check_model(model, "prune()")
     structure = check_structure(structure)
     check_budget(budget, structure)
-    if schedule is None:
+    if check_schedule(schedule, schedules.Schedule) is None:
         schedule = schedules.Linear(sparsity_for(structure, sparsity), pruning_epochs)
-    elif not isinstance(schedule, schedules.Schedule):
-        raise TypeError(
-            f"`schedule` must be a dg2pf_tf.schedules object (Linear, Polynomial, "
-            f"Constant), got {schedule!r}.")
     else:
         sparsity_for(structure, schedule.sparsity)  # an N:M pattern has one target
     check_scope(scope)

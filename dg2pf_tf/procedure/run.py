@@ -19,12 +19,14 @@ class RunConfig:
     """The settings that decide the result of `run()`, with their defaults.
 
     Every field is part of a checkpoint's fingerprint: a run resumes only with
-    all of them unchanged (how it executes may change: see `run`).
+    all of them unchanged (how it executes may change: see `run`). `sparsity`
+    and `floor` stay None until `resolved()` fills in the structure's defaults,
+    so a config made for one structure can be `dataclasses.replace`d into another.
 
     Attributes:
         sparsity: the target, in [0, 1): the share of prunable weights set to 0,
             or with structure 'channel' of channels (or of the `budget`);
-            default 0.9, and 1 - N/M (its only value) for an N:M pattern.
+            None: 0.9, and 1 - N/M (its only value) for an N:M pattern.
         pruning_epochs: epochs of the linear schedule (`s_e` in DG2PF).
         scope, floor, structure, budget: as in `dg2pf_tf.prune`: 'global' or
             'layer'; the ERK share each kernel keeps (default 1.0) or, for
@@ -52,7 +54,8 @@ class RunConfig:
             the model has BatchNorm layers).
         steps_per_epoch: at most this many steps per epoch (None: all batches).
 
-    Raises ValueError (or TypeError) for a bad value, as `prune` would.
+    Raises ValueError (or TypeError) for a bad value, as `prune` would: every
+    field but `task` (checked against the data) and `seed` is checked here.
     """
 
     sparsity: float = None
@@ -81,9 +84,9 @@ class RunConfig:
 
     def __post_init__(self):
         structure = checks.check_structure(self.structure)
-        fixed = {"structure": structure, "sparsity": checks.sparsity_for(structure, self.sparsity),
-                 "floor": checks.floor_for(structure, self.floor), "finetune": bool(self.finetune),
-                 "recovery": bool(self.recovery)}
+        checks.sparsity_for(structure, self.sparsity)
+        checks.floor_for(structure, self.floor)
+        fixed = {"structure": structure, "finetune": bool(self.finetune), "recovery": bool(self.recovery)}
         for name, value in fixed.items():
             object.__setattr__(self, name, value)
         checks.check_scope(self.scope)
@@ -94,9 +97,20 @@ class RunConfig:
             checks.positive_int(name, getattr(self, name))
         for name in ("steps_per_epoch", "mask_update_steps", "batch_size"):
             checks.positive_int(name, getattr(self, name), none_ok=True)
+        if self.recalibrate_bn not in ("auto", True, False):
+            raise ValueError(f"`recalibrate_bn` must be 'auto', True or False, got {self.recalibrate_bn!r}.")
+        for name in ("learning_rate", "finetune_learning_rate") + (("clipnorm",) if self.clipnorm is not None else ()):
+            checks.positive_number(name, getattr(self, name))
+        checks.positive_number("weight_decay", self.weight_decay, zero_ok=True)
         # Plain Python values: the fingerprint goes through JSON and back.
         for name in _FLOATS + (("clipnorm",) if self.clipnorm is not None else ()):
-            object.__setattr__(self, name, float(getattr(self, name)))
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, float(getattr(self, name)))
+
+    def resolved(self):
+        """This config with `sparsity` and `floor` set to the structure's defaults where None."""
+        return dataclasses.replace(self, sparsity=checks.sparsity_for(self.structure, self.sparsity),
+                                   floor=checks.floor_for(self.structure, self.floor))
 
 
 def run(model, train_data, validation_data, config=None, *, teacher=None, exclude=None, strategy=None,
@@ -155,7 +169,7 @@ def run(model, train_data, validation_data, config=None, *, teacher=None, exclud
     execution = Execution(strategy or tf.distribute.get_strategy(), list(callbacks or []),
                           1 if verbose == "auto" else int(verbose), steps_per_execution, bool(jit_compile),
                           backup_dir)
-    return Procedure(model, teacher, exclude, config, meaning, train, val, execution).run(started)
+    return Procedure(model, teacher, exclude, config.resolved(), meaning, train, val, execution).run(started)
 
 
 def _config(config, settings):
