@@ -269,9 +269,10 @@ def main(argv):
         print(f"{'channels (prunable groups)':<28}{report['channels_total']:>12,}"
               f"{report['channels_total'] - report['channels_removed']:>12,}")
         print(f"{'parameters (shrunk)':<28}{dense.count_params():>12,}{report['params_shrunk']:>12,}")
-    if "macs_removed" in report:
-        print(f"{'MACs':<28}{report['macs_total']:>12,}"
-              f"{round(report['macs_total'] * (1 - report['macs_removed'])):>12,}")
+    if "budget_removed" in report:
+        unit = {"macs": "MACs", "params": "parameters (budget)"}[report["budget"]]
+        print(f"{unit:<28}{report['budget_total']:>12,}"
+              f"{round(report['budget_total'] * (1 - report['budget_removed'])):>12,}")
     print(f"{'.keras file (bytes)':<28}{sizes['dense.keras']:>12,}{sizes['pruned.keras']:>12,}")
     print("images/s (with validation): " + ", ".join(f"{k} {v:,.1f}" for k, v in images_per_second.items()))
     if "model.tflite" in exported["files"]:

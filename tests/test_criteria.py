@@ -70,13 +70,21 @@ def test_zero_counts_are_exact_zeros_only_and_empty_arrays_count_none():
     assert reference.zero_fraction(np.zeros((0, 4))) == 0.0
 
 
-def test_every_device_criterion_keeps_the_criterion_protocol():
+@pytest.mark.parametrize("options", [{}, {"structure": "2:4"}, {"structure": "channel"},
+                                     {"structure": "channel", "budget": "macs"}], ids=str)
+def test_every_criterion_keeps_the_protocol_and_checks_masks_it_did_not_make(options):
     import dg2pf_tf
     from dg2pf_tf.core import masking
     from dg2pf_tf.criteria.protocol import Criterion
-    from helpers import gated_cnn
+    from helpers import gated_cnn, randomized
 
-    for options in ({}, {"structure": "2:4"}, {"structure": "channel"}, {"structure": "channel", "budget": "macs"}):
-        criterion = masking.mask_set(dg2pf_tf.prune(gated_cnn(), **options)).criterion()
-        assert isinstance(criterion, Criterion), options
-        assert criterion.max_level <= 1.0 and criterion.total > 0 and criterion.unit
+    pruned = dg2pf_tf.prune(randomized(gated_cnn()), **options)
+    criterion = masking.mask_set(pruned).criterion()
+    assert isinstance(criterion, Criterion)
+    level = 0.5  # 2:4 whole
+    dg2pf_tf.update_masks(pruned, level)
+    names = [t.path for t in pruned.targets]
+    masks = [m.numpy() for m in pruned.masks]
+    assert criterion.problem(masks, level, names) is None
+    assert 0 < criterion.realised(level) <= level + 1 / criterion.total  # counts round to the nearest
+    assert criterion.problem([np.ones_like(m) for m in masks], level, names)  # nothing pruned

@@ -58,8 +58,9 @@ def test_readme_examples_run_as_written(tmp_path, monkeypatch, capsys):
     assert namespace["result"].report["sparsity_prunable"] == pytest.approx(0.95, abs=1e-3)
     faster = namespace["faster"]  # half the MACs gone, as the shrunk model counts them
     from dg2pf_tf.channels.costs import model_macs
-    assert faster.report["macs_removed"] >= 0.5
-    assert model_macs(faster.model) == round(faster.report["macs_total"] * (1 - faster.report["macs_removed"]))
+    report = faster.report
+    assert report["budget"] == "macs" and report["budget_removed"] >= 0.5
+    assert model_macs(faster.model) == round(report["budget_total"] * (1 - report["budget_removed"]))
     assert model_macs(dg2pf_tf.shrink(namespace["fast"])) <= 0.5 * model_macs(namespace["model"])
     assert "prunable weights" in capsys.readouterr().out
     small, model = namespace["small"], namespace["model"]

@@ -391,3 +391,14 @@ def test_a_staged_directory_lands_whole_or_not_at_all(tmp_path):
     assert sorted(os.listdir(out)) == ["export.json", "model.tflite"]
     assert (out / "model.tflite").read_text() == "new"
     assert os.listdir(tmp_path) == ["export"]
+
+
+def test_a_checkpoint_from_before_the_budget_setting_still_resumes(tmp_path):
+    from dg2pf_tf.procedure.checkpoint import load, save
+
+    now = {"sparsity": 0.9, "budget": "channels", "replicas": 1}
+    save(tmp_path, {"fingerprint": {"sparsity": 0.9, "replicas": 1}, "state": {}}, {})
+    header, _ = load(tmp_path, now)
+    assert header["fingerprint"] == {"sparsity": 0.9, "replicas": 1}
+    with pytest.raises(checkpoint.CheckpointError, match="different run.*budget"):
+        load(tmp_path, {**now, "budget": "macs"})

@@ -14,7 +14,7 @@ and value projections, consumed by the output projection. The feed-forward
 units of KerasHub's `TransformerEncoder` are a group inside it.
 
 Weightless operations not known by type (`keras.ops` arithmetic, a Lambda)
-pass channels when running them shows they keep them apart (`channel_probe`).
+pass channels when running them shows they keep them apart (`probe`).
 A group that reaches anything else (a model output or input, a layer that
 mixes channels, an operation that fails the probe) stays dense, with the reason.
 Only this module and `prune.py` walk a model's graph.

@@ -189,7 +189,7 @@ def check_invariant(pruned, sparsity, source="the model"):
     with scope 'layer', channels, or a share of the cost) and, in hard mode,
     the masked weights are 0."""
     masks = [m.numpy() for m in pruned.masks]
-    problem = mask_set(pruned, source).criterion().problem(masks, sparsity)
+    problem = mask_set(pruned, source).criterion().problem(masks, sparsity, [t.path for t in pruned.targets])
     if problem:
         raise ValueError(f"Sparsity invariant broken in {source}: {problem}.")
     if float(pruned.hard.numpy()) != 1.0:

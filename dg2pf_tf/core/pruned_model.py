@@ -78,7 +78,7 @@ class PrunedModel(keras.Model):
             given none; it travels with the model through `.keras` files.
         scope: 'global' or 'layer', how masks allocate sparsity.
         floor: with scope 'global', the share of its Erdos-Renyi-kernel
-            allocation each weight keeps (see `criteria.magnitude_masks`);
+            allocation each weight keeps (see `reference.magnitude_masks`);
             with structure 'channel', of its uniform share each channel group keeps.
         structure: 'unstructured' (masks remove single weights) or 'channel'
             (whole channels of coupled groups, see `dg2pf_tf.channel_groups`).

@@ -1,4 +1,4 @@
-"""Channel masks on the device: the structured counterpart of `device_criteria.py`.
+"""Channel masks on the device: the structured counterpart of `magnitude.py`.
 
 Every channel of a prunable group (`graph.ChannelGroup`) is scored by the
 L2 norm of all the weights coupled to it (kernels, biases, BatchNorm
@@ -40,7 +40,7 @@ class ChannelCriterion:
         self._group_of = tf.constant(group_of, tf.int32)
         self._group_start = tf.constant(starts[group_of], tf.int32)
         self._sizes = tf.constant(self.sizes, tf.float64)
-        self.pairs = channel_pairs(groups, total)
+        self.pairs = channel_pairs(groups, starts, total)
         scored = [p for p in self.pairs if p.variable.trainable]
         self._scored = [(p.variable, p.axis, tf.constant(p.channel, tf.int32)) for p in scored]
         counts = np.zeros(total + 1)
@@ -126,9 +126,10 @@ class ChannelCriterion:
 
     def realised(self, level):
         """The share of channels removed at `level`: exact, from the group sizes; with a
-        cost budget `level` itself (the masks remove at least that share of the cost)."""
+        cost budget `level` (the masks remove at least that share of the cost), or
+        less where the floors allow no more."""
         if self.budget != "channels":
-            return float(level)
+            return min(float(level), self.most_saved(level))
         return self.removals(level) / max(1, self.total)
 
     def removed_flags(self, masks):
@@ -155,8 +156,9 @@ class ChannelCriterion:
         removed = np.concatenate([np.arange(n) < n - keep for n, keep in zip(self.sizes, keeps)])
         return 1.0 - self.costs.cost_numpy(removed) / self.costs.total_cost
 
-    def problem(self, masks, level):
-        """Why numpy `masks` are not what this criterion makes at `level`, or None."""
+    def problem(self, masks, level, names=None):
+        """Why numpy `masks` are not what this criterion makes at `level`, or None
+        (`names` of the masked weights: unused, channels are named by their count)."""
         if self.budget == "channels":
             found, expected = self.removed(masks), self.removals(level)
             return None if found == expected else (
@@ -168,16 +170,15 @@ class ChannelCriterion:
         return None
 
 
-def channel_pairs(groups, total):
-    """The `costs.Pair` of every (variable, axis) the slices of `groups` touch."""
+def channel_pairs(groups, starts, total):
+    """The `costs.Pair` of every (variable, axis) the slices of `groups` touch; group g's
+    channels are numbered from `starts[g]`, and `total` marks positions of none."""
     index = {}
-    starts = np.cumsum([0, *[g.size for g in groups][:-1]])
     for group, start in zip(groups, starts):
         for s in group.slices:
             key = (id(s.variable), s.axis)
             if key not in index:
-                index[key] = costs.Pair(s.variable, s.axis,
-                                                np.full(s.variable.shape[s.axis], total, np.int32))
+                index[key] = costs.Pair(s.variable, s.axis, np.full(s.variable.shape[s.axis], total, np.int32))
             index[key].channel[s.rows] = start + np.arange(group.size)[:, None]
     return list(index.values())
 

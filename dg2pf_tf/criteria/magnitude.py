@@ -1,7 +1,7 @@
-"""The magnitude masks of `criteria.py`, computed with TensorFlow ops where the weights live.
+"""The magnitude masks of `reference.py`, computed with TensorFlow ops where the weights live.
 
 No Keras and no host round trip: `DeviceCriterion.masks` runs inside a compiled
-function and returns exactly what `criteria.magnitude_masks` returns for the
+function and returns exactly what `reference.magnitude_masks` returns for the
 same weights (the same count `round(s*N)`, the same tie rule, the same ERK
 floor and per-layer scope); the tests hold the two against each other.
 
@@ -90,7 +90,7 @@ def erk_keep_counts(sizes, sums, keep):
 
 
 class DeviceCriterion:
-    """`criteria.magnitude_masks` for kernels of fixed shapes, in TensorFlow ops.
+    """`reference.magnitude_masks` for kernels of fixed shapes, in TensorFlow ops.
 
     Build it once per set of kernel shapes; call `masks(kernels, sparsity)`
     inside a `tf.function`. Models of fewer than `FLAT_BELOW` weights (or
@@ -140,23 +140,24 @@ class DeviceCriterion:
         """`(index, count)` for each mask that breaks a pattern: none for single weights."""
         return []
 
-    def problem(self, masks, level):
-        """Why numpy `masks` are not what this criterion makes at `level`, or None."""
+    def problem(self, masks, level, names):
+        """Why numpy `masks` (of the weights called `names`) are not what this
+        criterion makes at `level`, or None."""
         found, expected = self.removed(masks), self.removals(level)
         if found != expected:
             return f"the masks remove {found} {self.unit}, the target {level} needs {expected} of {self.total}"
         broken = self.pattern_problems(masks)
         if broken:
             index, blocks = broken[0]
-            return (f"{blocks} blocks of the mask of target {index} keep too many weights "
-                    f"({len(broken)} kernels so)")
+            return (f"the pattern is broken: {blocks} blocks of the mask of '{names[index]}' keep too many "
+                    f"weights ({len(broken)} kernels so)")
         return None
 
     # Python loops over kernels build the graph; autograph would only slow the
     # tracing down (it converts every branch function anew).
     @tf.autograph.experimental.do_not_convert
     def masks(self, kernels, sparsity):
-        """Float32 masks equal to `criteria.magnitude_masks(kernels, sparsity, scope, floor)`.
+        """Float32 masks equal to `reference.magnitude_masks(kernels, sparsity, scope, floor)`.
 
         `kernels` are tensors of the shapes given at construction; `sparsity`
         a scalar, cast to float64 as Python does.

@@ -1,11 +1,11 @@
-"""N:M masks on the device: the pattern-bound counterpart of `device_criteria.py`.
+"""N:M masks on the device: the pattern-bound counterpart of `magnitude.py`.
 
 In every block of M consecutive weights along a kernel's input axis, only the
 M - N smallest magnitudes may go (`candidates`); the global (or per-kernel)
 magnitude ranking of `DeviceCriterion` then removes `round(s * N)` weights
 among those candidates. So the linear schedule and weight recovery work as for
 single weights, and at s = 1 - N/M every block keeps exactly its N largest:
-the 2:4 pattern of sparse tensor cores. `criteria.nm_masks` is the numpy
+the 2:4 pattern of sparse tensor cores. `reference.nm_masks` is the numpy
 reference; the tests hold the two equal.
 """
 
@@ -18,7 +18,7 @@ from dg2pf_tf.criteria.window_search import abs_bits
 
 
 def candidates(kernel, axis, n, m):
-    """`criteria.nm_candidates` in TensorFlow ops: True for the m - n smallest
+    """`reference.nm_candidates` in TensorFlow ops: True for the m - n smallest
     magnitudes of each block of m along `axis`, ties to the earlier position."""
     shape = [int(d) for d in kernel.shape]
     # Blocks as axis 2 of [before, blocks, m, after]: no transposed copy.
@@ -36,7 +36,7 @@ def candidates(kernel, axis, n, m):
 class NMCriterion(DeviceCriterion):
     """Masks in an N:M pattern along each kernel's input axis (`axes`).
 
-    `masks(kernels, level)` equals `criteria.nm_masks(kernels, axes, level, n,
+    `masks(kernels, level)` equals `reference.nm_masks(kernels, axes, level, n,
     m, scope)`; levels above `max_level` (1 - n/m) act as `max_level`, and
     `MaskSet.update` refuses them. `options` go to `DeviceCriterion`.
 

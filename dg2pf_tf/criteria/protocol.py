@@ -36,5 +36,6 @@ class Criterion(typing.Protocol):
     def removed(self, masks):
         """How many weights or channels numpy `masks` remove."""
 
-    def problem(self, masks, level):
-        """Why numpy `masks` are not what this criterion makes at `level`, or None."""
+    def problem(self, masks, level, names):
+        """Why numpy `masks` (of the weights called `names`) are not what this criterion
+        makes at `level`, or None."""

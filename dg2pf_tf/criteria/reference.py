@@ -61,7 +61,7 @@ def magnitude_masks(weights, sparsity, scope="global", floor=0.0):
     `floor` times its Erdos-Renyi-kernel share, so no small layer is pruned
     away entirely at extreme sparsity; one threshold then ranks the rest.
     Returns a list of float32 masks. This is the reference: training computes
-    the same masks on the device (`device_criteria`).
+    the same masks on the device (`magnitude`).
     Raises ValueError for a bad `sparsity`, `scope` or `floor`.
     """
     sparsity = check_sparsity(sparsity)

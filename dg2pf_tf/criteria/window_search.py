@@ -12,10 +12,14 @@ magnitude" is found by counting. Two selections run together:
 
 Each selection keeps a window of magnitudes that should hold its answer,
 carried from the previous call (training moves the answer a little each
-step) or, the first time, read off a strided sample. One compiled pass over
-all kernels counts the magnitudes below and up to every window; a window that
-misses moves and widens, one that holds too many values halves, until every
-window holds its answer (`_step`). The values inside the windows (few) are
+step) or, the first time and after a jump of the rank (a schedule's next
+epoch), read off a strided sample. One compiled pass over all kernels counts
+the magnitudes below and up to every window; the counts prove a bracket that
+holds the answer, and the next window is a secant estimate inside it (where
+the answer would be if the values were spread evenly), a move past the edge
+of a carried window that missed, or, once an estimate has missed, half the
+bracket; until every window holds its answer and few values (`_step`). With
+an ERK floor, the global window stops at each kernel's settled reserve. The values inside the windows (few) are
 then gathered, by the blocks of `_BLOCK` weights the pass flagged, and sorted;
 that gives each answer value and how its ties split. Where ties split inside a
 kernel, one more pass finds the position that separates them. A last compiled

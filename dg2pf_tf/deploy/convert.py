@@ -2,7 +2,7 @@
 
 A stripped model is saved as a SavedModel and converted with
 `tf.lite.Optimize.EXPERIMENTAL_SPARSITY`; each sparse-encoded weight is then
-stored the way that is smallest and runs (see `litert_sparse`), and the file
+stored the way that is smallest and runs (see `sparse_tensors`), and the file
 is loaded in the default LiteRT interpreter (XNNPACK on) and checked against
 the Keras model: a file is never larger than its dense form.
 """

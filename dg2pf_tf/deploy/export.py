@@ -1,6 +1,6 @@
 """`export()`: what ships: a SavedModel and LiteRT files whose zeros take no space.
 
-The LiteRT files come from `litert_convert` (the conversion `deploy_report`
+The LiteRT files come from `convert` (the conversion `deploy_report`
 reads too): each sparse weight stored the way that is smallest and runs, never
 larger than its dense form, loaded and run in the default LiteRT interpreter
 (XNNPACK on) and checked against the Keras model before it is written.

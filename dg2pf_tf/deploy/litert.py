@@ -3,7 +3,7 @@
 No Keras here. Files are read and written with `ai_edge_litert.tools.flatbuffer_utils`
 (the object tree of `ai_edge_litert.schema_py_generated`, which names every
 operator, tensor type and option); the sparse weights inside are the business of
-`litert_sparse`, the padding rewrite of `litert_padding`.
+`sparse_tensors`, the padding rewrite of `padding`.
 """
 
 import dataclasses

@@ -1,7 +1,7 @@
 """Presets: which layers to prune for a given inference engine.
 
-    pruned = dg2pf_tf.prune(model, 0.9, exclude=dg2pf_tf.deploy.presets.xnnpack)
-    dg2pf_tf.run(model, train, val, sparsity=0.9, exclude=dg2pf_tf.deploy.presets.xnnpack)
+    pruned = dg2pf_tf.prune(model, 0.9, exclude=dg2pf_tf.presets.xnnpack)
+    dg2pf_tf.run(model, train, val, sparsity=0.9, exclude=dg2pf_tf.presets.xnnpack)
 """
 
 import keras

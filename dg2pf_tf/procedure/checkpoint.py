@@ -21,6 +21,9 @@ from dg2pf_tf.procedure import atomic
 
 FORMAT = "dg2pf_tf.checkpoint/1"
 STATE_FILE = "state.npz"
+# Settings added to the fingerprint after checkpoints were written without them, with the
+# value every earlier run had: such a checkpoint still resumes.
+ADDED_SINCE = {"budget": "channels"}
 DONE_FILE = "done.json"
 
 
@@ -62,10 +65,11 @@ def load(directory, fingerprint):
         raise CheckpointError(
             f"{path} is not a dg2pf_tf checkpoint (format {header.get('format')!r}). "
             f"Use another backup directory.")
-    theirs = header.get("fingerprint", {})
-    differ = sorted(k for k in set(theirs) | set(fingerprint) if theirs.get(k) != fingerprint.get(k))
+    # A checkpoint written before a setting existed ran with that setting's one value then.
+    theirs, ours = {**ADDED_SINCE, **header.get("fingerprint", {})}, {**ADDED_SINCE, **fingerprint}
+    differ = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
     if differ:
-        detail = ", ".join(f"{k}: {theirs.get(k)!r} there, {fingerprint.get(k)!r} now" for k in differ[:4])
+        detail = ", ".join(f"{k}: {theirs.get(k)!r} there, {ours.get(k)!r} now" for k in differ[:4])
         raise CheckpointError(
             f"The checkpoint {path} belongs to a different run ({detail}). Resume with the same "
             f"model and settings, or use another backup directory.")

@@ -318,8 +318,8 @@ class Procedure:
         counts = {"channels_removed": criterion.removed(masks), "channels_total": criterion.total,
                   "params_shrunk": final.count_params()}
         if criterion.costs is not None:
-            counts[f"{self.config.budget}_removed"] = criterion.saved_share(masks)
-            counts[f"{self.config.budget}_total"] = criterion.costs.total_cost
+            counts.update(budget=self.config.budget, budget_removed=criterion.saved_share(masks),
+                          budget_total=criterion.costs.total_cost)
         return counts
 
     def result(self, started):

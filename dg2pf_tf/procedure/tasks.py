@@ -119,9 +119,6 @@ def _matching(y, logits):
 class Binary(Task):
     name, metric = "binary", "accuracy"
 
-    def chance(self, outputs):
-        return 0.5, "yes and no"
-
     def logits(self, output, probabilities):
         output = ops.cast(output, "float32")
         if not probabilities:
