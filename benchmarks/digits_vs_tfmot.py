@@ -13,7 +13,8 @@ channels; tfmot has no channel pruning and is left out) and the rows also
 give the shrunk model's parameters; `--then_sparsity S` then prunes each
 shrunk model again, single weights to S inside the surviving channels
 (`run(small, structure="unstructured", sparsity=S, teacher=dense)`), rows
-"dg2pf+zeros" with the nonzero parameters left. With `--structure 2:4` both prune in the
+"dg2pf+zeros" with the nonzero parameters left; `--budget macs` (or params) makes the sparsity
+the share of the CNN's multiply-accumulates (or parameters) removed. With `--structure 2:4` both prune in the
 2:4 pattern: DG2PF on its schedule, tfmot with `sparsity_m_by_n=(2, 4)`, which
 applies the pattern from the first step (layers whose inputs are no multiple
 of 4 stay dense in both). Prints a table (mean, min, max test
@@ -22,7 +23,7 @@ vs sparsity.
 
 Run: python benchmarks/digits_vs_tfmot.py [--sparsities 0.9,0.95,0.98,0.99] [--seeds 4]
          [--ablation_sparsities 0.95,0.98] [--ablation_seeds 3] [--structure unstructured]
-         [--then_sparsity 0.9 (with --structure channel)]
+         [--then_sparsity 0.9 (with --structure channel)] [--budget channels|macs|params]
 """
 
 import argparse
@@ -114,6 +115,8 @@ def main():
     parser.add_argument("--then_sparsity", type=float, default=None,
                         help="with --structure channel: prune each shrunk model again to this "
                              "unstructured sparsity inside the surviving channels")
+    parser.add_argument("--budget", default="channels", choices=("channels", "macs", "params"),
+                        help="with --structure channel: what the sparsity is a share of")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "digits_vs_tfmot.json"))
     args = parser.parse_args()
     ablations = [a for a in args.ablations.split(",") if a]
@@ -122,11 +125,14 @@ def main():
         parser.error(f"unknown --ablations {unknown}; choose from {', '.join(ABLATIONS)}")
     if args.then_sparsity is not None and args.structure != "channel":
         parser.error("--then_sparsity prunes the survivors of channel pruning: add --structure channel")
+    if args.budget != "channels" and args.structure != "channel":
+        parser.error("--budget allocates whole channels: add --structure channel")
     import keras
     import numpy as np
     import tensorflow as tf
 
     import dg2pf_tf
+    from dg2pf_tf.channels.costs import model_macs
     from zoo.data import digits_splits
     from zoo.models import small_cnn
 
@@ -146,14 +152,15 @@ def main():
     def ours(method, sparsity, seed, model=dense, structure=args.structure, row_sparsity=None):
         """One DG2PF run from `model` (distilled from `dense`): its table row and its result."""
         start = time.perf_counter()
+        budget = args.budget if structure == "channel" else "channels"
         result = dg2pf_tf.run(model, (xtr, ytr), (xval, yval), sparsity=sparsity, pruning_epochs=10,
-                              seed=seed, verbose=0, structure=structure, teacher=dense,
+                              seed=seed, verbose=0, structure=structure, budget=budget, teacher=dense,
                               **ABLATIONS.get(method, {}))
         weights = result.model.get_weights()
         return {"sparsity": sparsity if row_sparsity is None else row_sparsity, "seed": seed,
                 "method": method, "accuracy": dg2pf_tf.evaluate(result.model, test)[0],
                 "epochs": sum(result.report["epochs"].values()),
-                "params": result.model.count_params(),
+                "params": result.model.count_params(), "macs": model_macs(result.model),
                 "nonzero": int(sum(np.count_nonzero(w) for w in weights)),
                 "seconds": time.perf_counter() - start}, result.model
 
@@ -181,7 +188,7 @@ def main():
                 record(ours(method, sparsity, seed)[0])
 
     print(f"\n{'sparsity':>8}  {'method':<12} {'seeds':>5} {'mean':>7} {'min':>7} {'max':>7} "
-          f"{'mean loss (pts)':>16} {'params':>8} {'nonzero':>8}")
+          f"{'mean loss (pts)':>16} {'params':>8} {'nonzero':>8} {'MACs':>9}")
     summary = []
     for sparsity in sorted({r["sparsity"] for r in results}):
         for method in ["dg2pf", "dg2pf+zeros", "tfmot", *ablations]:
@@ -195,14 +202,16 @@ def main():
                             "min": min(accs), "max": max(accs), "loss_points": 100 * (dense_acc - mean),
                             "worst_loss_points": 100 * (dense_acc - min(accs)),
                             "params": float(np.mean([r.get("params", dense.count_params()) for r in runs])),
-                            "nonzero": float(np.mean([r.get("nonzero", np.nan) for r in runs]))})
+                            "nonzero": float(np.mean([r.get("nonzero", np.nan) for r in runs])),
+                            "macs": float(np.mean([r.get("macs", model_macs(dense)) for r in runs]))})
             print(f"{sparsity:>8.2f}  {method:<12} {len(accs):>5} {mean:>7.4f} {min(accs):>7.4f} "
                   f"{max(accs):>7.4f} {100 * (dense_acc - mean):>16.2f} {summary[-1]['params']:>8.0f} "
-                  f"{summary[-1]['nonzero']:>8.0f}")
+                  f"{summary[-1]['nonzero']:>8.0f} {summary[-1]['macs']:>9,.0f}")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"command": "python benchmarks/digits_vs_tfmot.py " + " ".join(sys.argv[1:]),
-                   "dense": dense_acc, "dense_params": dense.count_params(), "runs": results,
+                   "dense": dense_acc, "dense_params": dense.count_params(), "dense_macs": model_macs(dense),
+                   "runs": results,
                    "summary": summary}, f, indent=2)
     import matplotlib
 

@@ -227,16 +227,14 @@ def _references(dense, x, y):
     """Copies of `dense` compiled with the optimizers of run()'s phases at its
     defaults (AdamW + clipping: gradual, distill, detached; SGD with momentum:
     finetune), each with an endless iterator over one batch."""
-    import inspect
-
     import tensorflow as tf
 
     import dg2pf_tf
 
-    d = {k: v.default for k, v in inspect.signature(dg2pf_tf.run).parameters.items()}
+    d = dg2pf_tf.RunConfig()
     optimizers = [
-        keras.optimizers.AdamW(d["learning_rate"], weight_decay=d["weight_decay"], clipnorm=d["clipnorm"]),
-        keras.optimizers.SGD(d["finetune_learning_rate"], momentum=0.9),
+        keras.optimizers.AdamW(d.learning_rate, weight_decay=d.weight_decay, clipnorm=d.clipnorm),
+        keras.optimizers.SGD(d.finetune_learning_rate, momentum=0.9),
     ]
     batches = tf.data.Dataset.from_tensors((x[:BATCH], y[:BATCH])).repeat()
     out = {}

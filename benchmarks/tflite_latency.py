@@ -41,7 +41,7 @@ def main():
 
     keras.utils.set_random_seed(0)
     dense = keras.applications.MobileNetV2(input_shape=(225, 225, 3), weights=None, classifier_activation=None)
-    pruned = dg2pf_tf.prune(dense, exclude=dg2pf_tf.deploy.presets.xnnpack)
+    pruned = dg2pf_tf.prune(dense, exclude=dg2pf_tf.presets.xnnpack)
     dg2pf_tf.update_masks(pruned, args.sparsity)
     x = np.random.default_rng(0).normal(size=(1, 225, 225, 3)).astype(np.float32)
     files = {}
