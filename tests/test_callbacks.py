@@ -61,7 +61,7 @@ def test_step_updates_raise_sparsity_within_an_epoch(data):
 
 def test_explicit_schedule_overrides_the_models(data):
     pruned = _compiled(dg2pf_tf.prune(mlp(), sparsity=0.9, pruning_epochs=4))
-    update = dg2pf_tf.UpdateMasks(dg2pf_tf.core.schedules.Constant(0.25), scope="layer")
+    update = dg2pf_tf.UpdateMasks(dg2pf_tf.schedules.Constant(0.25), scope="layer")
     history = pruned.fit(*data, epochs=1, verbose=0, callbacks=[update])
     assert history.history["sparsity"] == [pytest.approx(0.25, abs=1e-3)]
 

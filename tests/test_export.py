@@ -23,7 +23,7 @@ def digits_mlp():
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(256, activation="relu"),
                               keras.layers.Dense(128, activation="relu"), keras.layers.Dense(10)])
-    pruned = dg2pf_tf.prune(model, schedule=dg2pf_tf.core.schedules.Constant(0.9))
+    pruned = dg2pf_tf.prune(model, schedule=dg2pf_tf.schedules.Constant(0.9))
     pruned.compile(keras.optimizers.Adam(3e-3),
                    keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     pruned.fit(xtr, ytr, epochs=6, batch_size=64, verbose=0, callbacks=[dg2pf_tf.UpdateMasks()])
@@ -127,7 +127,7 @@ def _mobilenet(size):
 
 def test_xnnpack_preset_prunes_only_pointwise_convolutions():
     model = _mobilenet(32)
-    pruned = dg2pf_tf.prune(model, exclude=dg2pf_tf.deploy.presets.xnnpack)
+    pruned = dg2pf_tf.prune(model, exclude=dg2pf_tf.presets.xnnpack)
     kernels = [model.get_layer(r.layer) for r in dg2pf_tf.sparsity_summary(pruned).rows if r.pruned]
     assert kernels and all(isinstance(k, keras.layers.Conv2D) and k.kernel_size == (1, 1)
                            and not isinstance(k, keras.layers.DepthwiseConv2D) for k in kernels)
@@ -137,7 +137,7 @@ def test_xnnpack_preset_prunes_only_pointwise_convolutions():
 
 def test_deploy_report_finds_the_sparse_path_only_with_symmetric_explicit_padding(tmp_path):
     for size, explicit, expected in [(97, True, True), (97, False, False), (96, True, False)]:
-        pruned = dg2pf_tf.prune(_mobilenet(size), exclude=dg2pf_tf.deploy.presets.xnnpack)
+        pruned = dg2pf_tf.prune(_mobilenet(size), exclude=dg2pf_tf.presets.xnnpack)
         dg2pf_tf.update_masks(pruned, 0.9)
         report = dg2pf_tf.deploy_report(pruned, explicit_padding=explicit)
         assert report.sparse_path is expected, (size, explicit, report.verdict)
@@ -147,7 +147,7 @@ def test_deploy_report_finds_the_sparse_path_only_with_symmetric_explicit_paddin
             assert any("padding" in r.reason for r in report.rows if not r.sparse_path)
     # The exported file says the same as the model, and its padding rewrite keeps the outputs.
     x = np.random.default_rng(0).normal(size=(4, 97, 97, 3)).astype(np.float32)
-    pruned = dg2pf_tf.prune(_mobilenet(97), exclude=dg2pf_tf.deploy.presets.xnnpack)
+    pruned = dg2pf_tf.prune(_mobilenet(97), exclude=dg2pf_tf.presets.xnnpack)
     dg2pf_tf.update_masks(pruned, 0.9)
     model = dg2pf_tf.strip(pruned)
     dg2pf_tf.export(model, tmp_path / "e", explicit_padding=True, representative_data=x, verbose=0)

@@ -139,7 +139,7 @@ def test_export_records_the_pattern_and_refuses_a_broken_one(tmp_path):
     ({"floor": 0.5}, "`floor` has no meaning"),
     ({"structure": "4:4"}, "needs 1 <= N < M"),
     ({"structure": "2:4:8"}, "must be 'unstructured', 'channel' or an N:M"),
-    ({"schedule": dg2pf_tf.core.schedules.Linear(0.8, 2)}, "final sparsity is 1 - 2/4"),
+    ({"schedule": dg2pf_tf.schedules.Linear(0.8, 2)}, "final sparsity is 1 - 2/4"),
 ])
 def test_bad_pattern_arguments_are_refused(arguments, message):
     with pytest.raises(ValueError, match=message):

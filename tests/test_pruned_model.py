@@ -160,7 +160,7 @@ def test_pruned_model_round_trips_through_a_keras_file(tmp_path, images):
     for a, b in zip(loaded.weights, pruned.weights):
         assert a.path == b.path
         np.testing.assert_array_equal(a.numpy(), b.numpy())
-    assert loaded.schedule == dg2pf_tf.core.schedules.Linear(0.8, 5) and loaded.scope == "layer"
+    assert loaded.schedule == dg2pf_tf.schedules.Linear(0.8, 5) and loaded.scope == "layer"
     assert dg2pf_tf.update_masks(loaded, 0.7) == pytest.approx(0.7, abs=1e-2)
 
 
