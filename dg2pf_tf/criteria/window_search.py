@@ -16,11 +16,14 @@ step) or, the first time and after a jump of the rank (a schedule's next
 epoch), read off a strided sample. One compiled pass over all kernels counts
 the magnitudes below and up to every window; the counts prove a bracket that
 holds the answer, and the next window is a secant estimate inside it (where
-the answer would be if the values were spread evenly), a move past the edge
-of a carried window that missed, or, once an estimate has missed, half the
-bracket; until every window holds its answer and few values (`_step`). With
-an ERK floor, the global window stops at each kernel's settled reserve. The values inside the windows (few) are
-then gathered, by the blocks of `_BLOCK` weights the pass flagged, and sorted;
+the answer would be if the magnitudes were spread evenly), a move past the
+edge of a carried window that missed, or, once an estimate has missed far,
+half the bracket; until every window holds its answer and few values
+(`_step`). A sample's window that reaches past its largest value ends at twice
+that, so that counts bound a tail from the first pass. With an ERK floor, the
+global window stops at each kernel's settled reserve, and a kernel all
+reserved takes no part in it. The values inside the windows (few) are then
+gathered, by the rows of `_BLOCK` weights the pass flagged, and sorted;
 that gives each answer value and how its ties split. Where ties split inside a
 kernel, one more pass finds the position that separates them. A last compiled
 pass writes every mask. The graph holds a handful of operations per kernel and
@@ -34,6 +37,7 @@ import numpy as np
 import tensorflow as tf
 
 INT_MAX = 0x7FFFFFFF      # above the bits of every finite |w| (inf is 0x7F800000)
+_LARGEST = 0x7F7FFFFF     # the bits of the largest finite float32
 _BLOCK = 16               # weights per block (< 256, see `_count_pass`): the gather reads only flagged blocks
 _SAMPLE = 1 << 11         # strided sample of each kernel, for a first window
 _Z = 4.5                  # first window half-width, in standard deviations of the sample quantile
@@ -105,6 +109,20 @@ def _count_pass(flats, own_lo, own_hi, lo, tops, *, own=True, shared=True):
     return tf.reshape(tf.stack(counts), [m, 4]), [tf.concat(blocks[2 * i:2 * i + 2], 0) for i in range(m)]
 
 
+def _block_values(flat, ids):
+    """The `_BLOCK` values of each block `ids` of `flat` ([len(ids), _BLOCK]; past
+    its end, zeros), read as rows: many times faster than one value at a time."""
+    n = int(flat.shape[0])
+    full = n // _BLOCK
+    rest = tf.reshape(tf.pad(flat[full * _BLOCK:], [[0, (_BLOCK - n % _BLOCK) % _BLOCK]]), [-1, _BLOCK])
+    if not full:
+        return tf.broadcast_to(rest, [tf.size(ids), _BLOCK])
+    whole = tf.gather(tf.reshape(flat[:full * _BLOCK], [full, _BLOCK]), tf.minimum(ids, full - 1))
+    if n % _BLOCK == 0:
+        return whole
+    return tf.where((ids == full)[:, None], rest, whole)
+
+
 def _mask_pass(flats, cuts):
     """Masks: pruned where (value < t, or = t at a position < b) and (value < v, or
     = v at a position >= c), with (t, b, v, c) the rows of `cuts`."""
@@ -167,23 +185,37 @@ def _below_ceiling(search, ceiling):
     return search._replace(lo=clip(search.lo), hi=clip(search.hi), top=clip(search.top))
 
 
+def _magnitude(bits):
+    """The float64 magnitude of int64 `bits` (those of |w|; above the finite ones: the largest)."""
+    finite = tf.clip_by_value(bits, 0, _LARGEST)
+    return tf.cast(tf.bitcast(tf.cast(finite, tf.int32), tf.float32), tf.float64)
+
+
+def _bits(magnitude):
+    """The int64 bits of the float32 nearest float64 `magnitude` (clipped to the finite ones)."""
+    value = tf.cast(tf.clip_by_value(magnitude, 0.0, float(np.finfo(np.float32).max)), tf.float32)
+    return tf.cast(tf.bitcast(value, tf.int32), tf.int64)
+
+
 def _step(search, below, upto, inside, rank, crowded_at, want, patient=True):
     """The next `_Search` of every unfinished group, from the counts of its
-    window: values below `lo`, up to `hi`, and `inside` (uncapped: what a
-    gather would read).
+    window: values below `lo`, up to `hi`, and `inside` (what a gather would
+    read).
 
     A group is finished when `below < rank <= upto` and its window holds at
     most `crowded_at` values (or one value; or any number, once not `patient`:
     many ties take a bisection per bit to part, and the gather is exact at any
     size). Otherwise the counts shrink the
     bracket, and the next window is, in this order: the whole bracket, if it
-    holds few enough values; once an estimate has missed (values bunched, not
-    spread evenly: ties, exact zeros), half the bracket (from 0: zero alone);
+    holds few enough values; once an estimate has missed by more than its
+    window held (values bunched, not spread evenly: ties, exact zeros, a thin
+    tail), half the bracket (from 0: zero alone);
     past the edge that missed, four widths (or twice the distance the counts
     suggest) away, while that is short of the bracket's end and the bracket
     holds many values (a carried window that missed a little); else about
     `want` values (an eighth of a crowded window's at least) around where the
-    answer would be if the bracket's values were spread evenly (a secant step).
+    answer would be if the bracket's values were spread evenly (a secant step,
+    by magnitude within a few powers of two, else by bits).
     """
     lo, hi = search.lo, search.hi
     under, over = rank <= below, rank > upto
@@ -194,23 +226,32 @@ def _step(search, below, upto, inside, rank, crowded_at, want, patient=True):
     under_bottom = tf.where(over, upto, tf.where(under, search.under_bottom, below))
     top = tf.where(under, lo - 1, tf.where(over, search.top, hi))
     upto_top = tf.where(under, below, tf.where(over, search.upto_top, upto))
-    secant = search.secant & ~(search.guessed & missed)
+    # An estimate that missed by more than the values it held is not trusted
+    # again (values bunch there: ties, exact zeros, a thin tail).
+    gap = tf.where(under, below - rank + 1, rank - upto)
+    far = gap > tf.maximum(upto - below, tf.cast(want, tf.int64))
+    secant = search.secant & ~(search.guessed & missed & far)
     f64 = lambda x: tf.cast(x, tf.float64)  # noqa: E731
     clip = lambda x: tf.cast(tf.clip_by_value(x, f64(bottom), f64(top)), tf.int64)  # noqa: E731
     held = f64(upto_top - under_bottom)
     # Past the edge that missed, by the window's own density.
     width = f64(hi - lo + 1)
-    gap = f64(tf.where(under, below - rank + 1, rank - upto))
-    reach = tf.maximum(4.0 * width, 2.0 * gap * width / tf.maximum(f64(upto - below), 1.0) + width)
+    reach = tf.maximum(4.0 * width, 2.0 * f64(gap) * width / tf.maximum(f64(upto - below), 1.0) + width)
     past_lo = tf.where(under, clip(f64(lo) - reach), bottom)
     past_hi = tf.where(under, top, clip(f64(hi) + reach))
     short = missed & ((past_lo > bottom) | (past_hi < top)) & (held > _FEW * f64(crowded_at))
-    # A secant estimate in the bracket.
-    span = f64(top - bottom + 1)
-    at = f64(bottom) + (f64(rank - under_bottom) - 0.5) * span / tf.maximum(held, 1.0)
+    # A secant estimate in the bracket: by magnitude within a few powers of two
+    # (the bits' scale doubles at each, magnitudes spread smoothly), by bits
+    # across more (an outlier or no upper bound yet: the bits' log-like scale).
+    low, high = _magnitude(bottom), _magnitude(top)
+    linear = high <= 4.0 * low
+    low, high = tf.where(linear, low, f64(bottom)), tf.where(linear, high, f64(top))
+    at = low + (f64(rank - under_bottom) - 0.5) * (high - low) / tf.maximum(held, 1.0)
     values = tf.maximum(tf.where(crowded, f64(inside), held), 1.0)
-    half = tf.minimum(tf.maximum(0.5 * span * tf.maximum(want / values, 1.0 / _SHRINK), 1.0), span / 4.0)
-    guess_lo, guess_hi = clip(tf.floor(at - half)), clip(tf.math.ceil(at + half))
+    half = 0.5 * (high - low) * tf.minimum(tf.maximum(want / values, 1.0 / _SHRINK), 0.5)
+    to_bits = lambda x: tf.where(linear, f64(_bits(x)), x)  # noqa: E731
+    guess_lo, guess_hi = clip(tf.floor(to_bits(at - half))), clip(tf.math.ceil(to_bits(at + half)))
+    at = to_bits(at)
     # Halves of the bracket: the one that holds the estimate; zero alone first.
     middle = tf.where(bottom > 0, bottom + (top - bottom) // 2, 0)
     lower = (at <= f64(middle)) | (bottom == 0)
@@ -269,6 +310,13 @@ class _Memory:
         self.rank.assign(tf.where(solved, rank, self.rank))
 
 
+def _doubled(bits):
+    """The bits of twice the magnitude of `bits` (INT_MAX past the finite ones): a
+    window's end past the largest sampled value, where the counts start to bound
+    a tail (from INT_MAX, only halvings of the bits would)."""
+    return tf.where(bits < _LARGEST - (1 << 23), bits + (1 << 23), tf.constant(INT_MAX, tf.int64))
+
+
 def _weighted_window(values, weights, rank):
     """`(lo, hi)` ([1] int64) around where the cumulative `weights` of sorted sample
     `values` reach `rank`: `_Z` standard deviations of that count either side (a
@@ -282,7 +330,7 @@ def _weighted_window(values, weights, rank):
     at = tf.searchsorted(spent, tf.stack([rank - spread, rank + spread]), out_type=tf.int64)
     edge = lambda j: tf.cast(tf.gather(values, tf.clip_by_value(j, 0, count - 1)), tf.int64)  # noqa: E731
     lo = tf.where(at[0] <= 0, tf.constant(0, tf.int64), edge(at[0] - 1))
-    hi = tf.where(at[1] >= count, tf.constant(INT_MAX, tf.int64), edge(at[1]))
+    hi = tf.where(at[1] >= count, _doubled(edge(count - 1)), edge(at[1]))
     return lo[None], hi[None]
 
 
@@ -300,7 +348,7 @@ def _rank_window(rows, counts, totals, ranks):
     at = lambda j: tf.cast(tf.gather(rows, tf.clip_by_value(tf.cast(j, tf.int32), 0, width - 1),  # noqa: E731
                                      batch_dims=1), tf.int64)
     lo = tf.where(low < 0, tf.zeros_like(counts), at(low))
-    hi = tf.where(high >= n, tf.fill(tf.shape(counts), tf.constant(INT_MAX, tf.int64)), at(high))
+    hi = tf.where(high >= n, _doubled(at(n - 1)), at(high))
     return lo, hi
 
 
@@ -418,35 +466,52 @@ class WindowSearch:
         int32 = lambda x: tf.cast(x, tf.int32)  # noqa: E731
         count = self._counts[own, shared]
 
-        def body(rounds, own_search, search, *_):
+        def ends(own_search, search):
             # Where a kernel's free weights are known to end (its own window,
             # settled), values above count for nothing: the global window stops
-            # there, so the weights its caps reserve never crowd it.
+            # there, so the weights its caps reserve never crowd it; a kernel
+            # without free weights takes no part.
+            settled = own_active & own_search.done
+            return tf.where(caps <= 0, search.lo - 1,
+                            tf.where(settled, tf.clip_by_value(own_search.hi, search.lo - 1, search.hi), search.hi))
+
+        def body(rounds, own_search, search, *_):
             settled = own_active & own_search.done
             search = _below_ceiling(search, tf.reduce_max(tf.where(
                 caps > 0, tf.where(settled, own_search.hi, INT_MAX), -1)))
-            tops = tf.where(settled, tf.clip_by_value(own_search.hi, search.lo - 1, search.hi), search.hi)
+            tops = ends(own_search, search)
             counts, blocks = count(flats, int32(own_search.lo), int32(own_search.hi), int32(search.lo[0]),
                                    int32(tops))
             below_own, upto_own, below, upto = _counts(counts)
             patient = rounds < _PATIENCE
             own_search = _step(own_search, below_own, upto_own, upto_own - below_own, own_ranks,
                                int(self._own.target * _CROWDED), self._own.target * _WANT, patient)
+            # Crowded or not by the free values only: the reserved ones inside the
+            # own windows are gathered for those anyway.
             capped = lambda x: tf.reduce_sum(tf.minimum(caps, x), keepdims=True)  # noqa: E731
-            search = _step(search, capped(below), capped(upto), tf.reduce_sum(upto - below, keepdims=True),
+            search = _step(search, capped(below), capped(upto), capped(upto) - capped(below),
                            rank, int(self._global.target * _CROWDED), self._global.target * _WANT, patient)
             return rounds + 1, own_search, search, tops, counts, blocks
+
+        def searching(rounds, own_search, search, tops, counts, blocks):
+            # Once all are done, one more pass if own windows settled in the last
+            # one and the global window held many values above them: the gather
+            # would read those.
+            wide = tf.reduce_sum(tf.cast(counts[:, 3], tf.int64)) > _CROWDED * int(self._global.target)
+            stale = tf.reduce_any(tops != ends(own_search, search)) & wide & search.done[0]
+            return ~(tf.reduce_all(own_search.done) & tf.reduce_all(search.done)) | stale
 
         no_blocks = [tf.zeros([2, -(-int(n) // _BLOCK)], tf.bool) for n in self.sizes]
         start = (tf.constant(0), _Search.start(own_window, ~own_active, self.sizes),
                  _Search.start(window, ~global_active, tf.reduce_sum(caps, keepdims=True)),
                  tf.zeros([m], tf.int64), tf.zeros([m, 4], tf.int32), no_blocks)
         _, own_search, search, tops, counts, blocks = tf.while_loop(
-            lambda rounds, own_search, search, *_: ~(tf.reduce_all(own_search.done) & tf.reduce_all(search.done)),
-            body, start, maximum_iterations=_MAX_ROUNDS)
+            searching, body, start, maximum_iterations=_MAX_ROUNDS)
         tf.debugging.assert_equal(tf.reduce_all(own_search.done) & tf.reduce_all(search.done), True, message=(
             "dg2pf_tf: the device mask search did not converge; please report this."))
-        return (own_search.lo, own_search.hi), (search.lo, search.hi), tops, counts, blocks
+        # The values a gather takes end where the settled own windows end: the
+        # capped counts of the last pass stay those of these ends.
+        return (own_search.lo, own_search.hi), (search.lo, search.hi), ends(own_search, search), counts, blocks
 
     # -- the values inside the windows -------------------------------------------------
 
@@ -454,23 +519,25 @@ class WindowSearch:
         """The magnitudes inside the windows to gather (read from the flagged blocks only),
         in kernel and then position order: `(values, owners, positions, in_own, in_global)`.
         `window` is the global window's start and its end in each kernel."""
-        values, owners, positions = [], [], []
         use = tf.stack([use_own, tf.broadcast_to(use_global, tf.shape(use_own))], 1)
         edges = tf.stack([own_window[0], own_window[1], tf.broadcast_to(window[0], tf.shape(own_window[0])),
                           window[1]], 1)
-        for i, (flat, flags, wanted, edge) in enumerate(zip(flats, blocks, tf.unstack(use),
-                                                             tf.unstack(tf.cast(edges, tf.int32)))):
-            n = int(self.sizes[i])
-            starts = tf.cast(tf.where(tf.reduce_any(flags & wanted[:, None], axis=0))[:, 0], tf.int32) * _BLOCK
-            at = tf.reshape(starts[:, None] + tf.range(_BLOCK, dtype=tf.int32)[None, :], [-1])
-            found = abs_bits(tf.gather(flat, tf.minimum(at, n - 1)))
-            keep = (at < n) & (((found >= edge[0]) & (found <= edge[1]) & wanted[0])
-                               | ((found >= edge[2]) & (found <= edge[3]) & wanted[1]))
-            kept = tf.where(keep)[:, 0]
-            values.append(tf.gather(found, kept))
-            positions.append(tf.gather(at, kept))
-            owners.append(tf.fill(tf.shape(values[-1]), i))
-        values, owners, positions = (tf.cast(tf.concat(x, 0), tf.int64) for x in (values, owners, positions))
+        rows, ids = [], []
+        for flat, flags, wanted in zip(flats, blocks, tf.unstack(use)):
+            ids.append(tf.where(tf.reduce_any(flags & wanted[:, None], axis=0))[:, 0])
+            rows.append(_block_values(flat, ids[-1]))
+        # Once the flagged blocks are read, one set of operations for all kernels:
+        # each costs about as much to launch as a small kernel's work.
+        owners = tf.repeat(tf.range(len(flats), dtype=tf.int64), tf.stack([tf.size(x, tf.int64) for x in ids]))
+        ids = tf.concat(ids, 0)
+        bits = tf.cast(abs_bits(tf.concat(rows, 0)), tf.int64)
+        at = ids[:, None] * _BLOCK + tf.range(_BLOCK, dtype=tf.int64)[None, :]
+        edge, wanted = tf.gather(edges, owners), tf.gather(use, owners)
+        inside = lambda j: (bits >= edge[:, 2 * j, None]) & (bits <= edge[:, 2 * j + 1, None]) & wanted[:, j, None]  # noqa: E731
+        keep = tf.where(tf.reshape((at < tf.gather(tf.constant(self.sizes), owners)[:, None]) & (inside(0) | inside(1)),
+                                   [-1]))[:, 0]
+        values, positions = tf.gather(tf.reshape(bits, [-1]), keep), tf.gather(tf.reshape(at, [-1]), keep)
+        owners = tf.gather(owners, keep // _BLOCK)
         in_own = (tf.gather(use_own, owners) & (values >= tf.gather(own_window[0], owners))
                   & (values <= tf.gather(own_window[1], owners)))
         in_global = use_global[0] & (values >= window[0][0]) & (values <= tf.gather(window[1], owners))
@@ -480,10 +547,11 @@ class WindowSearch:
         """Keys `owner * 2**31 + value` of the selected values, sorted (stably: ties stay
         in position order), a sentinel last; the positions in the same order."""
         sentinel = tf.constant(len(self.sizes) << _SHIFT, tf.int64)
-        keys = tf.concat([tf.where(selected, tf.bitwise.left_shift(owners, _SHIFT) + values, sentinel),
-                          [sentinel]], 0)
+        # Only the selected ones: the other selection's values would be sorted for nothing.
+        keys = tf.concat([tf.boolean_mask(tf.bitwise.left_shift(owners, _SHIFT) + values, selected), [sentinel]], 0)
         order = tf.argsort(keys, stable=True)
-        return tf.gather(keys, order), tf.gather(tf.concat([positions, [0]], 0), order), sentinel
+        return tf.gather(keys, order), tf.gather(tf.concat([tf.boolean_mask(positions, selected), [0]], 0), order), \
+            sentinel
 
     def _base(self):
         return tf.bitwise.left_shift(tf.range(len(self.sizes), dtype=tf.int64), _SHIFT)
