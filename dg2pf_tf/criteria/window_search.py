@@ -44,9 +44,10 @@ _Z = 4.5                  # first window half-width, in standard deviations of t
 _TARGET = 4096            # values the carried windows of a call hold, in all
 _CROWDED = 16             # a window holding more than this many targets narrows before gathering
 _WANT = 4                 # a crowded window narrows to hold about this many targets
-_SHRINK = 8               # a guess keeps at least this share of a crowded window: 1 / 8
+_SHRINK = 128             # a guess keeps at least this share of a crowded window: 1 / 128
 _FEW = 64                 # a bracket holding fewer than this many crowded windows is searched by estimate
 _NEAR = 16               # a rank moved by more than this many targets starts from a sample
+_JUMP = 64                # ... or by more than this share of its values: 1 / 64
 _PATIENCE = 16            # rounds after which a window that holds the answer is narrow enough
 _MAX_ROUNDS = 96
 _SHIFT = 31               # sort keys: kernel index above the 31 bits of a magnitude
@@ -73,45 +74,55 @@ def _block_rows(flat):
     return tf.reshape(bits, [-1, _BLOCK]), pad
 
 
-def _count_pass(flats, own_lo, own_hi, lo, tops, *, own=True, shared=True):
+def _count_pass(flats, own_lo, own_hi, own_ranks, lo, tops, own_gathers, gathers, *, own=True, shared=True):
     """Per kernel: magnitudes below its own window, inside it, below the global one
     and inside it ([m, 4] int32); and per kernel, which blocks of `_BLOCK` weights
-    hold a value inside each window ([2, blocks] bool). The global window starts
-    at `lo` for all and ends at `tops[i]` in kernel i. A window switched off
-    (`own`, `shared`) is not counted: zeros.
+    hold a value inside a window to gather ([blocks] bool): kernel i's own one
+    where `own_gathers[i]`, the global one where `gathers`. The global window
+    starts at `lo` for all and ends at `tops[i]` in kernel i. A window switched
+    off (`own`, `shared`) is not counted: zeros.
 
     Every indicator (below a window, up to its top) of a block takes 8 bits of
     one int32, so one reduction over [blocks, _BLOCK] rows counts them all: XLA
     then reads the weights once (it does not fuse sibling reductions: one per
     count read them once each, 3x slower here)."""
-    own_lo, own_hi, tops = tf.unstack(own_lo), tf.unstack(own_hi), tf.unstack(tops)
+    own_lo, own_hi, own_ranks, tops, own_gathers = (
+        tf.unstack(x) for x in (own_lo, own_hi, own_ranks, tops, own_gathers))
     counts, blocks = [], []
     for i, flat in enumerate(flats):
         rows, pad = _block_rows(flat)
-        windows = [(low, high) for on, low, high in ((own, own_lo[i], own_hi[i]), (shared, lo, tops[i])) if on]
-        indicators = [edge for low, high in windows for edge in (rows < low, rows <= high)]
-        packed = tf.reduce_sum(tf.add_n([tf.cast(flag, tf.int32) * (1 << 8 * j)
-                                         for j, flag in enumerate(indicators)]), axis=1)
-        fields = iter(tf.bitwise.bitwise_and(tf.bitwise.right_shift(packed, 8 * j), 255)
-                      for j in range(len(indicators)))
-        found = iter(windows)
-        for on in (own, shared):
-            if not on:
-                counts += [tf.zeros([], tf.int32)] * 2
-                blocks.append(tf.zeros([1, int(rows.shape[0])], tf.bool))
-                continue
-            (_, high), below = next(found), next(fields)
-            inside = next(fields) - below
-            padded = pad * tf.cast(high >= INT_MAX, tf.int32)
-            counts += [tf.reduce_sum(below), tf.reduce_sum(inside) - padded]
-            blocks.append((inside > 0)[None])
-    m = len(flats)
-    return tf.reshape(tf.stack(counts), [m, 4]), [tf.concat(blocks[2 * i:2 * i + 2], 0) for i in range(m)]
+        edges = (([rows < own_lo[i], rows <= own_hi[i]] if own else [])
+                 + ([rows < lo, rows <= tops[i]] if shared else []))
+        packed = tf.reduce_sum(tf.add_n([tf.cast(edge, tf.int32) * (1 << 8 * j) for j, edge in enumerate(edges)]),
+                               axis=1)
+        fields = [tf.bitwise.bitwise_and(tf.bitwise.right_shift(packed, 8 * j), 255) for j in range(len(edges))]
+        flagged = tf.zeros([int(rows.shape[0])], tf.bool)
+        zero = tf.zeros([], tf.int32)
+        below_own = upto_own = zero
+        if own:
+            below, upto = fields[0], fields[1]
+            below_own = tf.reduce_sum(below)
+            upto_own = tf.reduce_sum(upto) - pad * tf.cast(own_hi[i] >= INT_MAX, tf.int32)
+            flagged |= (upto > below) & own_gathers[i]
+        counts += [below_own, upto_own - below_own]
+        if shared:
+            below, upto = fields[-2], fields[-1]
+            counts += [tf.reduce_sum(below), tf.reduce_sum(upto - below) - pad * tf.cast(tops[i] >= INT_MAX, tf.int32)]
+            if own:
+                # Where the own window holds the kernel's last free weight, the
+                # weights above its end are reserved: no gather needs them.
+                holds = (below_own < own_ranks[i]) & (own_ranks[i] <= upto_own) & (own_hi[i] < tops[i])
+                upto = tf.where(holds, fields[1], upto)
+            flagged |= (upto > below) & gathers
+        else:
+            counts += [zero, zero]
+        blocks.append(flagged)
+    return tf.reshape(tf.stack(counts), [len(flats), 4]), blocks
 
 
 def _block_values(flat, ids):
-    """The `_BLOCK` values of each block `ids` of `flat` ([len(ids), _BLOCK]; past
-    its end, zeros), read as rows: many times faster than one value at a time."""
+    """The `_BLOCK` values of each block `ids` (int32) of `flat` ([len(ids), _BLOCK];
+    past its end, zeros), read as rows: many times faster than one value at a time."""
     n = int(flat.shape[0])
     full = n // _BLOCK
     rest = tf.reshape(tf.pad(flat[full * _BLOCK:], [[0, (_BLOCK - n % _BLOCK) % _BLOCK]]), [-1, _BLOCK])
@@ -197,7 +208,7 @@ def _bits(magnitude):
     return tf.cast(tf.bitcast(value, tf.int32), tf.int64)
 
 
-def _step(search, below, upto, inside, rank, crowded_at, want, patient=True):
+def _step(search, below, upto, inside, rank, total, crowded_at, want, patient=True):
     """The next `_Search` of every unfinished group, from the counts of its
     window: values below `lo`, up to `hi`, and `inside` (what a gather would
     read).
@@ -227,10 +238,12 @@ def _step(search, below, upto, inside, rank, crowded_at, want, patient=True):
     top = tf.where(under, lo - 1, tf.where(over, search.top, hi))
     upto_top = tf.where(under, below, tf.where(over, search.upto_top, upto))
     # An estimate that missed by more than the values it held is not trusted
-    # again (values bunch there: ties, exact zeros, a thin tail).
+    # (values bunch there: ties, exact zeros, a thin tail) until a window that
+    # was not an estimate holds the answer: in a narrower bracket values spread
+    # more evenly.
     gap = tf.where(under, below - rank + 1, rank - upto)
     far = gap > tf.maximum(upto - below, tf.cast(want, tf.int64))
-    secant = search.secant & ~(search.guessed & missed & far)
+    secant = (search.secant | (~search.guessed & ~missed)) & ~(search.guessed & missed & far)
     f64 = lambda x: tf.cast(x, tf.float64)  # noqa: E731
     clip = lambda x: tf.cast(tf.clip_by_value(x, f64(bottom), f64(top)), tf.int64)  # noqa: E731
     held = f64(upto_top - under_bottom)
@@ -249,9 +262,18 @@ def _step(search, below, upto, inside, rank, crowded_at, want, patient=True):
     at = low + (f64(rank - under_bottom) - 0.5) * (high - low) / tf.maximum(held, 1.0)
     values = tf.maximum(tf.where(crowded, f64(inside), held), 1.0)
     half = 0.5 * (high - low) * tf.minimum(tf.maximum(want / values, 1.0 / _SHRINK), 0.5)
+    # Past the middle of the values they thin out like a normal's tail: there a
+    # second estimate takes the counts above as log-linear in the squared
+    # magnitude, and the window spans both.
+    above = lambda count: f64(total - count) + 0.5  # noqa: E731
+    share = tf.math.log(above(under_bottom) / above(rank)) / tf.maximum(
+        tf.math.log(above(under_bottom) / above(upto_top)), 1e-12)
+    tail_at = tf.sqrt(low * low + tf.clip_by_value(share, 0.0, 1.0) * (high * high - low * low))
+    tail = linear & (2 * rank > total)
+    first, last = tf.where(tail, tf.minimum(at, tail_at), at), tf.where(tail, tf.maximum(at, tail_at), at)
     to_bits = lambda x: tf.where(linear, f64(_bits(x)), x)  # noqa: E731
-    guess_lo, guess_hi = clip(tf.floor(to_bits(at - half))), clip(tf.math.ceil(to_bits(at + half)))
-    at = to_bits(at)
+    guess_lo, guess_hi = clip(tf.floor(to_bits(first - half))), clip(tf.math.ceil(to_bits(last + half)))
+    at = to_bits(0.5 * (first + last))
     # Halves of the bracket: the one that holds the estimate; zero alone first.
     middle = tf.where(bottom > 0, bottom + (top - bottom) // 2, 0)
     lower = (at <= f64(middle)) | (bottom == 0)
@@ -272,8 +294,13 @@ class _Memory:
     far it moved beyond what the change of rank explains (signed): where the next
     window starts."""
 
-    def __init__(self, groups, target):
+    def __init__(self, target, totals):
         self.target = float(target)
+        groups = len(totals)
+        # A move of the rank by more than this starts from a sample: a carried
+        # window would be widened by twice the move, past the values' end in a
+        # small kernel.
+        self.reach = np.minimum(_NEAR * self.target, np.asarray(totals) // _JUMP).astype(np.int64)
         with tf.init_scope():
             self.value = tf.Variable(tf.fill([groups], tf.constant(-1, tf.int64)), trainable=False)
             self.rank = tf.Variable(tf.zeros([groups], tf.int64), trainable=False)
@@ -284,12 +311,16 @@ class _Memory:
         """True for groups whose last answer is a good start for `rank`: one
         known, for a rank that moved by little (as a training step moves it,
         not as a jump of the schedule from one epoch to the next does)."""
-        return (self.value >= 0) & (tf.abs(rank - self.rank) <= int(_NEAR * self.target))
+        return (self.value >= 0) & (tf.abs(rank - self.rank) <= self.reach)
+
+    def known(self, rank, active):
+        """True for groups that need no sample: inactive, or `near` their last answer."""
+        return self.near(rank) | ~active
 
     def window(self, rank, active, fresh):
         """`(lo, hi)` around the last answers, moved by the change of rank; from
         `fresh()` (a sample) for active groups not `near` their last answer."""
-        known = self.near(rank) | ~active
+        known = self.known(rank, active)
         shift = tf.cast(rank - self.rank, tf.float64) / self.density
         # Training moves the answer about as far each step: expect that move again.
         half = self.target / 2.0 / self.density + 2.0 * tf.abs(shift) + 0.5 * tf.abs(self.drift)
@@ -376,12 +407,15 @@ class WindowSearch:
                                                    **options)
                         for own in (False, True) for shared in (False, True)}
         self._write = tf.function(_mask_pass, **options)
+        # Compiled, the gathers of all samples take one launch (not the sort: XLA's
+        # sorts these rows a few times slower here).
+        self._sample_bits = tf.function(self._strided, **options)
         self._sample_at = [np.unique(np.linspace(0, n - 1, min(int(n), _SAMPLE)).astype(np.int64))
                            for n in self.sizes]
         self._sample_counts = np.array([len(p) for p in self._sample_at], np.int64)
         m = len(self.sizes)
-        self._own = _Memory(m, max(256, _TARGET // max(m, 1)))
-        self._global = _Memory(1, _TARGET)
+        self._own = _Memory(max(256, _TARGET // max(m, 1)), self.sizes)
+        self._global = _Memory(_TARGET, [self.sizes.sum()])
 
     def masks(self, flats, *, own_ranks=None, descending=False, rank=None, caps=None):
         """Flat float32 masks of `flats`, 0 where pruned.
@@ -402,9 +436,15 @@ class WindowSearch:
         own_active = (own_ranks > 0) & (own_ranks < sizes)
         global_active = (rank > 0) & (rank < tf.reduce_sum(caps))
         empty = lambda k: (tf.ones([k], tf.int64), tf.zeros([k], tf.int64))  # noqa: E731
-        own_window = self._own.window(own_ranks, own_active, lambda: self._own_sample(flats, own_ranks)) \
+        # One sample for both selections, taken only when one of them jumped.
+        sampled = ~tf.reduce_all(self._global.known(rank, global_active))
+        if own:
+            sampled |= ~tf.reduce_all(self._own.known(own_ranks, own_active))
+        rows = tf.cond(sampled, lambda: self._samples(flats),
+                       lambda: tf.zeros([m, int(self._sample_counts.max())], tf.int32))
+        own_window = self._own.window(own_ranks, own_active, lambda: self._own_sample(rows, own_ranks)) \
             if own else empty(m)
-        window = self._global.window(rank, global_active, lambda: self._global_sample(flats, caps, rank))
+        window = self._global.window(rank, global_active, lambda: self._global_sample(rows, caps, rank))
         own_window, window, tops, counts, blocks = self._narrow(
             flats, own_ranks, own_active, own_window, caps, rank, global_active, window,
             own=own, shared=selects_globally)
@@ -432,20 +472,24 @@ class WindowSearch:
     # -- first windows, from samples -------------------------------------------------
 
     def _samples(self, flats):
-        """Sorted strided samples of every kernel's magnitudes, [m, width] padded with INT_MAX."""
+        """Sorted strided samples of every kernel's magnitudes, [m, width] padded with
+        the bits of inf."""
+        return tf.sort(self._sample_bits(flats), axis=-1)
+
+    def _strided(self, flats):
         width = int(self._sample_counts.max())
         rows = [tf.pad(tf.gather(f, p), [[0, width - len(p)]], constant_values=np.inf)
                 for f, p in zip(flats, self._sample_at)]
-        return tf.sort(abs_bits(tf.stack(rows)), axis=-1)
+        return abs_bits(tf.stack(rows))
 
-    def _own_sample(self, flats, ranks):
+    def _own_sample(self, rows, ranks):
         counts = tf.constant(self._sample_counts)
-        return _rank_window(self._samples(flats), counts, tf.constant(self.sizes), ranks)
+        return _rank_window(rows, counts, tf.constant(self.sizes), ranks)
 
-    def _global_sample(self, flats, caps, rank):
-        """A window for the global selection: each sample value stands for size/count
-        weights, and a capped kernel offers only the smallest share of its sample."""
-        rows = self._samples(flats)
+    def _global_sample(self, rows, caps, rank):
+        """A window for the global selection from the `_samples` rows: each sample
+        value stands for size/count weights, and a capped kernel offers only the
+        smallest share of its sample."""
         counts = tf.constant(self._sample_counts)
         share = tf.cast(caps, tf.float64) / tf.constant(self.sizes, tf.float64)
         offered = tf.cast(tf.math.ceil(tf.cast(counts, tf.float64) * share), tf.int64)
@@ -465,6 +509,7 @@ class WindowSearch:
         m = len(self.sizes)
         int32 = lambda x: tf.cast(x, tf.int32)  # noqa: E731
         count = self._counts[own, shared]
+        sizes = tf.constant(self.sizes)
 
         def ends(own_search, search):
             # Where a kernel's free weights are known to end (its own window,
@@ -480,33 +525,28 @@ class WindowSearch:
             search = _below_ceiling(search, tf.reduce_max(tf.where(
                 caps > 0, tf.where(settled, own_search.hi, INT_MAX), -1)))
             tops = ends(own_search, search)
-            counts, blocks = count(flats, int32(own_search.lo), int32(own_search.hi), int32(search.lo[0]),
-                                   int32(tops))
+            # The windows of the pass that ends the search are the ones gathered.
+            counts, blocks = count(flats, int32(own_search.lo), int32(own_search.hi), int32(own_ranks),
+                                   int32(search.lo[0]), int32(tops), own_active & (own_search.lo < own_search.hi),
+                                   global_active[0] & (search.lo[0] < search.hi[0]))
             below_own, upto_own, below, upto = _counts(counts)
             patient = rounds < _PATIENCE
-            own_search = _step(own_search, below_own, upto_own, upto_own - below_own, own_ranks,
+            own_search = _step(own_search, below_own, upto_own, upto_own - below_own, own_ranks, sizes,
                                int(self._own.target * _CROWDED), self._own.target * _WANT, patient)
             # Crowded or not by the free values only: the reserved ones inside the
             # own windows are gathered for those anyway.
             capped = lambda x: tf.reduce_sum(tf.minimum(caps, x), keepdims=True)  # noqa: E731
-            search = _step(search, capped(below), capped(upto), capped(upto) - capped(below),
-                           rank, int(self._global.target * _CROWDED), self._global.target * _WANT, patient)
+            search = _step(search, capped(below), capped(upto), capped(upto) - capped(below), rank, capped(sizes),
+                           int(self._global.target * _CROWDED), self._global.target * _WANT, patient)
             return rounds + 1, own_search, search, tops, counts, blocks
 
-        def searching(rounds, own_search, search, tops, counts, blocks):
-            # Once all are done, one more pass if own windows settled in the last
-            # one and the global window held many values above them: the gather
-            # would read those.
-            wide = tf.reduce_sum(tf.cast(counts[:, 3], tf.int64)) > _CROWDED * int(self._global.target)
-            stale = tf.reduce_any(tops != ends(own_search, search)) & wide & search.done[0]
-            return ~(tf.reduce_all(own_search.done) & tf.reduce_all(search.done)) | stale
-
-        no_blocks = [tf.zeros([2, -(-int(n) // _BLOCK)], tf.bool) for n in self.sizes]
+        no_blocks = [tf.zeros([-(-int(n) // _BLOCK)], tf.bool) for n in self.sizes]
         start = (tf.constant(0), _Search.start(own_window, ~own_active, self.sizes),
                  _Search.start(window, ~global_active, tf.reduce_sum(caps, keepdims=True)),
                  tf.zeros([m], tf.int64), tf.zeros([m, 4], tf.int32), no_blocks)
         _, own_search, search, tops, counts, blocks = tf.while_loop(
-            searching, body, start, maximum_iterations=_MAX_ROUNDS)
+            lambda rounds, own_search, search, *_: ~(tf.reduce_all(own_search.done) & tf.reduce_all(search.done)),
+            body, start, maximum_iterations=_MAX_ROUNDS)
         tf.debugging.assert_equal(tf.reduce_all(own_search.done) & tf.reduce_all(search.done), True, message=(
             "dg2pf_tf: the device mask search did not converge; please report this."))
         # The values a gather takes end where the settled own windows end: the
@@ -516,28 +556,29 @@ class WindowSearch:
     # -- the values inside the windows -------------------------------------------------
 
     def _gather(self, flats, own_window, use_own, window, use_global, blocks):
-        """The magnitudes inside the windows to gather (read from the flagged blocks only),
-        in kernel and then position order: `(values, owners, positions, in_own, in_global)`.
-        `window` is the global window's start and its end in each kernel."""
-        use = tf.stack([use_own, tf.broadcast_to(use_global, tf.shape(use_own))], 1)
-        edges = tf.stack([own_window[0], own_window[1], tf.broadcast_to(window[0], tf.shape(own_window[0])),
-                          window[1]], 1)
-        rows, ids = [], []
-        for flat, flags, wanted in zip(flats, blocks, tf.unstack(use)):
-            ids.append(tf.where(tf.reduce_any(flags & wanted[:, None], axis=0))[:, 0])
-            rows.append(_block_values(flat, ids[-1]))
-        # Once the flagged blocks are read, one set of operations for all kernels:
-        # each costs about as much to launch as a small kernel's work.
-        owners = tf.repeat(tf.range(len(flats), dtype=tf.int64), tf.stack([tf.size(x, tf.int64) for x in ids]))
-        ids = tf.concat(ids, 0)
-        bits = tf.cast(abs_bits(tf.concat(rows, 0)), tf.int64)
-        at = ids[:, None] * _BLOCK + tf.range(_BLOCK, dtype=tf.int64)[None, :]
-        edge, wanted = tf.gather(edges, owners), tf.gather(use, owners)
-        inside = lambda j: (bits >= edge[:, 2 * j, None]) & (bits <= edge[:, 2 * j + 1, None]) & wanted[:, j, None]  # noqa: E731
-        keep = tf.where(tf.reshape((at < tf.gather(tf.constant(self.sizes), owners)[:, None]) & (inside(0) | inside(1)),
-                                   [-1]))[:, 0]
-        values, positions = tf.gather(tf.reshape(bits, [-1]), keep), tf.gather(tf.reshape(at, [-1]), keep)
-        owners = tf.gather(owners, keep // _BLOCK)
+        """The magnitudes inside the windows to gather (read from the blocks the last
+        pass flagged), in kernel and then position order: `(values, owners,
+        positions, in_own, in_global)`. `window` is the global window's start and
+        its end in each kernel."""
+        ids = [tf.cast(tf.where(flags)[:, 0], tf.int32) for flags in blocks]
+        rows = [_block_values(flat, at) for flat, at in zip(flats, ids)]
+        # Once the blocks are read, one set of operations for all kernels: each
+        # costs about as much to launch as a small kernel's work.
+        owners = tf.repeat(tf.range(len(flats)), tf.stack([tf.size(x) for x in ids]))
+        ids, bits = tf.concat(ids, 0), abs_bits(tf.concat(rows, 0))
+        edges = tf.cast(tf.stack([own_window[0], own_window[1], tf.broadcast_to(window[0], tf.shape(use_own)),
+                                  window[1]], 1), tf.int32)
+        uses = tf.stack([use_own, tf.broadcast_to(use_global, tf.shape(use_own))], 1)
+        edge, use = tf.gather(edges, owners), tf.gather(uses, owners)
+        within = lambda j: (bits >= edge[:, 2 * j, None]) & (bits <= edge[:, 2 * j + 1, None]) & use[:, j, None]  # noqa: E731
+        keep = tf.where(tf.reshape(within(0) | within(1), [-1]))[:, 0]
+        row, column = keep // _BLOCK, keep % _BLOCK
+        owners = tf.cast(tf.gather(owners, row), tf.int64)
+        positions = tf.cast(tf.gather(ids, row), tf.int64) * _BLOCK + column
+        values = tf.cast(tf.gather(tf.reshape(bits, [-1]), keep), tf.int64)
+        # The last block of a kernel reaches past its end: those are not weights.
+        real = tf.where(positions < tf.gather(tf.constant(self.sizes), owners))[:, 0]
+        values, owners, positions = (tf.gather(x, real) for x in (values, owners, positions))
         in_own = (tf.gather(use_own, owners) & (values >= tf.gather(own_window[0], owners))
                   & (values <= tf.gather(own_window[1], owners)))
         in_global = use_global[0] & (values >= window[0][0]) & (values <= tf.gather(window[1], owners))
