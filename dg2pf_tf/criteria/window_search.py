@@ -220,13 +220,15 @@ def _step(search, below, upto, inside, rank, total, crowded_at, want, patient=Tr
     bracket, and the next window is, in this order: the whole bracket, if it
     holds few enough values; once an estimate has missed by more than its
     window held (values bunched, not spread evenly: ties, exact zeros, a thin
-    tail), half the bracket (from 0: zero alone);
-    past the edge that missed, four widths (or twice the distance the counts
-    suggest) away, while that is short of the bracket's end and the bracket
-    holds many values (a carried window that missed a little); else about
-    `want` values (an eighth of a crowded window's at least) around where the
-    answer would be if the bracket's values were spread evenly (a secant step,
-    by magnitude within a few powers of two, else by bits).
+    tail), and until a window that was not an estimate holds the answer, half
+    the bracket (from 0: zero alone); past the edge that missed, four widths
+    (or twice the distance the counts suggest) away, while that is short of the
+    bracket's end and the bracket holds many values (a carried window that
+    missed a little); else about `want` values (a 128th of a crowded window's
+    at least) around where the answer would be if the bracket's values were
+    spread evenly (a secant step, by magnitude within a few powers of two, else
+    by bits), widened past the middle of the `total` values to a second
+    estimate that takes them to thin out like a normal's tail.
     """
     lo, hi = search.lo, search.hi
     under, over = rank <= below, rank > upto
