@@ -64,17 +64,19 @@ def test_windows_carried_between_calls_stay_exact_as_weights_and_levels_move(sco
         assert _mismatches(expected, masks) == [0] * len(SHAPES), (step, level)
 
 
+@pytest.mark.parametrize("jit_compile", [False, True])
 @pytest.mark.parametrize("scope,floor", SETTINGS)
-def test_schedule_jumps_into_the_tails_of_normal_uniform_and_heavy_tailed_kernels_stay_exact(scope, floor):
+def test_schedule_jumps_into_the_tails_of_normal_uniform_and_heavy_tailed_kernels_stay_exact(scope, floor,
+                                                                                           jit_compile):
     # An epoch's jump of the level starts from a sample; with a floor, large
     # kernels' free weights end deep in their upper tail, where magnitudes thin
     # out (normal), stop at a bound (uniform) or straggle (Student's t).
     rng = np.random.default_rng(3)
-    shapes = [(512, 400), (3, 3, 64, 64), (1000,), (64, 10)]
-    criterion = magnitude.DeviceCriterion(shapes, scope, floor, jit_compile=False, flat=False)
+    shapes = [(512, 400), (3, 3, 64, 64), (1000,), (64, 10), (5,)]
+    criterion = magnitude.DeviceCriterion(shapes, scope, floor, jit_compile=jit_compile, flat=False)
     masks_of = tf.function(criterion.masks)
     draws = [lambda s: rng.normal(size=s), lambda s: rng.uniform(-1, 1, size=s),
-             lambda s: rng.standard_t(2, size=s), lambda s: rng.normal(size=s)]
+             lambda s: rng.standard_t(2, size=s), lambda s: rng.normal(size=s), lambda s: rng.normal(size=s)]
     weights = [draw(shape).astype(np.float32) for draw, shape in zip(draws, shapes)]
     for level in [0.09 * epoch for epoch in range(1, 11)] + [0.99, 0.5]:
         weights = [(w * (1 + rng.normal(scale=0.01, size=w.shape))).astype(np.float32) for w in weights]

@@ -47,8 +47,9 @@ _WANT = 4                 # a crowded window narrows to hold about this many tar
 _SHRINK = 128             # a guess keeps at least this share of a crowded window: 1 / 128
 _FEW = 64                 # a bracket holding fewer than this many crowded windows is searched by estimate
 _NEAR = 16               # a rank moved by more than this many targets starts from a sample
-_JUMP = 64                # ... or by more than this share of its values: 1 / 64
+_JUMP = 64                # ... or by more than this share of its values (1 / 64), past one target
 _PATIENCE = 16            # rounds after which a window that holds the answer is narrow enough
+_TRUSTING = 24            # rounds after which only halvings narrow: near misses could stall estimates
 _MAX_ROUNDS = 96
 _SHIFT = 31               # sort keys: kernel index above the 31 bits of a magnitude
 
@@ -78,9 +79,11 @@ def _count_pass(flats, own_lo, own_hi, own_ranks, lo, tops, own_gathers, gathers
     """Per kernel: magnitudes below its own window, inside it, below the global one
     and inside it ([m, 4] int32); and per kernel, which blocks of `_BLOCK` weights
     hold a value inside a window to gather ([blocks] bool): kernel i's own one
-    where `own_gathers[i]`, the global one where `gathers`. The global window
-    starts at `lo` for all and ends at `tops[i]` in kernel i. A window switched
-    off (`own`, `shared`) is not counted: zeros.
+    where `own_gathers[i]`, the global one where `gathers` (up to the own
+    window's end where that holds the kernel's `own_ranks[i]`-th value, its last
+    free one: the weights above are reserved). The global window starts at `lo`
+    for all and ends at `tops[i]` in kernel i. A window switched off (`own`,
+    `shared`) is not counted: zeros.
 
     Every indicator (below a window, up to its top) of a block takes 8 bits of
     one int32, so one reduction over [blocks, _BLOCK] rows counts them all: XLA
@@ -166,8 +169,8 @@ class _Search(typing.NamedTuple):
     """Where one selection stands, per group: the window `lo..hi` to count next;
     the bracket `bottom..top` that the counts proved to hold the answer, with
     the values below `bottom` (`under_bottom`) and up to `top` (`upto_top`);
-    `guessed`: the window is an estimate; `secant`: estimates are still trusted
-    (none has missed); `done`."""
+    `guessed`: the window is an estimate; `secant`: estimates are trusted (none
+    has missed far since a window that was not one held the answer); `done`."""
 
     lo: tf.Tensor
     hi: tf.Tensor
@@ -208,15 +211,16 @@ def _bits(magnitude):
     return tf.cast(tf.bitcast(value, tf.int32), tf.int64)
 
 
-def _step(search, below, upto, inside, rank, total, crowded_at, want, patient=True):
+def _step(search, below, upto, inside, rank, total, crowded_at, want, patient=True, trusting=True):
     """The next `_Search` of every unfinished group, from the counts of its
-    window: values below `lo`, up to `hi`, and `inside` (what a gather would
-    read).
+    window: values below `lo`, up to `hi`, and `inside` (the values that make it
+    crowded: all of them, or for the global window its free ones).
 
     A group is finished when `below < rank <= upto` and its window holds at
     most `crowded_at` values (or one value; or any number, once not `patient`:
     many ties take a bisection per bit to part, and the gather is exact at any
-    size). Otherwise the counts shrink the
+    size). After `trusting` ends, no estimate is made: halvings bound the
+    rounds left. Otherwise the counts shrink the
     bracket, and the next window is, in this order: the whole bracket, if it
     holds few enough values; once an estimate has missed by more than its
     window held (values bunched, not spread evenly: ties, exact zeros, a thin
@@ -245,7 +249,7 @@ def _step(search, below, upto, inside, rank, total, crowded_at, want, patient=Tr
     # more evenly.
     gap = tf.where(under, below - rank + 1, rank - upto)
     far = gap > tf.maximum(upto - below, tf.cast(want, tf.int64))
-    secant = (search.secant | (~search.guessed & ~missed)) & ~(search.guessed & missed & far)
+    secant = (search.secant | (~search.guessed & ~missed)) & ~(search.guessed & missed & far) & trusting
     f64 = lambda x: tf.cast(x, tf.float64)  # noqa: E731
     clip = lambda x: tf.cast(tf.clip_by_value(x, f64(bottom), f64(top)), tf.int64)  # noqa: E731
     held = f64(upto_top - under_bottom)
@@ -301,8 +305,8 @@ class _Memory:
         groups = len(totals)
         # A move of the rank by more than this starts from a sample: a carried
         # window would be widened by twice the move, past the values' end in a
-        # small kernel.
-        self.reach = np.minimum(_NEAR * self.target, np.asarray(totals) // _JUMP).astype(np.int64)
+        # small kernel (in one of a few hundred values, any window is cheap).
+        self.reach = np.clip(np.asarray(totals) // _JUMP, self.target, _NEAR * self.target).astype(np.int64)
         with tf.init_scope():
             self.value = tf.Variable(tf.fill([groups], tf.constant(-1, tf.int64)), trainable=False)
             self.rank = tf.Variable(tf.zeros([groups], tf.int64), trainable=False)
@@ -507,7 +511,8 @@ class WindowSearch:
                 own, shared):
         """Counts until every active window holds its answer and few values. Returns the
         windows, where the global one ends in each kernel (`tops`), the last counts
-        ([m, 4], as `_count_pass` gives them) and the blocks flagged for each window."""
+        ([m, 4], as `_count_pass` gives them) and, per kernel, the blocks the last
+        pass flagged for the gather."""
         m = len(self.sizes)
         int32 = lambda x: tf.cast(x, tf.int32)  # noqa: E731
         count = self._counts[own, shared]
@@ -532,21 +537,21 @@ class WindowSearch:
                                    int32(search.lo[0]), int32(tops), own_active & (own_search.lo < own_search.hi),
                                    global_active[0] & (search.lo[0] < search.hi[0]))
             below_own, upto_own, below, upto = _counts(counts)
-            patient = rounds < _PATIENCE
+            patient, trusting = rounds < _PATIENCE, rounds < _TRUSTING
             own_search = _step(own_search, below_own, upto_own, upto_own - below_own, own_ranks, sizes,
-                               int(self._own.target * _CROWDED), self._own.target * _WANT, patient)
+                               int(self._own.target * _CROWDED), self._own.target * _WANT, patient, trusting)
             # Crowded or not by the free values only: the reserved ones inside the
             # own windows are gathered for those anyway.
             capped = lambda x: tf.reduce_sum(tf.minimum(caps, x), keepdims=True)  # noqa: E731
             search = _step(search, capped(below), capped(upto), capped(upto) - capped(below), rank, capped(sizes),
-                           int(self._global.target * _CROWDED), self._global.target * _WANT, patient)
-            return rounds + 1, own_search, search, tops, counts, blocks
+                           int(self._global.target * _CROWDED), self._global.target * _WANT, patient, trusting)
+            return rounds + 1, own_search, search, counts, blocks
 
         no_blocks = [tf.zeros([-(-int(n) // _BLOCK)], tf.bool) for n in self.sizes]
         start = (tf.constant(0), _Search.start(own_window, ~own_active, self.sizes),
                  _Search.start(window, ~global_active, tf.reduce_sum(caps, keepdims=True)),
-                 tf.zeros([m], tf.int64), tf.zeros([m, 4], tf.int32), no_blocks)
-        _, own_search, search, tops, counts, blocks = tf.while_loop(
+                 tf.zeros([m, 4], tf.int32), no_blocks)
+        _, own_search, search, counts, blocks = tf.while_loop(
             lambda rounds, own_search, search, *_: ~(tf.reduce_all(own_search.done) & tf.reduce_all(search.done)),
             body, start, maximum_iterations=_MAX_ROUNDS)
         tf.debugging.assert_equal(tf.reduce_all(own_search.done) & tf.reduce_all(search.done), True, message=(
@@ -563,7 +568,8 @@ class WindowSearch:
         positions, in_own, in_global)`. `window` is the global window's start and
         its end in each kernel."""
         ids = [tf.cast(tf.where(flags)[:, 0], tf.int32) for flags in blocks]
-        rows = [_block_values(flat, at) for flat, at in zip(flats, ids)]
+        # Float32 rows (a no-op for float32 kernels): all kernels' are read as one.
+        rows = [tf.cast(_block_values(flat, at), tf.float32) for flat, at in zip(flats, ids)]
         # Once the blocks are read, one set of operations for all kernels: each
         # costs about as much to launch as a small kernel's work.
         owners = tf.repeat(tf.range(len(flats)), tf.stack([tf.size(x) for x in ids]))
