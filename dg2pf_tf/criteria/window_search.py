@@ -389,6 +389,14 @@ def _rank_window(rows, counts, totals, ranks):
     return lo, hi
 
 
+def _gathered(active, window):
+    """Which windows (`(lo, hi)` pairs or `_Search`es) have their values gathered:
+    active ones of more than one value (a single value's ties are parted by
+    `_tie_positions`). The last pass flags blocks for these."""
+    lo, hi = window[:2]
+    return active & (lo < hi)
+
+
 def _counts(counts):
     """`(below_own, upto_own, below, upto)` (int64 [m]) from `_count_pass` counts."""
     below_own, inside_own, below, inside = tf.unstack(tf.cast(counts, tf.int64), axis=1)
@@ -455,8 +463,8 @@ class WindowSearch:
             flats, own_ranks, own_active, own_window, caps, rank, global_active, window,
             own=own, shared=selects_globally)
         below_own, upto_own, below, upto = _counts(counts)
-        gathered = self._gather(flats, own_window, own_active & (own_window[0] < own_window[1]),
-                                (window[0], tops), global_active & (window[0] < window[1]), blocks)
+        gathered = self._gather(flats, own_window, _gathered(own_active, own_window), (window[0], tops),
+                                _gathered(global_active, window), blocks)
         value_own, *own_ties = self._own_answer(gathered, own_window, below_own, upto_own, own_ranks,
                                                  own_active, descending)
         value, *global_ties = self._global_answer(gathered, window, below, upto, caps, rank, global_active)
@@ -534,8 +542,8 @@ class WindowSearch:
             tops = ends(own_search, search)
             # The windows of the pass that ends the search are the ones gathered.
             counts, blocks = count(flats, int32(own_search.lo), int32(own_search.hi), int32(own_ranks),
-                                   int32(search.lo[0]), int32(tops), own_active & (own_search.lo < own_search.hi),
-                                   global_active[0] & (search.lo[0] < search.hi[0]))
+                                   int32(search.lo[0]), int32(tops), _gathered(own_active, own_search),
+                                   _gathered(global_active, search)[0])
             below_own, upto_own, below, upto = _counts(counts)
             patient, trusting = rounds < _PATIENCE, rounds < _TRUSTING
             own_search = _step(own_search, below_own, upto_own, upto_own - below_own, own_ranks, sizes,
@@ -578,19 +586,17 @@ class WindowSearch:
                                   window[1]], 1), tf.int32)
         uses = tf.stack([use_own, tf.broadcast_to(use_global, tf.shape(use_own))], 1)
         edge, use = tf.gather(edges, owners), tf.gather(uses, owners)
-        within = lambda j: (bits >= edge[:, 2 * j, None]) & (bits <= edge[:, 2 * j + 1, None]) & use[:, j, None]  # noqa: E731
-        keep = tf.where(tf.reshape(within(0) | within(1), [-1]))[:, 0]
+        within = [tf.reshape((bits >= edge[:, 2 * j, None]) & (bits <= edge[:, 2 * j + 1, None]) & use[:, j, None],
+                             [-1]) for j in range(2)]
+        keep = tf.where(within[0] | within[1])[:, 0]
         row, column = keep // _BLOCK, keep % _BLOCK
         owners = tf.cast(tf.gather(owners, row), tf.int64)
         positions = tf.cast(tf.gather(ids, row), tf.int64) * _BLOCK + column
         values = tf.cast(tf.gather(tf.reshape(bits, [-1]), keep), tf.int64)
+        in_own, in_global = (tf.gather(flags, keep) for flags in within)
         # The last block of a kernel reaches past its end: those are not weights.
         real = tf.where(positions < tf.gather(tf.constant(self.sizes), owners))[:, 0]
-        values, owners, positions = (tf.gather(x, real) for x in (values, owners, positions))
-        in_own = (tf.gather(use_own, owners) & (values >= tf.gather(own_window[0], owners))
-                  & (values <= tf.gather(own_window[1], owners)))
-        in_global = use_global[0] & (values >= window[0][0]) & (values <= tf.gather(window[1], owners))
-        return values, owners, positions, in_own, in_global
+        return tuple(tf.gather(x, real) for x in (values, owners, positions, in_own, in_global))
 
     def _sorted(self, values, owners, positions, selected):
         """Keys `owner * 2**31 + value` of the selected values, sorted (stably: ties stay
