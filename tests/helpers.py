@@ -112,3 +112,16 @@ def run_python(code, env=None, timeout=300):
     if done.returncode != 0:
         raise AssertionError(f"subprocess failed ({done.returncode}):\n{done.stderr[-4000:]}")
     return done.stdout
+
+
+def tiny_cnn(input_shape=(8, 8, 1), classes=10):
+    """Two convolutions with BatchNorm, a residual add, global pooling and a
+    linear head: the model of the fixtures in tests/fixtures/legacy."""
+    inputs = keras.Input(input_shape, name="image")
+    x = keras.layers.Conv2D(8, 3, padding="same", use_bias=False, name="conv1")(inputs)
+    x = keras.layers.ReLU(name="relu1")(keras.layers.BatchNormalization(name="bn1")(x))
+    y = keras.layers.Conv2D(8, 3, padding="same", name="conv2")(x)
+    x = keras.layers.Add(name="add")([x, keras.layers.BatchNormalization(name="bn2")(y)])
+    x = keras.layers.Conv2D(16, 1, name="conv3")(keras.layers.ReLU(name="relu2")(x))
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    return keras.Model(inputs, keras.layers.Dense(classes, name="logits")(x), name="tiny_cnn")
