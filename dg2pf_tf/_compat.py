@@ -4,6 +4,8 @@ Keeping them here is what lets the library follow Keras releases: when one of
 these moves, this file is the only one to change.
 """
 
+import dataclasses
+import inspect
 import sys
 
 import keras
@@ -62,22 +64,41 @@ def conv_lstm_cell_class():
     return ConvLSTMCell
 
 
+@dataclasses.dataclass(frozen=True)
+class LayerCall:
+    """One call of a layer (or operation) in a layer graph: the `operation`, its
+    symbolic `inputs` and `outputs`, and the `args` and `kwargs` it was called with
+    (symbolic tensors in place of values). Our own type, so that nothing outside this
+    module reads Keras' node objects."""
+
+    operation: object
+    inputs: tuple
+    outputs: tuple
+    args: tuple
+    kwargs: dict
+
+    def arguments(self):
+        """The call's arguments by the names of the operation's `call` parameters."""
+        return inspect.signature(self.operation.call).bind(*self.args, **self.kwargs).arguments
+
+
 def graph_nodes(model):
     """The layer calls of a Sequential or Functional `model` in execution order,
-    each with `.operation`, `.input_tensors`, `.outputs` and `.arguments`
-    (the call's `.args` and `.kwargs`); None for a model
-    that is not a layer graph (subclassed, or Sequential without an input).
+    as `LayerCall`s; None for a model that is not a layer graph (subclassed, or
+    Sequential without an input).
 
     Keras 3's public API lists a model's layers but not how they are
     connected; the calls are the private `_nodes_by_depth` of the graph (a
-    built Sequential keeps that graph in its private `_functional`).
+    built Sequential keeps that graph in its private `_functional`), each a
+    private `Node`.
     """
     graph = getattr(model, "_functional", None) if isinstance(model, keras.Sequential) else model
     by_depth = getattr(graph, "_nodes_by_depth", None)
     if by_depth is None:
         return None
-    return [node for depth in sorted(by_depth, reverse=True) for node in by_depth[depth]
-            if not node.is_input]
+    return [LayerCall(node.operation, tuple(node.input_tensors), tuple(node.outputs),
+                      tuple(node.arguments.args), dict(node.arguments.kwargs))
+            for depth in sorted(by_depth, reverse=True) for node in by_depth[depth] if not node.is_input]
 
 
 def kerashub_feedforward(layer):

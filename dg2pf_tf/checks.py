@@ -1,22 +1,13 @@
-"""Every argument check of the public functions, each with the message users see.
+"""The argument checks that several public functions share, each with the message users see.
 
-Keras-free but for `check_model` and `fitting_teacher`, which look at models.
+A check that only one function makes stays beside that function; structures and
+budgets are parsed in `settings`. Keras-free but for `check_model` and
+`fitting_teacher`, which look at models.
 """
 
 import keras
 
 SCOPES = ("global", "layer")
-# What a mask removes: single weights, whole channels of coupled groups, or
-# weights in an N:M pattern ('2:4': at most 2 nonzeros in every 4 inputs).
-STRUCTURES = ("unstructured", "channel", "N:M")
-# `floor=None` means: ERK floor 1.0 for weights; for channels, each group
-# keeps at least half its uniform share, so the ranking stays global. An N:M
-# pattern fixes every block's share, so it has no floor.
-DEFAULT_FLOORS = {"unstructured": 1.0, "channel": 0.5}
-DEFAULT_SPARSITY = 0.9
-_LARGEST_M = 64
-BUDGETS = ("channels", "macs", "params")
-
 
 
 def positive_int(name, value, *, none_ok=False):
@@ -104,64 +95,6 @@ def check_scope(scope):
     return scope
 
 
-def nm_pattern(structure):
-    """`(n, m)` of an N:M structure such as '2:4', else None. No checks."""
-    parts = structure.split(":") if isinstance(structure, str) else ()
-    if len(parts) == 2 and all(p.strip().isdigit() for p in parts):
-        return int(parts[0]), int(parts[1])
-    return None
-
-
-def check_structure(structure):
-    """Returns `structure`; raises ValueError unless it is 'unstructured',
-    'channel' or 'N:M' with 1 <= N < M <= 64 (e.g. '2:4')."""
-    pattern = nm_pattern(structure)
-    if pattern is not None:
-        n, m = pattern
-        if not 1 <= n < m <= _LARGEST_M:
-            raise ValueError(
-                f"`structure` {structure!r}: an N:M pattern keeps N of every M weights, so it "
-                f"needs 1 <= N < M <= {_LARGEST_M} (e.g. '2:4').")
-        return f"{n}:{m}"
-    if structure not in STRUCTURES[:2]:
-        raise ValueError(
-            f"`structure` must be 'unstructured', 'channel' or an N:M pattern such as '2:4', "
-            f"got {structure!r}.")
-    return structure
-
-
-def floor_for(structure, floor):
-    """`floor`, or the default for `structure` when it is None; checked.
-
-    Raises ValueError for a bad `floor`, or any floor but 0 with an N:M pattern.
-    """
-    structure = check_structure(structure)
-    if nm_pattern(structure) is None:
-        return check_floor(DEFAULT_FLOORS[structure] if floor is None else floor)
-    if floor not in (None, 0, 0.0):
-        raise ValueError(
-            f"`floor` has no meaning with structure {structure!r}: every block keeps the same "
-            f"share, so no layer can be emptied. Leave `floor` unset; got {floor!r}.")
-    return 0.0
-
-
-def sparsity_for(structure, sparsity, default=DEFAULT_SPARSITY):
-    """The target sparsity: `sparsity` (`default` when None); for an N:M
-    pattern 1 - N/M, the only target it has.
-
-    Raises ValueError for a bad `sparsity`, or one other than 1 - N/M with N:M.
-    """
-    pattern = nm_pattern(check_structure(structure))
-    if pattern is None:
-        return check_sparsity(default if sparsity is None else sparsity)
-    target = 1.0 - pattern[0] / pattern[1]
-    if sparsity is not None and abs(check_sparsity(sparsity) - target) > 1e-9:
-        raise ValueError(
-            f"With structure {structure!r} the final sparsity is 1 - {pattern[0]}/{pattern[1]} "
-            f"= {target:g}: leave `sparsity` unset or give {target:g}; got {sparsity!r}.")
-    return target
-
-
 def check_floor(floor):
     """Returns `floor` as a float; raises ValueError unless it is in [0, 1]."""
     try:
@@ -175,21 +108,6 @@ def check_floor(floor):
             f"global magnitude). Got {floor!r}."
         )
     return value
-
-
-def check_budget(budget, structure):
-    """Returns `budget`; raises ValueError for an unknown one, or one other than
-    'channels' with a structure other than 'channel'."""
-    if budget not in BUDGETS:
-        raise ValueError(
-            f"`budget` must be one of {BUDGETS} (what `sparsity` is a share of: channels, "
-            f"multiply-accumulates, or parameters), got {budget!r}.")
-    if budget != "channels" and structure != "channel":
-        raise ValueError(
-            f"`budget={budget!r}` allocates whole channels by what they cost, so it needs "
-            f"structure='channel' (got structure={structure!r}). Single weights and N:M "
-            f"patterns save no compute on a CPU; their `sparsity` counts weights.")
-    return budget
 
 
 def check_model(model, what):

@@ -20,23 +20,14 @@ token). Embedding lookups, biases, normalisation, activations and the
 attention scores themselves cost nothing here.
 """
 
-import dataclasses
-import inspect
-
 import keras
 import numpy as np
 import tensorflow as tf
 
-from dg2pf_tf import _compat
-from dg2pf_tf.core import registry
-
-UNITS = {"channels": "channels", "macs": "MACs", "params": "parameters"}
-
-
-def _positions(shape, channels_first=False):
-    """Positions of a [batch, *positions, channels] shape (None: refused by the caller)."""
-    inner = shape[2:] if channels_first else shape[1:-1]
-    return inner
+from dg2pf_tf import _compat, settings
+from dg2pf_tf.channels import graph
+from dg2pf_tf.model import layer_kinds, walk
+from dg2pf_tf.model.layer_kinds import Uses
 
 
 def _count(dims, layer, what):
@@ -50,43 +41,44 @@ def _count(dims, layer, what):
     return int(np.prod(dims, dtype=np.int64))
 
 
-_SPATIAL = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D,
-            keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D,
-            keras.layers.SeparableConv1D, keras.layers.SeparableConv2D)
-_TRANSPOSED = (keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose, keras.layers.Conv3DTranspose)
-
-
-def _kernels(layer):
-    """The weights of `layer` and every layer inside it that multiply inputs: the
-    kernels a layer offers for pruning (`registry`), embedding tables aside (a lookup)."""
-    found = {}
-    for inner in [layer, *_compat.sublayers(layer, recursive=True)]:
-        if isinstance(inner, keras.layers.Embedding):
-            continue
-        found.update((id(w.variable), w.variable) for w in registry.prunable_weights(inner))
-    return list(found.values())
-
-
-def _per_position(tensor, layer, what):
-    """Positions of `tensor` ([batch, *positions, channels]); for a convolution they
+def _per_position(tensor, layer, what, spatial):
+    """Positions of `tensor` ([batch, *positions, channels]); for a `spatial` layer they
     must be known, elsewhere an unknown length counts once (MACs per token)."""
     first = getattr(layer, "data_format", "channels_last") == "channels_first"
-    dims = _positions(tensor.shape, first)
-    if isinstance(layer, _SPATIAL + _TRANSPOSED):
+    dims = tensor.shape[2:] if first else tensor.shape[1:-1]
+    if spatial:
         return _count(dims, layer, what)
     return int(np.prod([1 if d is None else d for d in dims], dtype=np.int64))
 
 
-def _attention_uses(node):
+def _attention_uses(node, spatial):
     """`{id(kernel): uses}` of a MultiHeadAttention call: the query and output projections
     once per query position, the key and value projections once per key and value position."""
     layer = node.operation
-    bound = inspect.signature(layer.call).bind(*node.arguments.args, **node.arguments.kwargs)
-    query, value = bound.arguments["query"], bound.arguments["value"]
-    key = bound.arguments.get("key")
-    reads = ((layer.query_dense, query), (layer.key_dense, value if key is None else key),
-             (layer.value_dense, value), (layer.output_dense, query))
-    return {id(dense.kernel): _per_position(x, layer, "input") for dense, x in reads}
+    query, key, value = graph.attention_inputs(node)
+    reads = ((layer.query_dense, query), (layer.key_dense, key), (layer.value_dense, value),
+             (layer.output_dense, query))
+    return {id(dense.kernel): _per_position(x, layer, "input", spatial) for dense, x in reads}
+
+
+def _layer_uses(node):
+    """`{id(kernel): uses}` of one call of a layer with weights, by its kind's `Uses`
+    (a layer of no listed kind: its kernels once per position of its input)."""
+    layer = node.operation
+    kind = layer_kinds.kind_of(layer)
+    uses = Uses.INPUT_POSITIONS if kind is None else kind.uses
+    spatial = kind is not None and kind.spatial
+    if uses is Uses.ATTENTION and kind.follows(layer):  # a subclass may call with other arguments
+        return _attention_uses(node, spatial)
+    if uses is Uses.ATTENTION:
+        uses = Uses.INPUT_POSITIONS
+    if uses is Uses.OUTPUT_POSITIONS:
+        count = _per_position(node.outputs[0], layer, "output", spatial)  # strided: where it writes
+    elif node.inputs:
+        count = _per_position(node.inputs[0], layer, "input", spatial)
+    else:
+        return {}
+    return {id(v): count for v in walk.multiplying_kernels(layer)}
 
 
 def kernel_uses(model):
@@ -97,34 +89,20 @@ def kernel_uses(model):
     Raises ValueError where a convolution's positions have no fixed size.
     """
     uses = {}
-
-    def add(counts):
-        for key, count in counts.items():
-            uses[key] = uses.get(key, 0) + count
-
     for node in _compat.graph_nodes(model) or ():
         layer = node.operation
         if not isinstance(layer, keras.layers.Layer) or not layer.weights:
             continue
         if _compat.graph_nodes(layer) is not None and isinstance(layer, keras.Model):
             try:
-                add(kernel_uses(layer))
+                counts = kernel_uses(layer)
             except ValueError as error:
                 raise ValueError(f"Inside model '{layer.name}': {error} (a nested model needs a fixed input "
                                  f"size of its own).") from None
-            continue
-        if type(layer) is keras.layers.MultiHeadAttention:
-            add(_attention_uses(node))
-            continue
-        kernels = _kernels(layer)
-        if isinstance(layer, (*_SPATIAL, keras.layers.TimeDistributed)):
-            count = _per_position(node.outputs[0], layer, "output")  # strided: where it writes
-        elif node.input_tensors:
-            # Dense, EinsumDense, recurrent layers (once per step) and layers made of others.
-            count = _per_position(node.input_tensors[0], layer, "input")
         else:
-            continue
-        add({id(v): count for v in kernels})
+            counts = _layer_uses(node)
+        for key, count in counts.items():
+            uses[key] = uses.get(key, 0) + count
     return uses
 
 
@@ -135,41 +113,24 @@ def model_macs(model):
     return sum(uses.get(id(v), 0) * int(np.prod(v.shape, dtype=np.int64)) for v in model.weights)
 
 
-@dataclasses.dataclass(frozen=True)
-class Pair:
-    """An axis of a variable that carries channels: `channel[p]` is the channel
-    (0..total-1) at position p along it, `total` where none is."""
-
-    variable: object
-    axis: int
-    channel: np.ndarray
-
-
 class CostModel:
     """The exact cost of a model with some of its `total` channels removed.
 
-    `pairs` lists every (variable, axis) that carries channels of the prunable
-    groups; `budget` is 'macs' or 'params'. `cost(removed)` (TensorFlow, int64)
-    and `cost_numpy(removed)` give the model's cost with the channels flagged
-    in `removed` gone; `first_order` is what removing each channel alone saves.
-
-    Raises ValueError where MACs cannot be counted (see `kernel_uses`).
+    `factors` lists `(variable, uses)` for every weight the cost counts: its
+    entries are used `uses` times each per example. `pairs` (`criteria.channel.Pair`s)
+    list every (variable, axis) that carries channels of the prunable groups.
+    `cost(removed)` (TensorFlow, int64) and `cost_numpy(removed)` give the cost with
+    the channels flagged in `removed` gone; `first_order` is what removing each
+    channel alone saves; `budget` (a `settings.Budget`) says what is counted.
     """
 
-    def __init__(self, model, pairs, total, budget):
-        self.budget, self.unit = budget, UNITS[budget]
-        if budget == "macs":
-            uses = kernel_uses(model)
-            variables = [v for v in model.weights if uses.get(id(v))]
-            factor = [uses[id(v)] for v in variables]
-        else:
-            variables = list(model.weights)
-            factor = [1] * len(variables)
+    def __init__(self, factors, pairs, total, budget):
+        self.budget, self.unit = budget, budget.unit
         by_pair = {(id(p.variable), p.axis): i for i, p in enumerate(pairs)}
         self.sizes = np.array([len(p.channel) for p in pairs] + [1], np.int64)
-        width = max([1] + [sum((id(v), a) in by_pair for a in range(len(v.shape))) for v in variables])
+        width = max([1] + [sum((id(v), a) in by_pair for a in range(len(v.shape))) for v, _ in factors])
         slots, constants = [], []
-        for variable, uses in zip(variables, factor):
+        for variable, uses in factors:
             shape = [int(d) for d in variable.shape]
             mine = [by_pair[(id(variable), a)] for a in range(len(shape)) if (id(variable), a) in by_pair]
             rest = [d for a, d in enumerate(shape) if (id(variable), a) not in by_pair]
@@ -210,3 +171,25 @@ class CostModel:
             np.add.at(per_pair, self.slots[:, j], others)
             np.add.at(saved, self._channel, per_pair[self._pair])
         return np.maximum(saved[:total], 1.0)
+
+
+def _mac_factors(model):
+    uses = kernel_uses(model)
+    return [(v, uses[id(v)]) for v in model.weights if uses.get(id(v))]
+
+
+def _param_factors(model):
+    return [(v, 1) for v in model.weights]
+
+
+# What each budget counts, by its type.
+_FACTORS = {settings.MACs: _mac_factors, settings.Params: _param_factors}
+
+
+def cost_model(model, pairs, total, budget):
+    """The `CostModel` of `budget` (`settings.MACs` or `settings.Params`) for Sequential
+    or Functional `model`, whose prunable groups carry `total` channels along `pairs`.
+
+    Raises ValueError where MACs cannot be counted (see `kernel_uses`).
+    """
+    return CostModel(_FACTORS[type(budget)](model), pairs, total, budget)

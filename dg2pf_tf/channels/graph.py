@@ -17,18 +17,21 @@ Weightless operations not known by type (`keras.ops` arithmetic, a Lambda)
 pass channels when running them shows they keep them apart (`probe`).
 A group that reaches anything else (a model output or input, a layer that
 mixes channels, an operation that fails the probe) stays dense, with the reason.
-Only this module and `prune.py` walk a model's graph.
+Layers are found by `model.walk`; the calls that connect them are read through
+`_compat.graph_nodes` (here, by `costs` for what each call computes, and by `model.clone`).
 """
 
 import collections
 import dataclasses
-import inspect
+import functools
 
 import keras
 import numpy as np
 
 from dg2pf_tf import _compat
 from dg2pf_tf.channels import probe
+from dg2pf_tf.model import layer_kinds
+from dg2pf_tf.model.layer_kinds import Flow
 
 PRODUCES, PASSES, CONSUMES = "produces", "passes", "consumes"
 # Groups inside a layer, named for what they count.
@@ -257,10 +260,10 @@ def _joined(layout):
 
 
 def _opaque(why):
-    def rule(tracer, node):
+    def rule(tracer, node, kind=None):
         op = node.operation
         reason = f"read by '{op.name}' ({type(op).__name__}), {why}"
-        for t in node.input_tensors:
+        for t in node.inputs:
             tracer.block(tracer.layout(t), reason)
         for t in node.outputs:
             tracer.set(t, tracer.fresh(t, op.name, f"made by '{op.name}' ({type(op).__name__}), {why}"))
@@ -271,7 +274,7 @@ _UNKNOWN = _opaque("which is not known to keep channels apart")
 
 
 def _only_input(node):
-    return node.input_tensors[0]
+    return node.inputs[0]
 
 
 def _channels_last(layer):
@@ -290,63 +293,40 @@ def _project(tracer, layer, layout, kernel, axes, bias, size_key):
     return out
 
 
-def _projection(tracer, node):
+def _per_channel(layer, kind):
+    """`(variable, axis)` of `layer`'s weights that hold one entry per channel passing through."""
+    found = [(getattr(layer, name, None), axis) for name, axis in kind.per_channel]
+    return [(v, axis % len(v.shape)) for v, axis in found if v is not None]
+
+
+def _projection(tracer, node, kind):
     """Conv, Dense, EinsumDense and separable convolutions: consume the input's
-    channels, produce new ones. An activation that mixes channels (a softmax)
-    mixes only the new ones."""
+    channels (a separable convolution's depthwise step passes them first),
+    produce new ones. An activation that mixes channels (a softmax) mixes only
+    the new ones."""
     layer = node.operation
-    kernel, read, made, bias, key = _projection_axes(layer)
+    p = kind.projection(layer)
+    kernel = getattr(layer, p.kernel)
+    rank = len(kernel.shape)
+    bias = getattr(layer, p.bias, None) if p.bias else None
     layout = tracer.layout(_only_input(node))
-    depthwise = getattr(layer, "depthwise_kernel", None)  # a separable convolution's first step
-    if depthwise is not None:
-        tracer.add_slices(layout, depthwise, len(depthwise.shape) - 2, layer.name, PASSES)
-    out = _project(tracer, layer, layout, kernel, (read, made), bias, key)
-    if _mixing_activation(layer, kernel.shape[made]):
+    for variable, axis in _per_channel(layer, kind):
+        tracer.add_slices(layout, variable, axis, layer.name, PASSES)
+    out = _project(tracer, layer, layout, kernel, (p.read % rank, p.made % rank), bias, p.size_key)
+    if _mixing_activation(layer, kernel.shape[p.made]):
         tracer.block(out, f"made by '{layer.name}' ({type(layer).__name__}), whose activation "
                           "mixes channels")
     tracer.set(node.outputs[0], out)
 
 
-def _projection_axes(layer):
-    """`(kernel, read, made, bias, size_key)` of a projecting layer: the kernel
-    that makes channels, its axes that read and make them, the bias of the
-    made channels (or None), and the config entry that counts them."""
-    if isinstance(layer, keras.layers.EinsumDense):
-        read, made, biased = einsum_axes(layer)
-        return layer.kernel, read, made, layer.bias if biased else None, "output_shape"
-    kernel = getattr(layer, "pointwise_kernel", None)
-    kernel = layer.kernel if kernel is None else kernel
-    rank = len(kernel.shape)
-    key = "units" if isinstance(layer, keras.layers.Dense) else "filters"
-    return kernel, rank - 2, rank - 1, getattr(layer, "bias", None), key
-
-
-def einsum_axes(layer):
-    """`(read, made, bias)`: the kernel axes of EinsumDense `layer` that read
-    its input's last axis and make its output's last axis, and whether its
-    bias runs along the output's last axis; None if the equation does not
-    work that way (an ellipsis there, or channels carried past the kernel)."""
-    inputs, out = layer.equation.replace(" ", "").split("->")
-    source, kernel = inputs.split(",")
-    read, made = source[-1:], out[-1:]
-    if "." in kernel + read + made or read not in kernel or read in out or made not in kernel \
-            or made in source:
-        return None
-    return kernel.index(read), kernel.index(made), made in (layer.bias_axes or "")
-
-
-def _attention(tracer, node):
+def _attention(tracer, node, kind):
     """MultiHeadAttention: query, key and value projections consume their
     inputs' channels and make `num_heads` heads, which the output projection
     consumes (a head is all its query, key and value columns, and its rows of
     the output kernel); the output projection makes new channels."""
     layer = node.operation
-    bound = inspect.signature(layer.call).bind(*node.arguments.args, **node.arguments.kwargs)
-    query, value = bound.arguments["query"], bound.arguments["value"]
-    key = bound.arguments.get("key")
-    key = value if key is None else key
-    reads = [(layer.query_dense, query), (layer.key_dense, key), (layer.value_dense, value)]
-    for t in node.input_tensors:
+    reads = list(zip((layer.query_dense, layer.key_dense, layer.value_dense), attention_inputs(node)))
+    for t in node.inputs:
         if not any(t is x for _, x in reads):
             tracer.block(tracer.layout(t), f"read by '{layer.name}' (MultiHeadAttention) as a mask")
     heads = (_Block((tracer.space(layer.num_heads, layer.name),)),)
@@ -362,7 +342,15 @@ def _attention(tracer, node):
     tracer.set(node.outputs[0], out)
 
 
-def _feedforward(tracer, node):
+def attention_inputs(node):
+    """`(query, key, value)`: the tensors a MultiHeadAttention call (`node`) reads
+    with its query, key and value projections (the key is the value when not given)."""
+    given = node.arguments()
+    key = given.get("key")
+    return given["query"], given["value"] if key is None else key, given["value"]
+
+
+def _feedforward(tracer, node, kind):
     """KerasHub's TransformerEncoder: its width stays dense (its
     LayerNormalizations mix it); its feed-forward units are a group inside it.
     Its heads are not: it sizes each as the width over `num_heads`."""
@@ -381,46 +369,16 @@ def _feedforward(tracer, node):
         tracer.block(units, where + "whose feed-forward kernels are not plain variables")
 
 
-def _attention_problem(layer):
-    """Why MultiHeadAttention `layer`'s heads cannot be followed, or None."""
-    config = layer.get_config()
-    if config.get("use_gate"):
-        return "a gated MultiHeadAttention"
-    shape = config.get("output_shape")
-    if shape is not None and not isinstance(shape, int) and len(shape) != 1:
-        return "a MultiHeadAttention with a multi-dimensional output_shape"
-    kernels = (layer.query_dense, layer.key_dense, layer.value_dense, layer.output_dense)
-    if any(not isinstance(d.kernel, keras.Variable) or len(d.kernel.shape) != 3 for d in kernels):
-        return "a MultiHeadAttention whose kernels are not plain 3-D variables"
-    return None
-
-
-def _pass(variables):
-    """Per-channel layers: the output has the input's channels; `variables(layer)`
-    lists `(variable, channel axis)` of the layer's per-channel weights."""
-    def rule(tracer, node):
-        layout = tracer.layout(_only_input(node))
-        per_channel = variables(node.operation)
-        if per_channel and any(b.repeat > 1 for b in layout):
-            return _opaque("whose weights see flattened channels")(tracer, node)
-        for variable, axis in per_channel:
-            tracer.add_slices(layout, variable, axis, node.operation.name, PASSES)
-        tracer.set(node.outputs[0], layout)
-    return rule
-
-
-def _no_weights(layer):
-    return []
-
-
-def _batchnorm_weights(layer):
-    return [(v, 0) for v in (layer.gamma, layer.beta, layer.moving_mean, layer.moving_variance)
-            if v is not None]
-
-
-def _depthwise_weights(layer):
-    found = [(layer.kernel, len(layer.kernel.shape) - 2)]
-    return found + ([(layer.bias, 0)] if getattr(layer, "bias", None) is not None else [])
+def _pass(tracer, node, kind):
+    """Per-channel layers: the output has the input's channels; the layer's
+    per-channel weights (`kind.per_channel`) go with them."""
+    layout = tracer.layout(_only_input(node))
+    per_channel = _per_channel(node.operation, kind)
+    if per_channel and any(b.repeat > 1 for b in layout):
+        return _opaque("whose weights see flattened channels")(tracer, node)
+    for variable, axis in per_channel:
+        tracer.add_slices(layout, variable, axis, node.operation.name, PASSES)
+    tracer.set(node.outputs[0], layout)
 
 
 def _boundaries(block):
@@ -431,11 +389,11 @@ def _boundaries(block):
     return edges
 
 
-def _merge(tracer, node):
+def _merge(tracer, node, kind=None):
     """Elementwise merges (and, with one input, elementwise operations): inputs
     of one channel broadcast; the others' channels are tied one to one (split
     where their groups are cut differently)."""
-    layouts = [tracer.layout(t) for t in node.input_tensors]
+    layouts = [tracer.layout(t) for t in node.inputs]
     wide = [l for l in layouts if sum(b.width * b.repeat for b in l) > 1]
     if not wide:
         return tracer.set(node.outputs[0], layouts[0])
@@ -450,15 +408,15 @@ def _merge(tracer, node):
     tracer.set(node.outputs[0], wide[0])
 
 
-def _concatenate(tracer, node):
+def _concatenate(tracer, node, kind):
     rank = len(node.outputs[0].shape)
     if node.operation.axis not in (-1, rank - 1):
         return _merge(tracer, node)
-    layouts = [tracer.layout(t) for t in node.input_tensors]
+    layouts = [tracer.layout(t) for t in node.inputs]
     tracer.set(node.outputs[0], tuple(b for l in layouts for b in l))
 
 
-def _flatten(tracer, node):
+def _flatten(tracer, node, kind):
     x = _only_input(node)
     layout = tracer.layout(x)
     if len(x.shape) <= 2:
@@ -469,7 +427,7 @@ def _flatten(tracer, node):
     tracer.set(node.outputs[0], (_Block(tuple(s for b in layout for s in b.spaces), positions),))
 
 
-def _reshape(tracer, node):
+def _reshape(tracer, node, kind):
     """Only reshapes that add or drop dimensions of size 1 keep channels in place."""
     x, y = _only_input(node), node.outputs[0]
     if x.shape[-1] == y.shape[-1] and all(d == 1 for d in (*x.shape[1:-1], *y.shape[1:-1])):
@@ -488,70 +446,62 @@ def _mixing_activation(layer, channels):
     return activation in known or not probe.elementwise(activation, channels or 2)
 
 
-def _rule(node):
-    """The rule for one layer call, chosen by the layer's type and settings,
-    else by probing a weightless one. Subclasses of the producing layers may
-    compute anything: they are opaque."""
-    L, layer = keras.layers, node.operation
-    if _compat.kerashub_feedforward(layer) is not None:
-        return _feedforward
+_FLOWS = {Flow.PROJECTS: _projection, Flow.PASSES: _pass, Flow.MERGES: _merge,
+          Flow.CONCATENATES: _concatenate, Flow.FLATTENS: _flatten, Flow.RESHAPES: _reshape,
+          Flow.ATTENDS: _attention, Flow.FEEDFORWARD: _feedforward}
+
+
+def _problem(layer, kind, node):
+    """Why a call of `layer`, of a `kind` that `follows` it, cannot be followed, or None."""
+    if kind.flow is Flow.FEEDFORWARD:
+        return None
     if not _channels_last(layer):
-        return _opaque("which is channels_first")
-    if type(layer) in _PROJECTIONS:
-        if getattr(layer, "groups", 1) != 1:
-            return _opaque("a grouped convolution")
-        if getattr(layer, "depth_multiplier", 1) != 1:
-            return _opaque("a separable convolution with depth_multiplier > 1")
-        kernels = [getattr(layer, n) for n in ("kernel", "depthwise_kernel", "pointwise_kernel")
-                   if hasattr(layer, n)]
-        if not all(isinstance(k, keras.Variable) for k in kernels):
-            return _opaque("whose kernel is not a plain variable (LoRA or quantized)")
-        if type(layer) is L.EinsumDense and einsum_axes(layer) is None:
-            return _opaque("whose equation moves channels")
-        return _projection
-    if _mixing_activation(layer, _only_input(node).shape[-1] if node.input_tensors else None):
-        return _opaque("whose activation mixes channels")
-    if type(layer) is L.MultiHeadAttention:
-        problem = _attention_problem(layer)
-        return _opaque(problem) if problem else _attention
-    if isinstance(layer, (L.DepthwiseConv1D, L.DepthwiseConv2D)):
-        if layer.depth_multiplier != 1:
-            return _opaque("a depthwise convolution with depth_multiplier > 1")
-        return _pass(_depthwise_weights)
-    if isinstance(layer, L.BatchNormalization):
-        if layer.axis not in (-1, len(_only_input(node).shape) - 1):
-            return _opaque("which normalises another axis")
-        return _pass(_batchnorm_weights)
-    for kinds, rule in _TABLE:
-        if isinstance(layer, kinds):
-            return rule
-    return _merge if probe.keeps_channels_apart(node) else _UNKNOWN
+        return "which is channels_first"
+    if getattr(layer, "groups", 1) != 1:
+        return "a grouped convolution"
+    if getattr(layer, "depth_multiplier", 1) != 1:
+        return f"a {type(layer).__name__} with depth_multiplier > 1"
+    if not all(isinstance(getattr(layer, name), keras.Variable) for name in kind.prunable if hasattr(layer, name)):
+        return "whose kernel is not a plain variable (LoRA or quantized)"
+    if kind.flow is Flow.PROJECTS:
+        return "whose equation moves channels" if kind.projection(layer) is None else None
+    if _mixing_activation(layer, _only_input(node).shape[-1] if node.inputs else None):
+        return "whose activation mixes channels"
+    if kind.flow is Flow.ATTENDS:
+        return _attention_problem(layer)
+    axis = getattr(layer, "axis", None) if kind.per_channel else None
+    if axis is not None and axis not in (-1, len(_only_input(node).shape) - 1):
+        return "which normalises another axis"
+    return None
 
 
-def _pass_types():
-    L = keras.layers
-    return (L.ReLU, L.LeakyReLU, L.ELU, L.Dropout, L.SpatialDropout1D, L.SpatialDropout2D,
-            L.SpatialDropout3D, L.GaussianNoise, L.GaussianDropout, L.AlphaDropout,
-            L.ZeroPadding1D, L.ZeroPadding2D, L.ZeroPadding3D, L.Cropping1D, L.Cropping2D,
-            L.Cropping3D, L.UpSampling1D, L.UpSampling2D, L.UpSampling3D,
-            L.MaxPooling1D, L.MaxPooling2D, L.MaxPooling3D, L.AveragePooling1D,
-            L.AveragePooling2D, L.AveragePooling3D, L.GlobalAveragePooling1D,
-            L.GlobalAveragePooling2D, L.GlobalAveragePooling3D, L.GlobalMaxPooling1D,
-            L.GlobalMaxPooling2D, L.GlobalMaxPooling3D, L.Identity, L.ActivityRegularization,
-            L.Activation)
+def _attention_problem(layer):
+    """Why MultiHeadAttention `layer`'s heads cannot be followed, or None."""
+    config = layer.get_config()
+    if config.get("use_gate"):
+        return "a gated MultiHeadAttention"
+    shape = config.get("output_shape")
+    if shape is not None and not isinstance(shape, int) and len(shape) != 1:
+        return "a MultiHeadAttention with a multi-dimensional output_shape"
+    kernels = (layer.query_dense, layer.key_dense, layer.value_dense, layer.output_dense)
+    if any(not isinstance(d.kernel, keras.Variable) or len(d.kernel.shape) != 3 for d in kernels):
+        return "a MultiHeadAttention whose kernels are not plain 3-D variables"
+    return None
 
 
-_PROJECTIONS = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D, keras.layers.Dense,
-                keras.layers.EinsumDense, keras.layers.SeparableConv1D, keras.layers.SeparableConv2D)
-
-_TABLE = (
-    (_pass_types(), _pass(_no_weights)),
-    ((keras.layers.Add, keras.layers.Subtract, keras.layers.Multiply, keras.layers.Average,
-      keras.layers.Maximum, keras.layers.Minimum), _merge),
-    ((keras.layers.Concatenate,), _concatenate),
-    ((keras.layers.Flatten,), _flatten),
-    ((keras.layers.Reshape,), _reshape),
-)
+def _rule(node):
+    """The rule for one layer call, from the layer's kind (`layer_kinds`) and
+    settings; a weightless operation of no listed kind is probed."""
+    layer = node.operation
+    kind = layer_kinds.kind_of(layer)
+    if kind is None or kind.flow is None or not kind.follows(layer):
+        if not _channels_last(layer):
+            return _opaque("which is channels_first")
+        if _mixing_activation(layer, _only_input(node).shape[-1] if node.inputs else None):
+            return _opaque("whose activation mixes channels")
+        return _merge if probe.keeps_channels_apart(node) else _UNKNOWN
+    problem = _problem(layer, kind, node)
+    return _opaque(problem) if problem else functools.partial(_FLOWS[kind.flow], kind=kind)
 
 
 def channel_groups(model):

@@ -26,7 +26,7 @@ def keeps_channels_apart(node):
     op = node.operation
     if getattr(op, "weights", None) or len(node.outputs) != 1 or _makes_masks(op):
         return False
-    tensors, out = node.input_tensors, node.outputs[0]
+    tensors, out = node.inputs, node.outputs[0]
     channels = out.shape[-1] if len(out.shape) >= 2 else None
     if not channels or channels < 2 or not tensors:
         return False
@@ -98,7 +98,7 @@ def _call(node, values, spec=False):
     `spec`, its symbolic output, as Keras infers it when it rebuilds a graph."""
     def fill(x):
         return values[id(x)] if isinstance(x, keras.KerasTensor) else x
-    args = keras.tree.map_structure(fill, list(node.arguments.args))
-    kwargs = keras.tree.map_structure(fill, dict(node.arguments.kwargs))
+    args = keras.tree.map_structure(fill, list(node.args))
+    kwargs = keras.tree.map_structure(fill, dict(node.kwargs))
     run = node.operation.compute_output_spec if spec else node.operation
     return run(*args, **kwargs)

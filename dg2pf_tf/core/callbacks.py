@@ -33,10 +33,9 @@ class UpdateMasks(keras.callbacks.Callback):
     def __init__(self, schedule=None, *, scope=None, every_n_steps=None, verbose=0):
         super().__init__()
         checks.check_schedule(schedule, schedules.Schedule)
-        checks.positive_int("every_n_steps", every_n_steps, none_ok=True)
+        self.timing = schedules.UpdateTiming(every_n_steps)
         self.schedule = schedule
         self.scope = None if scope is None else check_scope(scope)
-        self.every_n_steps = every_n_steps
         self.verbose = verbose
         self._masks = None
         self._epoch = 0
@@ -60,20 +59,16 @@ class UpdateMasks(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
-        if self.every_n_steps is None:
-            self._update(float(epoch))
 
     def on_train_batch_begin(self, batch, logs=None):
-        if self.every_n_steps is None:
-            return
         self._batches_seen = batch + 1
-        if batch % self.every_n_steps:
+        if not self.timing.due(batch):
             return
         fraction = batch / self._steps_per_epoch if self._steps_per_epoch else 0.0
         self._update(self._epoch + fraction)
 
     def on_epoch_end(self, epoch, logs=None):
-        if self._steps_per_epoch is None and self.every_n_steps is not None:
+        if self._steps_per_epoch is None:
             # Unknown dataset length: learn it from the first epoch.
             self._steps_per_epoch = self._batches_seen
         if logs is not None:

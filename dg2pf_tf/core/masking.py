@@ -5,19 +5,18 @@ import weakref
 import numpy as np
 import tensorflow as tf
 
-from dg2pf_tf import _compat, checks
-from dg2pf_tf.core import registry
+from dg2pf_tf import checks, settings
+from dg2pf_tf.channels import costs, groups
 from dg2pf_tf.core.pruned_model import PrunedModel
-from dg2pf_tf.criteria import channel
+from dg2pf_tf.criteria.channel import ChannelCriterion
 from dg2pf_tf.criteria.magnitude import DeviceCriterion
 from dg2pf_tf.criteria.nm import NMCriterion
+from dg2pf_tf.model import walk
 
 
 def pruned_models(model):
     """Every `PrunedModel` in `model` (itself included), each once, in layer order."""
-    found = [model] if isinstance(model, PrunedModel) else []
-    found += [l for l in _compat.sublayers(model, recursive=True) if isinstance(l, PrunedModel)]
-    return list({id(m): m for m in found}.values())
+    return walk.layers_of(model, PrunedModel)
 
 
 def require_pruned(model, what):
@@ -53,7 +52,6 @@ class MaskSet:
         self.hard = pruned.hard
         self.scope = pruned.scope
         self.floor = pruned.floor
-        self.structure = pruned.structure
         self.entries = list(zip(pruned.targets, pruned.masks))
         self._criteria = {}
         self._update = tf.function(self.assign)
@@ -68,8 +66,8 @@ class MaskSet:
         key = (self.scope if scope is None else checks.check_scope(scope),
                self.floor if floor is None else checks.check_floor(floor))
         if key not in self._criteria:
-            kind = "N:M" if checks.nm_pattern(self.structure) else self.structure
-            self._criteria[key] = _CRITERIA[kind](self, *key)
+            pruned = self.pruned
+            self._criteria[key] = _CRITERIA[type(pruned.structure)](pruned, *key)
         return self._criteria[key]
 
     def assign(self, level, scope=None, floor=None):
@@ -96,7 +94,7 @@ class MaskSet:
         ceiling = self.criterion(scope, floor).max_level
         if level > ceiling + 1e-12:
             raise ValueError(
-                f"Sparsity {level} is above what structure '{self.structure}' can reach "
+                f"Sparsity {level} is above what structure '{self.pruned.structure}' can reach "
                 f"({ceiling:g}).")
         self._update(tf.constant(level, tf.float64), scope, floor)
         return self.realised(level, scope, floor)
@@ -111,36 +109,37 @@ class MaskSet:
         return mask_sparsity(self.pruned)
 
 
-def _weight_criterion(masks, scope, floor):
-    return DeviceCriterion([tuple(m.shape) for _, m in masks.entries], scope, floor)
+def _weight_criterion(pruned, scope, floor):
+    return DeviceCriterion([tuple(m.shape) for m in pruned.masks], scope, floor)
 
 
-def _channel_criterion(masks, scope, floor):
+def _channel_criterion(pruned, scope, floor):
     if scope != "global":
         raise ValueError(
             "Channel pruning ranks channels globally; for the same share in every group, "
             "use scope='global' with floor=1.0.")
-    targets = [w for w, _ in masks.entries]
-    model = masks.pruned.model
-    groups, _ = channel.prunable_groups(model, targets)
-    if not groups:
+    targets, model = pruned.targets, pruned.model
+    found, _ = groups.prunable_groups(model, targets)
+    if not found:
         raise ValueError(
             f"Model '{model.name}' has no channel group that can be pruned; "
             f"`dg2pf_tf.channel_groups(model)` lists them and why each stays dense.")
-    return channel.ChannelCriterion(groups, targets, floor, masks.pruned.budget, model)
+    pairs, sizes = groups.channel_pairs(found), [g.size for g in found]
+    cost = costs.cost_model(model, pairs, sum(sizes), pruned.budget) if pruned.budget.counts_cost else None
+    return ChannelCriterion(sizes, pairs, targets, floor, cost)
 
 
-def _nm_criterion(masks, scope, floor):
+def _nm_criterion(pruned, scope, floor):
     if floor:
         raise ValueError("An N:M pattern takes no `floor`: every block keeps the same share.")
-    n, m = checks.nm_pattern(masks.structure)
-    targets = [w for w, _ in masks.entries]
-    axes = registry.input_axes(masks.pruned.model, targets)
-    return NMCriterion([tuple(t.shape) for t in targets], axes, n, m, scope)
+    targets, pattern = pruned.targets, pruned.structure
+    axes = walk.input_axes(pruned.model, targets)
+    return NMCriterion([tuple(t.shape) for t in targets], axes, pattern.n, pattern.m, scope)
 
 
-# The `Criterion` that computes masks, by `PrunedModel.structure` ('N:M' for every pattern).
-_CRITERIA = {"unstructured": _weight_criterion, "channel": _channel_criterion, "N:M": _nm_criterion}
+# The `Criterion` that computes masks, by the type of `PrunedModel.structure`.
+_CRITERIA = {settings.Unstructured: _weight_criterion, settings.Channels: _channel_criterion,
+             settings.NM: _nm_criterion}
 
 _SETS = weakref.WeakKeyDictionary()
 

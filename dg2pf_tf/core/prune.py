@@ -1,65 +1,13 @@
-"""Where masks go into a model (`prune`) and out again (`strip`, `finalize`).
+"""Where masks go into a model (`prune`) and out again (`strip`, `finalize`)."""
 
-This is the one module that walks a model's layers to find its prunable
-weights (`find_prunable`); everything else receives what it found.
-"""
-
-import dataclasses
 import warnings
 
-import keras
-
-from dg2pf_tf import _compat
-from dg2pf_tf.checks import (
-    check_budget,
-    check_model,
-    check_schedule,
-    check_scope,
-    check_structure,
-    floor_for,
-    nm_pattern,
-    sparsity_for,
-)
-from dg2pf_tf.core import clone, masking, registry, schedules
+from dg2pf_tf import _compat, settings
+from dg2pf_tf.checks import check_model, check_schedule, check_scope
+from dg2pf_tf.core import masking, schedules
 from dg2pf_tf.core.pruned_model import PrunedModel
-
-
-@dataclasses.dataclass(frozen=True)
-class Prunable:
-    """The prunable weights of a model: `chosen` to prune, `excluded` (dense by
-    choice), and `unknown`: weight matrices no layer offers for pruning."""
-
-    chosen: tuple
-    excluded: tuple
-    unknown: tuple
-
-
-def find_prunable(model, excluded=lambda layer: False):
-    """Walks `model` (and every layer inside it) for prunable weights.
-
-    A layer for which `excluded(layer)` holds keeps its whole subtree dense; a
-    layer with `get_prunable_weights()` answers for its subtree. Returns a
-    `Prunable` of `registry.PrunableWeight`s, each variable once.
-    """
-    chosen, dense, seen = [], [], set()
-
-    def visit(layer, skip):
-        skip = skip or (layer is not model and excluded(layer))
-        for weight in registry.prunable_weights(layer):
-            if id(weight.variable) not in seen:
-                seen.add(id(weight.variable))
-                (dense if skip else chosen).append(weight)
-        if not registry.declares_prunable_weights(layer):
-            for sub in _compat.sublayers(layer):
-                visit(sub, skip)
-
-    visit(model, False)
-    # Biases are never pruned, even 2-D ones (EinsumDense, GRU).
-    biases = {id(l.bias) for l in _compat.sublayers(model, recursive=True)
-              if isinstance(getattr(l, "bias", None), keras.Variable)}
-    unknown = tuple(v for v in model.trainable_weights if len(v.shape) >= 2 and "float" in str(v.dtype)
-                    and id(v) not in seen and id(v) not in biases)
-    return Prunable(tuple(chosen), tuple(dense), unknown)
+from dg2pf_tf.model import clone, layer_kinds, walk
+from dg2pf_tf.model.walk import find_prunable
 
 
 def _exclusion(model, exclude):
@@ -77,7 +25,7 @@ def _exclusion(model, exclude):
         raise TypeError(
             f"`exclude` takes layer names or a predicate `fn(layer) -> bool`, "
             f"got {exclude!r}.")
-    unknown = sorted(set(names) - {layer.name for layer in _compat.sublayers(model, recursive=True)})
+    unknown = sorted(set(names) - {layer.name for layer in walk.layers(model)})
     if unknown:
         offered = sorted({w.layer.name for w in find_prunable(model).chosen})
         shown = ", ".join(offered[:30]) + (", ..." if len(offered) > 30 else "")
@@ -101,13 +49,16 @@ def _warn_unknown(model, found):
         f"and silence this, exclude that layer.", stacklevel=3)
 
 
-def _nm_eligible(chosen, structure):
-    """`chosen` without the weights an N:M `structure` cannot take, which are
-    named in a warning (they stay dense). Raises ValueError if none is left."""
-    n, m = nm_pattern(structure)
+def _eligible(chosen, structure):
+    """`chosen` without the weights `structure` cannot take (with an N:M pattern, those
+    without inputs in blocks of M), which are named in a warning (they stay dense).
+    Raises ValueError if none is left."""
+    pattern = structure.pattern
+    if pattern is None:
+        return chosen
     kept, left = [], []
     for weight in chosen:
-        axis, why = registry.pattern_axis(weight, m)
+        axis, why = layer_kinds.pattern_axis(weight, pattern.m)
         if axis is None:
             left.append(f"{weight.variable.path} ({why})")
         else:
@@ -115,12 +66,12 @@ def _nm_eligible(chosen, structure):
     if not kept:
         raise ValueError(
             f"No prunable weight can take the {structure} pattern: it needs the kernel of a Dense, "
-            f"EinsumDense, convolution or recurrent layer whose inputs are a multiple of {m}.")
+            f"EinsumDense, convolution or recurrent layer whose inputs are a multiple of {pattern.m}.")
     if left:
         names = ", ".join(left[:8]) + (", ..." if len(left) > 8 else "")
         warnings.warn(
             f"prune(): {len(left)} prunable weights stay dense: the {structure} pattern runs along "
-            f"a kernel's inputs in blocks of {m}, which these lack: {names}.", stacklevel=3)
+            f"a kernel's inputs in blocks of {pattern.m}, which these lack: {names}.", stacklevel=3)
     return tuple(kept)
 
 
@@ -200,14 +151,14 @@ def prune(
             'macs' on convolutions of no fixed input size.
     """
     check_model(model, "prune()")
-    structure = check_structure(structure)
-    check_budget(budget, structure)
+    structure = settings.structure(structure)
+    budget = settings.budget(budget, structure)
     if check_schedule(schedule, schedules.Schedule) is None:
-        schedule = schedules.Linear(sparsity_for(structure, sparsity), pruning_epochs)
+        schedule = schedules.Linear(structure.sparsity(sparsity), pruning_epochs)
     else:
-        sparsity_for(structure, schedule.sparsity)  # an N:M pattern has one target
+        structure.sparsity(schedule.sparsity)  # an N:M pattern has one target
     check_scope(scope)
-    floor = floor_for(structure, floor)
+    floor = structure.floor(floor)
     if masking.pruned_models(model):
         raise ValueError(
             f"Model '{model.name}' is already pruned. Prune the original model again, or "
@@ -221,28 +172,16 @@ def prune(
             f"Dense, EinsumDense and convolution layers, Embedding tables, recurrent kernels, "
             f"and what layers return from get_prunable_weights(); excluded: {exclude!r}).")
     _warn_unknown(model, found)
-    chosen = found.chosen if nm_pattern(structure) is None else _nm_eligible(found.chosen, structure)
+    chosen = _eligible(found.chosen, structure)
     index = {id(v): i for i, v in enumerate(model.weights)}
     pruned = PrunedModel(clone.copy(model), [index[id(w.variable)] for w in chosen],
                          recovery=recovery, schedule=schedule, scope=scope, floor=floor,
                          structure=structure, budget=budget)
-    criterion = masking.mask_set(pruned, "prune()").criterion()  # refuses a structure the model cannot take
-    if budget != "channels":
-        _check_reachable(criterion, schedule.sparsity, budget, floor)
+    # Refuses a structure the model cannot take, and a target the floors keep from going.
+    why = masking.mask_set(pruned, "prune()").criterion().unreachable(schedule.sparsity)
+    if why:
+        raise ValueError(f"{why}.")
     return pruned
-
-
-def _check_reachable(criterion, sparsity, budget, floor):
-    """Raises ValueError if `sparsity` of the cost cannot go at the floors."""
-    most = criterion.most_saved(sparsity)
-    if most + 1e-12 < sparsity:
-        raise ValueError(
-            f"budget={budget!r}: sparsity {sparsity:g} asks for {sparsity:.1%} of the model's "
-            f"{criterion.unit} ({criterion.costs.total_cost:,}), but removing every channel the "
-            f"floors allow (floor={floor:g}: each group keeps at least that share of 1 - sparsity "
-            f"of its channels, and one) saves {most:.1%}; the rest is in layers whose channels "
-            f"stay dense (`dg2pf_tf.channel_groups` lists them). Ask for at most {most:.1%}, "
-            f"or lower `floor`.")
 
 
 def _stripped(pruned):

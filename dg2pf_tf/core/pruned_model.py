@@ -23,10 +23,10 @@ import keras
 import tensorflow as tf
 from keras import ops
 
-from dg2pf_tf import _compat
-from dg2pf_tf.checks import check_budget, check_floor, check_scope, check_structure
+from dg2pf_tf import _compat, settings
+from dg2pf_tf.checks import check_floor, check_scope
 from dg2pf_tf.core import schedules
-from dg2pf_tf.core.clone import build_like
+from dg2pf_tf.model.clone import build_like
 
 
 class _MaskConstraint:
@@ -80,16 +80,18 @@ class PrunedModel(keras.Model):
         floor: with scope 'global', the share of its Erdos-Renyi-kernel
             allocation each weight keeps (see `reference.magnitude_masks`);
             with structure 'channel', of its uniform share each channel group keeps.
-        structure: 'unstructured' (masks remove single weights) or 'channel'
-            (whole channels of coupled groups, see `dg2pf_tf.channel_groups`).
+        structure: what masks remove, a `settings.Structure` or its string:
+            'unstructured' (single weights), 'channel' (whole channels of
+            coupled groups, see `dg2pf_tf.channel_groups`) or an N:M pattern.
         budget: with structure 'channel', what a sparsity level is a share
-            of: 'channels', 'macs' or 'params' (see `dg2pf_tf.prune`).
+            of: a `settings.Budget` or 'channels', 'macs', 'params' (see
+            `dg2pf_tf.prune`).
         **kwargs: base model arguments; `name` defaults to the model's.
 
     Raises:
         TypeError: `model` is not a Keras model.
         ValueError: `targets` is empty or does not index float weights of
-            `model`; bad `scope` or `floor`.
+            `model`; bad `scope`, `floor`, `structure` or `budget`.
     """
 
     def __init__(self, model, targets, *, recovery=True, schedule=None, scope="global",
@@ -106,8 +108,8 @@ class PrunedModel(keras.Model):
         self.schedule = schedules.deserialize(schedule)
         self.scope = check_scope(scope)
         self.floor = check_floor(floor)
-        self.structure = check_structure(structure)
-        self.budget = check_budget(budget, self.structure)
+        self.structure = settings.structure(structure)
+        self.budget = settings.budget(budget, self.structure)
         if model.built:
             self._make_masks()
 
@@ -184,8 +186,8 @@ class PrunedModel(keras.Model):
             "schedule": schedules.serialize(self.schedule),
             "scope": self.scope,
             "floor": self.floor,
-            "structure": self.structure,
-            "budget": self.budget,
+            "structure": str(self.structure),
+            "budget": self.budget.config(),
         }
 
     @classmethod

@@ -7,6 +7,7 @@ final. All schedules reach their target at the start of their last pruning
 epoch, so epoch-level and step-level updates end at the same place.
 """
 
+import dataclasses
 import math
 
 import keras
@@ -18,6 +19,26 @@ from dg2pf_tf.checks import check_begin, check_sparsity
 _PACKAGE = "dg2pf_tf"
 
 
+@dataclasses.dataclass(frozen=True)
+class UpdateTiming:
+    """When masks are recomputed within an epoch: before every `every_n_steps`-th
+    step (0, n, 2n, ...), or with None before its first step only. The schedule is
+    read at the fractional epoch of that step. `UpdateMasks` (on the host) and
+    the training loop of `run()` (inside the compiled step) both follow it.
+
+    Raises ValueError unless `every_n_steps` is None or an int >= 1.
+    """
+
+    every_n_steps: int | None = None
+
+    def __post_init__(self):
+        checks.positive_int("every_n_steps", self.every_n_steps, none_ok=True)
+
+    def due(self, step):
+        """Whether masks are recomputed before step `step` (0-based, a Python int or an
+        integer tensor) of an epoch."""
+        every = self.every_n_steps
+        return step == 0 if every is None else step % every == 0
 
 
 class Schedule:

@@ -6,8 +6,9 @@ import keras
 import numpy as np
 
 from dg2pf_tf.channels import graph
-from dg2pf_tf.core import clone, masking
+from dg2pf_tf.core import masking
 from dg2pf_tf.core.prune import strip
+from dg2pf_tf.model import clone
 
 
 def removed_channels(group):

@@ -8,11 +8,12 @@ stripped copy agree; a pruned model also says which weights carry masks.
 
 import dataclasses
 
-from dg2pf_tf.checks import check_structure, nm_pattern
-from dg2pf_tf.core import registry
+from dg2pf_tf import settings
 from dg2pf_tf.core.masking import pruned_models
-from dg2pf_tf.core.prune import find_prunable
-from dg2pf_tf.criteria.reference import count_zeros, nm_violations
+from dg2pf_tf.counting import count_zeros
+from dg2pf_tf.criteria.reference import nm_violations
+from dg2pf_tf.model import layer_kinds
+from dg2pf_tf.model.walk import find_prunable
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,19 +194,19 @@ class PatternReport:
 
 def pattern_report(model, pattern):
     """Checks the N:M `pattern` ('2:4') in every kernel of `model` that can hold
-    one (`registry.pattern_axis`), as the forward
+    one (`layer_kinds.pattern_axis`), as the forward
     pass sees it. Returns a `PatternReport`.
 
     Raises ValueError if `pattern` is not N:M.
     """
-    found = nm_pattern(check_structure(pattern))
+    found = settings.structure(pattern).pattern
     if found is None:
         raise ValueError(f"`pattern` must be N:M, such as '2:4'; got {pattern!r}.")
-    n, m = found
+    n, m = found.n, found.m
     effective, _ = _effective(model)
     checked, dense, broken, blocks = [], [], [], 0
     for weight in find_prunable(model).chosen:
-        axis, _ = registry.pattern_axis(weight, m)
+        axis, _ = layer_kinds.pattern_axis(weight, m)
         if axis is None:
             continue
         value = effective.get(id(weight.variable))

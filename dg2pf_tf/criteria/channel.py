@@ -11,36 +11,45 @@ training step; each channel's 0 or 1 is then spread
 over every kernel entry that belongs to it, producer columns and consumer rows.
 """
 
+import dataclasses
+
 import numpy as np
 import tensorflow as tf
 
-from dg2pf_tf.channels import costs, graph
 from dg2pf_tf.criteria import reference
 
 
+@dataclasses.dataclass(frozen=True)
+class Pair:
+    """An axis of a variable that carries channels: `channel[p]` is the channel
+    (0..total-1) at position p along it, `total` where none is."""
+
+    variable: object
+    axis: int
+    channel: np.ndarray
+
+
 class ChannelCriterion:
-    """Channel selection over `groups` for the masks of `targets` (the pruned variables).
+    """Channel selection over groups of `sizes` channels for the masks of `targets`
+    (the pruned variables); `pairs` say which positions of which variables carry
+    each channel (channels numbered group after group).
 
-    With `budget` 'channels', `level` is the share of channels removed; with
-    'macs' or 'params', the share of the model's multiply-accumulates or
-    parameters (`costs.CostModel`): channels then go in order
-    of score per first-order cost (the most expensive for what they are worth
-    first, each group's own ranking kept) until the exact cost removed reaches
-    `level`. `model` (the model the groups are in) is where costs are counted.
+    Without `costs`, `level` is the share of channels removed; with a cost
+    model (`channels.costs.CostModel`: MACs, parameters), the share of that
+    cost: channels then go in order of score per first-order cost (the most
+    expensive for what they are worth first, each group's own ranking kept)
+    until the exact cost removed reaches `level`."""
 
-    Raises ValueError where MACs cannot be counted (`costs.kernel_uses`)."""
-
-    def __init__(self, groups, targets, floor, budget="channels", model=None):
-        self.sizes = [g.size for g in groups]
+    def __init__(self, sizes, pairs, targets, floor, costs=None):
+        self.sizes = list(sizes)
         self.floor = float(floor)
-        self.budget = budget
         self.total = total = sum(self.sizes)
         starts = np.cumsum([0, *self.sizes[:-1]])
-        group_of = np.repeat(np.arange(len(groups)), self.sizes)
+        group_of = np.repeat(np.arange(len(self.sizes)), self.sizes)
         self._group_of = tf.constant(group_of, tf.int32)
         self._group_start = tf.constant(starts[group_of], tf.int32)
         self._sizes = tf.constant(self.sizes, tf.float64)
-        self.pairs = channel_pairs(groups, starts, total)
+        self.pairs = list(pairs)
         scored = [p for p in self.pairs if p.variable.trainable]
         self._scored = [(p.variable, p.axis, tf.constant(p.channel, tf.int32)) for p in scored]
         counts = np.zeros(total + 1)
@@ -49,13 +58,16 @@ class ChannelCriterion:
         self._counts = tf.constant(np.maximum(counts[:total], 1), tf.float32)
         self.positions = [[(p.axis, p.channel) for p in self.pairs if p.variable is t] for t in targets]
         self.shapes = [tuple(t.shape) for t in targets]
-        self.costs = None
-        if budget != "channels":
-            self.costs = costs.CostModel(model, self.pairs, total, budget)
-            self.unit, self._per_cost = self.costs.unit, tf.constant(self.costs.first_order, tf.float32)
+        self.costs = costs
+        if costs is not None:
+            self.unit, self._per_cost = costs.unit, tf.constant(costs.first_order, tf.float32)
 
     unit = "channels"
     max_level = 1.0
+
+    def describe(self):
+        """What the masks remove, in words: '1,184 channels in 9 groups'."""
+        return f"{self.total:,} channels in {len(self.sizes)} groups"
 
     def scores(self):
         """Each channel's root mean square over its trainable coupled weights (float32)."""
@@ -82,9 +94,9 @@ class ChannelCriterion:
         `reference.channel_keep_within`) keeps at `level`."""
         level = tf.cast(level, tf.float64)
         floors, eligible = self._eligible(scores, level)
-        key = scores if self.budget == "channels" else scores / self._per_cost
+        key = scores if self.costs is None else scores / self._per_cost
         overall = _inverse(tf.argsort(tf.where(eligible, key, np.inf), stable=True), tf.range(self.total))
-        if self.budget == "channels":
+        if self.costs is None:
             removals = tf.minimum(tf.round(level * self.total), self.total - tf.reduce_sum(floors))
         else:
             removals = self._removals_within(overall, tf.reduce_sum(tf.cast(eligible, tf.int32)), level)
@@ -120,7 +132,7 @@ class ChannelCriterion:
     def removals(self, level):
         """How many channels `level` removes (`reference.channel_removals`); None with a
         cost budget, where that depends on the scores."""
-        if self.budget != "channels":
+        if self.costs is not None:
             return None
         return reference.channel_removals(self.sizes, level, self.floor)
 
@@ -128,7 +140,7 @@ class ChannelCriterion:
         """The share of channels removed at `level`: exact, from the group sizes; with a
         cost budget `level` (the masks remove at least that share of the cost), or
         less where the floors allow no more."""
-        if self.budget != "channels":
+        if self.costs is not None:
             return min(float(level), self.most_saved(level))
         return self.removals(level) / max(1, self.total)
 
@@ -156,10 +168,32 @@ class ChannelCriterion:
         removed = np.concatenate([np.arange(n) < n - keep for n, keep in zip(self.sizes, keeps)])
         return 1.0 - self.costs.cost_numpy(removed) / self.costs.total_cost
 
+    def report(self, masks):
+        """What numpy `masks` remove, for `run()`'s report: channels, and with a cost
+        budget its name, the share of the cost removed and the cost of the dense model."""
+        found = {"channels_removed": self.removed(masks), "channels_total": self.total}
+        if self.costs is not None:
+            found.update(budget=str(self.costs.budget), budget_removed=self.saved_share(masks),
+                         budget_total=self.costs.total_cost)
+        return found
+
+    def unreachable(self, level):
+        """Why the floors keep `level` of the cost from going (saying the most that can), or None."""
+        if self.costs is None:
+            return None  # fewer channels go where the floors allow no more (`realised`)
+        most = self.most_saved(level)
+        if most + 1e-12 >= level:
+            return None
+        return (f"budget={str(self.costs.budget)!r}: sparsity {level:g} asks for {level:.1%} of the "
+                f"model's {self.unit} ({self.costs.total_cost:,}), but removing every channel the floors allow (floor="
+                f"{self.floor:g}: each group keeps at least that share of 1 - sparsity of its channels, "
+                f"and one) saves {most:.1%}; the rest is in layers whose channels stay dense "
+                f"(`dg2pf_tf.channel_groups` lists them). Ask for at most {most:.1%}, or lower `floor`")
+
     def problem(self, masks, level, names=None):
         """Why numpy `masks` are not what this criterion makes at `level`, or None
         (`names` of the masked weights: unused, channels are named by their count)."""
-        if self.budget == "channels":
+        if self.costs is None:
             found, expected = self.removed(masks), self.removals(level)
             return None if found == expected else (
                 f"the masks remove {found} channels, the target {level} needs {expected} of {self.total}")
@@ -170,37 +204,6 @@ class ChannelCriterion:
         return None
 
 
-def channel_pairs(groups, starts, total):
-    """The `costs.Pair` of every (variable, axis) the slices of `groups` touch; group g's
-    channels are numbered from `starts[g]`, and `total` marks positions of none."""
-    index = {}
-    for group, start in zip(groups, starts):
-        for s in group.slices:
-            key = (id(s.variable), s.axis)
-            if key not in index:
-                index[key] = costs.Pair(s.variable, s.axis, np.full(s.variable.shape[s.axis], total, np.int32))
-            index[key].channel[s.rows] = start + np.arange(group.size)[:, None]
-    return list(index.values())
-
-
 def _inverse(order, values):
     """`out[order[i]] = values[i]`."""
     return tf.scatter_nd(order[:, None], values, tf.shape(values))
-
-
-def prunable_groups(model, targets):
-    """`(groups, dense)`: the channel groups of `model` whose kernels are all
-    among `targets` (the variables being pruned), and `graph.DenseGroup`s
-    for the rest, with the reason."""
-    found = graph.channel_groups(model)
-    ids = {id(t) for t in targets}
-    groups, dense = [], list(found.dense)
-    for group in found.groups:
-        outside = [s.layer for s in group.slices
-                   if s.role != graph.PASSES and id(s.variable) not in ids]
-        if outside:
-            dense.append(graph.DenseGroup(group.name, group.size,
-                                              f"'{outside[0]}' is not pruned (excluded or not prunable)"))
-        else:
-            groups.append(group)
-    return groups, dense

@@ -18,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from dg2pf_tf.checks import check_floor, check_scope
-from dg2pf_tf.criteria.reference import count_zeros, zero_count
+from dg2pf_tf.counting import count_zeros, zero_count
 from dg2pf_tf.criteria.window_search import INT_MAX, WindowSearch, abs_bits
 
 FLAT_BELOW = 1 << 21       # smaller models: one radix select over all their weights at once
@@ -121,6 +121,20 @@ class DeviceCriterion:
         if jit_compile is None:
             jit_compile = self.total >= XLA_FROM
         self._search = None if self.flat else WindowSearch(self.sizes, jit_compile=jit_compile)
+
+    def describe(self):
+        """What the masks remove, in words: '56,224 weights in 4 kernels'."""
+        return f"{self.total:,} weights in {len(self.shapes)} kernels"
+
+    def report(self, masks):
+        """Nothing beyond the zero counts `run()` reports for every structure."""
+        return {}
+
+    def unreachable(self, level):
+        """Why `level` cannot be reached, or None: above `max_level`."""
+        if level <= self.max_level + 1e-12:
+            return None
+        return f"sparsity {level:g} is above what this structure can reach ({self.max_level:g})"
 
     def removals(self, level):
         """How many weights `level` removes: `round(s * N)`, or per kernel with scope 'layer'."""

@@ -57,6 +57,9 @@ class NMCriterion(DeviceCriterion):
         # compiles its own passes), from the same size on.
         self._bounded = tf.function(self._bound, jit_compile=self.total >= XLA_FROM, autograph=False)
 
+    def describe(self):
+        return f"{super().describe()} in a {self.n}:{self.m} pattern"
+
     def removals(self, level):
         return super().removals(min(float(level), self.max_level))
 

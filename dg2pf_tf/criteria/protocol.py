@@ -23,6 +23,16 @@ class Criterion(typing.Protocol):
     total: int
     max_level: float
 
+    def describe(self):
+        """What the masks remove, in words ('56,224 weights in 4 kernels', '1,184 channels in 9 groups')."""
+
+    def unreachable(self, level):
+        """Why `level` cannot be reached (a sentence that says the most that can go), or None."""
+
+    def report(self, masks):
+        """Entries of `run()`'s report (JSON-serialisable) for numpy `masks`, beyond the
+        zero counts every structure reports: channels removed, the share of a cost."""
+
     def masks(self, values, level):
         """Float32 masks of the pruned weights at `level` (a float64 scalar tensor),
         from their current `values`, in TensorFlow ops (inside compiled code)."""

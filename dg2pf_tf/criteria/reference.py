@@ -9,23 +9,7 @@ the weights are given, then in C order inside each array) is pruned first.
 import numpy as np
 
 from dg2pf_tf.checks import check_floor, check_scope, check_sparsity
-
-
-def zero_count(sparsity, size):
-    """The exact number of weights pruned from `size` at `sparsity`."""
-    return int(round(sparsity * size))
-
-
-def count_zeros(array):
-    """The number of entries of `array` (anything numpy reads) that are exactly 0."""
-    array = np.asarray(array)
-    return int(array.size - np.count_nonzero(array))
-
-
-def zero_fraction(array):
-    """The share of `array`'s entries that are exactly 0 (0.0 for an empty array)."""
-    array = np.asarray(array)
-    return count_zeros(array) / array.size if array.size else 0.0
+from dg2pf_tf.counting import zero_count
 
 
 def erk_keep_counts(shapes, keep):

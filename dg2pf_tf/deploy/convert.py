@@ -9,6 +9,7 @@ the Keras model: a file is never larger than its dense form.
 
 import contextlib
 import dataclasses
+import logging
 import os
 import re
 import tempfile
@@ -18,9 +19,10 @@ import numpy as np
 import tensorflow as tf
 
 from dg2pf_tf import _compat
-from dg2pf_tf.core import clone, masking
+from dg2pf_tf.core import masking
 from dg2pf_tf.core.prune import strip
 from dg2pf_tf.deploy import litert, padding, sparse_tensors
+from dg2pf_tf.model import clone
 
 # A float file must compute what Keras computes: float32 sums in another order (XNNPACK's,
 # not oneDNN's) differ by up to ~2e-5 of the largest output on a trained ResNet-50 at
@@ -138,12 +140,37 @@ def check_data(model, shape, representative_data=None):
     return inputs, np.asarray(outputs[0], dtype=np.float32)
 
 
+def _warnings_and_above(record):
+    return record.levelno >= logging.WARNING
+
+
+@contextlib.contextmanager
+def _tensorflow_warnings_only():
+    # Saving and converting log each renamed input, shard and asset at INFO
+    # level: bookkeeping of TensorFlow's, not news for the user. A filter, not
+    # a level: TensorFlow resets absl's level while it saves.
+    loggers = [logging.getLogger(name) for name in ("tensorflow", "absl")]
+    for logger in loggers:
+        logger.addFilter(_warnings_and_above)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(_warnings_and_above)
+
+
 def save(model, path):
     """Writes `model` as a SavedModel with a `serving_default` signature."""
-    model.export(path, format="tf_saved_model", verbose=False)
+    with _tensorflow_warnings_only():
+        model.export(path, format="tf_saved_model", verbose=False)
 
 
 def _converted(saved_model, quantize, calibration, explicit_padding):
+    with _tensorflow_warnings_only():
+        return _convert(saved_model, quantize, calibration, explicit_padding)
+
+
+def _convert(saved_model, quantize, calibration, explicit_padding):
     converter = tf.lite.TFLiteConverter.from_saved_model(saved_model)
     converter.optimizations = [tf.lite.Optimize.EXPERIMENTAL_SPARSITY]
     if quantize:

@@ -13,12 +13,11 @@ import warnings
 
 import tensorflow as tf
 
-from dg2pf_tf.checks import nm_pattern
+from dg2pf_tf import atomic
 from dg2pf_tf.core.masking import pruned_models
 from dg2pf_tf.core.summary import pattern_report, sparsity_summary
-from dg2pf_tf.criteria.reference import count_zeros
+from dg2pf_tf.counting import count_zeros
 from dg2pf_tf.deploy import convert, litert, sparse_tensors
-from dg2pf_tf.procedure import atomic
 
 QUANTIZE = (None, "dynamic", "int8")
 _INT8_AGREEMENT = 0.99
@@ -87,7 +86,7 @@ def export(model, path, *, tflite=True, quantize=None, representative_data=None,
 def _check_pattern(model, pattern):
     """export.json's `pattern` entry ({} without one); raises ValueError for a broken kernel."""
     if pattern is None:
-        pattern = next((m.structure for m in pruned_models(model) if nm_pattern(m.structure)), None)
+        pattern = next((m.structure.pattern for m in pruned_models(model) if m.structure.pattern), None)
         if pattern is None:
             return {}
     report = pattern_report(model, pattern)

@@ -13,7 +13,7 @@ import dataclasses
 
 import numpy as np
 
-from dg2pf_tf.criteria.reference import zero_fraction
+from dg2pf_tf.counting import zero_fraction
 from dg2pf_tf.deploy import litert
 from dg2pf_tf.deploy.litert import schema
 

@@ -19,7 +19,7 @@ import os
 import keras
 import numpy as np
 
-from dg2pf_tf.criteria import reference
+from dg2pf_tf import counting
 from dg2pf_tf.deploy import convert, litert, sparse_tensors
 from dg2pf_tf.deploy.litert import schema
 
@@ -296,7 +296,7 @@ def _pointwise(g, kinds, members):
     for n in members:
         if _is(g.index, n, ("CONV_2D",)) and kinds[n] == NCHW:
             w = g.constant(g.index.operators[n].inputs[1])
-            params, zeros = params + w.size, zeros + reference.count_zeros(w)
+            params, zeros = params + w.size, zeros + counting.count_zeros(w)
     ratio = zeros / params if params else 0.0
     if not params:
         return ["no 1x1 convolution to run sparse"], ratio
@@ -347,7 +347,7 @@ def _row(g, n, kind, reason, cluster, has_sparse):
     return DeployRow(
         n, g.index.names[n], _layer(g.index.tensor(op.outputs[0]).name.decode(errors="replace")),
         tuple(weight.shape) if weight is not None else (),
-        reference.zero_fraction(weight) if weight is not None else 0.0,
+        counting.zero_fraction(weight) if weight is not None else 0.0,
         bool(on_path), reason)
 
 
@@ -366,8 +366,10 @@ def deploy_report(model, *, explicit_padding=True):
     """Says, per operator, whether XNNPACK's sparse inference path can take it and why not.
 
     `model`: a .tflite path or bytes, or a Keras model (pruned or stripped),
-    read as the `model.tflite` that `export(model, ..., explicit_padding=...)`
-    writes. Returns a `DeployReport`. Raises ValueError for anything else,
+    converted to the `model.tflite` that `export(model, ...,
+    explicit_padding=explicit_padding)` writes. The default differs from
+    export's (True here, False there): the report is about XNNPACK's sparse
+    path, which needs the explicit form. Returns a `DeployReport`. Raises ValueError for anything else,
     and as `export` does for a Keras model it cannot convert.
     """
     litert.require_litert()

@@ -2,15 +2,12 @@
 
 import keras
 
-from dg2pf_tf import _compat
+from dg2pf_tf.model import walk
 
 
 def batchnorm_layers(model):
     """Every BatchNormalization layer inside `model`, nested models included."""
-    return [
-        layer for layer in _compat.sublayers(model, recursive=True)
-        if isinstance(layer, keras.layers.BatchNormalization)
-    ]
+    return walk.layers_of(model, keras.layers.BatchNormalization)
 
 
 def reestimate_batchnorm(model, data, max_batches=50):

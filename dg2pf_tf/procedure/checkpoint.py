@@ -17,7 +17,7 @@ import zipfile
 
 import numpy as np
 
-from dg2pf_tf.procedure import atomic
+from dg2pf_tf import atomic
 
 FORMAT = "dg2pf_tf.checkpoint/1"
 STATE_FILE = "state.npz"
@@ -98,11 +98,11 @@ def _layout(model):
 
 
 def fingerprint(config, student, teacher, replicas):
-    """What a checkpoint must agree with: every field of `config` (a dataclass),
-    the layout of the student's and the teacher's weights, and the number of
-    replicas (the batch each one sees, so the result)."""
+    """What a checkpoint must agree with: every field of `config` (a `RunConfig`, as
+    its `to_json()`), the layout of the student's and the teacher's weights, and the
+    number of replicas (the batch each one sees, so the result)."""
     return {"model": _layout(student), "model_name": student.name, "teacher": _layout(teacher),
-            **dataclasses.asdict(config), "replicas": replicas}
+            **config.to_json(), "replicas": replicas}
 
 
 class BestState:

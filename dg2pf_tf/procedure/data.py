@@ -5,6 +5,8 @@ dict of arrays keyed by input name; datasets yield `(inputs, labels)` pairs of
 the same structures.
 """
 
+import dataclasses
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -145,11 +147,20 @@ def _check_structure(model, declared, x, name):
                 f"takes {expected}. Resize or reshape the inputs (and batch a dataset).")
 
 
+@dataclasses.dataclass(frozen=True)
+class Output:
+    """What a model's output means: its `tasks.Task`, whether it gives `probabilities`
+    (not logits), and how many values it gives per example (`width`)."""
+
+    task: tasks.Task
+    probabilities: bool
+    width: int
+
+
 def task_of(model, train, val, task="auto"):
-    """`(task, probabilities, width)` of `model` on `train`/`val` (`TrainData`,
-    dataset): what its output means, whether it gives probabilities, and how many
-    values it gives per example; the first batch of each checked against the
-    model and the task.
+    """The `Output` of `model` on `train`/`val` (`TrainData`, dataset): what its
+    output means, whether it gives probabilities, and how many values it gives
+    per example; the first batch of each checked against the model and the task.
 
     Raises ValueError naming the data that cannot train `model`, or a bad `task`.
     """
@@ -168,4 +179,4 @@ def task_of(model, train, val, task="auto"):
     xv, yv = first_batch(val, "validation_data")
     check_inputs(model, xv, "validation_data")
     task.check_labels(yv, width, "validation_data")
-    return task, probabilities, width
+    return Output(task, probabilities, width)

@@ -61,13 +61,13 @@ def steps_in(dataset):
 
 @dataclasses.dataclass(frozen=True)
 class MaskUpdates:
-    """Mask updates inside the training step: before every `every_n_steps`-th
-    step of an epoch (`None`: the first step only), `masks` (a
-    `masking.MaskSet`) are set to `schedule` read at the fractional epoch."""
+    """Mask updates inside the training step: when `timing` (a
+    `schedules.UpdateTiming`) says, `masks` (a `masking.MaskSet`) are set to
+    `schedule` read at the fractional epoch, with `scope`."""
 
     masks: object
     schedule: schedules.Schedule
-    every_n_steps: int = 1
+    timing: schedules.UpdateTiming
     scope: str = None
 
 
@@ -115,9 +115,7 @@ class EpochLoop:
             return
         position = self._epoch + tf.where(
             self._steps > 0, tf.cast(self._step, tf.float64) / tf.maximum(self._steps, 1.0), 0.0)
-        every = updates.every_n_steps
-        due = tf.equal(self._step % every, 0) if every else tf.equal(self._step, 0)
-        due &= updates.schedule.is_active_tensor(position)
+        due = updates.timing.due(self._step) & updates.schedule.is_active_tensor(position)
         def update():
             updates.masks.assign(updates.schedule.level_tensor(position), updates.scope)
             return tf.constant(True)
