@@ -1,18 +1,92 @@
-"""Flags of train.py: `define_flags()` defines and validates them; nothing else."""
+"""Flags of train.py: `define_flags()` defines them; `run_config()` reads the run's settings once.
 
+The settings of the DG2PF run are `dg2pf_tf.RunConfig`'s fields: one flag each,
+made from the field (its name, type, default and help), and checked by
+`RunConfig` itself, so a new setting is one edit there. The other flags say
+what to train on, how to execute and what to write.
+"""
+
+import dataclasses
 import os
-import re
+import typing
 
 from absl import flags
 
+import dg2pf_tf
 from zoo.data import DATASETS, PREPROCESSING
 from zoo.models import MODELS
 
 DISTRIBUTIONS = ("auto", "none", "mirrored", "multi_worker")
+# Where the command line's default differs from RunConfig's, and why: a command
+# is repeatable by default (the library leaves the seed to the caller).
+_COMMAND_LINE_DEFAULTS = {"seed": 0}
+
+
+class _SettingParser(flags.ArgumentParser):
+    """Parses a RunConfig field's value: a number, a bool, or text; 'none' is None
+    for the fields that take it, 'true'/'false' are bools for those that take both."""
+
+    def __init__(self, hint):
+        self.hint = hint
+        self.syntactic_help = ""
+
+    def parse(self, argument):
+        if not isinstance(argument, str):
+            return argument
+        text = argument.strip()
+        options = typing.get_args(self.hint) or (self.hint,)
+        if type(None) in options and text.lower() == "none":
+            return None
+        if bool in options and text.lower() in ("true", "false"):
+            return text.lower() == "true"
+        for kind in (int, float):
+            if kind in options:
+                try:
+                    return kind(text)
+                except ValueError:
+                    if str not in options and len(options) <= 2:
+                        raise ValueError(f"expected {kind.__name__}, got {argument!r}") from None
+        return text
+
+    def flag_type(self):
+        return "setting"
+
+
+def _define_setting(field, hints):
+    default = _COMMAND_LINE_DEFAULTS.get(field.name, field.default)
+    if hints[field.name] is bool:
+        flags.DEFINE_bool(field.name, default, dg2pf_tf.RunConfig.help(field.name))
+    else:
+        flags.DEFINE(_SettingParser(hints[field.name]), field.name, default,
+                     dg2pf_tf.RunConfig.help(field.name), serializer=flags.ArgumentSerializer())
+
+
+def run_config(values=None):
+    """The `RunConfig` the flags give (`values`: absl's parsed flags, default FLAGS).
+
+    Raises ValueError naming the flag whose value RunConfig refuses.
+    """
+    values = values or flags.FLAGS
+    given = {f.name: values[f.name].value for f in dataclasses.fields(dg2pf_tf.RunConfig)}
+    try:
+        return dg2pf_tf.RunConfig(**given)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"{_blamed(values, given, str(error))}: {error}") from None
+
+
+def _blamed(values, given, message):
+    """The flags an error names, those given on the command line first."""
+    named = [name for name in given if f"`{name}" in message or f"{name}=" in message]
+    chosen = [name for name in named if values[name].present] or named
+    return ", ".join(f"--{name}={given[name]}" for name in chosen) or "the flags"
 
 
 def define_flags():
-    """Defines train.py's flags with validators (bad values fail before any work)."""
+    """Defines train.py's flags: one per `RunConfig` field, and those of data, model,
+    execution and outputs (with validators: bad values fail before any work)."""
+    hints = typing.get_type_hints(dg2pf_tf.RunConfig)
+    for field in dataclasses.fields(dg2pf_tf.RunConfig):
+        _define_setting(field, hints)
     flags.DEFINE_enum("model", "small_cnn", MODELS, "Network to prune.")
     flags.DEFINE_string(
         "weights", None,
@@ -31,38 +105,12 @@ def define_flags():
                       "mobilenet_v2; else mean_std), mean_std (the data set's mean and standard "
                       "deviation), or a keras.applications mode: caffe, tf, torch. Images only.")
     flags.DEFINE_integer("image_size", None, "ImageNet crop size (default 224).", lower_bound=32)
-    flags.DEFINE_float("sparsity", None, "Target fraction of zeros over prunable weights, in [0, 1) "
-                       "(default 0.95; with an N:M --structure, 1 - N/M).")
-    flags.DEFINE_integer("pruning_epochs", 10, "Epochs of the linear schedule.", lower_bound=1)
-    flags.DEFINE_float("temperature", 4.0, "KD temperature.")
-    flags.DEFINE_float("alpha", 0.75, "Weight of the KD term, in [0, 1].")
-    flags.DEFINE_integer("patience", 4, "Epochs without improvement that end a phase.", lower_bound=1)
-    flags.DEFINE_integer("max_epochs", 30, "Epochs at most per plateau-ended phase.", lower_bound=1)
-    flags.DEFINE_enum("scope", "global", ("global", "layer"), "Sparsity allocation.")
-    flags.DEFINE_float("floor", None, "Share of its Erdos-Renyi-kernel allocation each kernel keeps (0: pure "
-                       "global magnitude; default 1.0), or with --structure=channel, of its uniform "
-                       "share each channel group keeps (default 0.5).")
-    flags.DEFINE_string("structure", "unstructured",
-                        "What pruning removes: 'unstructured' (single weights), 'channel' (whole "
-                        "channels: --sparsity is their share, and pruned.keras and the export are "
-                        "the shrunk model), or an N:M pattern such as '2:4' (at most N nonzeros in "
-                        "every M inputs, checked in the export).")
-    flags.DEFINE_enum("budget", "channels", ("channels", "macs", "params"),
-                      "With --structure=channel, what --sparsity is a share of: channels, the "
-                      "model's multiply-accumulates (a faster model) or its parameters.")
-    flags.DEFINE_float("learning_rate", 3e-3, "AdamW learning rate of the distillation phases.")
-    flags.DEFINE_float("finetune_learning_rate", 1e-3, "SGD learning rate of pruned fine-tuning.")
     flags.DEFINE_float("dense_learning_rate", 3e-3, "Adam learning rate of dense training.")
     flags.DEFINE_integer("dense_epochs", 40, "Epochs of dense training when no --weights.", lower_bound=1)
-    flags.DEFINE_integer("batch_size", 32, "Global batch size.", lower_bound=1)
-    flags.DEFINE_integer("steps_per_epoch", None,
-                         "Training steps per epoch (default: one pass over the training split); "
-                         "for smoke runs and epochs defined by steps.", lower_bound=1)
     flags.DEFINE_integer("steps_per_execution", 1,
                          "Training steps per compiled call, as in Keras' compile(): fewer waits "
                          "for the device.", lower_bound=1)
     flags.DEFINE_bool("jit_compile", False, "Compile the training steps with XLA.")
-    flags.DEFINE_integer("seed", 0, "Random seed.")
     flags.DEFINE_enum("distribution", "auto", DISTRIBUTIONS,
                       "auto: MirroredStrategy over GPUs when more than one; multi_worker reads TF_CONFIG.")
     flags.DEFINE_bool("mixed_precision", False, "mixed_float16 policy (GPUs).")
@@ -73,25 +121,15 @@ def define_flags():
     flags.DEFINE_bool("tflite", True, "Also export a LiteRT .tflite file with sparse weights.")
     flags.DEFINE_enum("quantize", "none", ("none", "dynamic", "int8"),
                       "Also export an int8 .tflite (int8: full-integer, calibrated on training batches).")
+    _validators()
 
-    flags.register_validator("sparsity", lambda v: v is None or 0.0 <= v < 1.0,
-                             message="--sparsity must be in [0, 1) (0.95 keeps 5% of the weights).")
-    flags.register_validator(
-        "structure", lambda v: v in ("unstructured", "channel") or re.fullmatch(r"\d+:\d+", v),
-        message="--structure must be 'unstructured', 'channel' or N:M such as '2:4'.")
-    flags.register_multi_flags_validator(
-        ["budget", "structure"], lambda f: f["budget"] == "channels" or f["structure"] == "channel",
-        message="--budget=macs or params needs --structure=channel (it allocates whole channels).")
+
+def _validators():
     flags.register_multi_flags_validator(
         ["preprocessing", "dataset"], lambda f: f["preprocessing"] in ("auto", "mean_std") or f["dataset"] != "digits",
         message="--preprocessing applies to image data sets (cifar10, cifar100, imagenet2012); "
                 "digits are scaled to [0, 1].")
-    flags.register_validator("alpha", lambda v: 0.0 <= v <= 1.0, message="--alpha must be in [0, 1].")
-    flags.register_validator("temperature", lambda v: v > 0, message="--temperature must be > 0.")
-    flags.register_validator("floor", lambda v: v is None or 0.0 <= v <= 1.0,
-                             message="--floor must be in [0, 1].")
-    for name in ("learning_rate", "finetune_learning_rate", "dense_learning_rate"):
-        flags.register_validator(name, lambda v: v > 0, message=f"--{name} must be > 0.")
+    flags.register_validator("dense_learning_rate", lambda v: v > 0, message="--dense_learning_rate must be > 0.")
     flags.register_validator(
         "weights",
         lambda v: v is None or v == "imagenet" or os.path.isfile(v),

@@ -1,6 +1,9 @@
 """Data sets as batched tf.data pipelines: digits (embedded), CIFAR-10/100 and
 ImageNet through tensorflow-datasets."""
 
+import dataclasses
+import typing
+
 import tensorflow as tf
 
 DATASETS = ("digits", "cifar10", "cifar100", "imagenet2012")
@@ -92,12 +95,27 @@ def imagenet_preprocess(image, label, training, size=224, normalise=None):
     return (normalise or normaliser("mean_std", "imagenet"))(image), label
 
 
+@dataclasses.dataclass(frozen=True)
+class Splits:
+    """A data set, ready to train on: batched, prefetched datasets of `(image, label)`
+    (`train`, `val`, `test`), what one example is (`input_shape`, `classes`), the
+    number of training examples, the name of the split `test` is (`test_split`), and
+    `train_for_epoch(epoch)`, the training batches of one epoch (for digits, in an
+    order fixed by the seed and the epoch, so a resumed run sees what an
+    uninterrupted one does)."""
+
+    train: tf.data.Dataset
+    val: tf.data.Dataset
+    test: tf.data.Dataset
+    input_shape: tuple
+    classes: int
+    train_size: int
+    test_split: str
+    train_for_epoch: typing.Callable
+
+
 def load(name, batch_size, *, data_dir=None, image_size=None, seed=0, preprocessing="mean_std", log=print):
-    """Returns `(train, validation, test, info)`: batched, prefetched datasets
-    of `(image, label)` and a dict with `input_shape`, `classes`, `train_size`,
-    `test_split` (its name) and `train_for_epoch(epoch)`, the training batches
-    of one epoch (for digits, in an order fixed by `seed` and the epoch, so a
-    resumed run sees what an uninterrupted one does).
+    """The `Splits` of data set `name` (one of DATASETS).
 
     Validation picks DG2PF's best epoch, so the test split is never used for
     it: digits' test part is its own; CIFAR and ImageNet validate on a slice
@@ -125,8 +143,7 @@ def load(name, batch_size, *, data_dir=None, image_size=None, seed=0, preprocess
         train = examples.shuffle(len(xtr), seed=seed).batch(batch_size).prefetch(tf.data.AUTOTUNE)
         val, test = (tf.data.Dataset.from_tensor_slices(arrays).batch(batch_size).prefetch(tf.data.AUTOTUNE)
                      for arrays in ((xval, yval), (xte, yte)))
-        return train, val, test, {"input_shape": (8, 8, 1), "classes": 10, "train_size": len(xtr),
-                                  "test_split": "test", "train_for_epoch": train_for_epoch}
+        return Splits(train, val, test, (8, 8, 1), 10, len(xtr), "test", train_for_epoch)
     import tensorflow_datasets as tfds
 
     test_split = "validation" if name == "imagenet2012" else "test"
@@ -178,5 +195,4 @@ def load(name, batch_size, *, data_dir=None, image_size=None, seed=0, preprocess
     val, test = (split.map(val_map, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size)
                  .prefetch(tf.data.AUTOTUNE) for split in (val, test))
     # Random crops and flips differ in a resumed run; the epoch order does not matter then.
-    return train, val, test, {"input_shape": shape, "classes": classes, "train_size": train_size,
-                              "test_split": test_split, "train_for_epoch": lambda epoch: train}
+    return Splits(train, val, test, shape, classes, train_size, test_split, lambda epoch: train)
