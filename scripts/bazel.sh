@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs Bazel offline with its Python pointed at ./.venv (created if needed):
 #   bash scripts/bazel.sh test //...              all test targets
-#   bash scripts/bazel.sh test //:test_criteria   one of them
+#   bash scripts/bazel.sh test //:test_criteria_magnitude   one of them
 # The repositories Bazel 4 would download are replaced by the small local
 # ones under third_party/bazel/.
 source "$(dirname "$0")/env.sh"

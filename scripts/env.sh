@@ -1,5 +1,6 @@
-# Sourced by the other scripts: creates ./.venv with everything the project
-# needs (first run or after pyproject.toml changes), then activates it.
+# Sourced by the other scripts: creates ./.venv with what the calling script
+# needs (EXTRAS, pyproject.toml's optional dependencies; first run or after
+# pyproject.toml changes), then activates it.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
@@ -9,15 +10,17 @@ if [ ! -x "$VENV/bin/python" ]; then
     echo "Creating $VENV with $($PYTHON --version)" >&2
     "$PYTHON" -m venv "$VENV"
 fi
-STAMP="$VENV/.installed-$(sha1sum "$ROOT/pyproject.toml" | cut -c1-12)"
+EXTRAS="${EXTRAS:-test,baseline}"
+HASH="$(sha1sum "$ROOT/pyproject.toml" | cut -c1-12)"
+STAMP="$VENV/.installed-$HASH-${EXTRAS//,/-}"
 if [ ! -f "$STAMP" ]; then
     echo "Installing dependencies into $VENV (about a minute)" >&2
     "$VENV/bin/python" -m pip install -q --upgrade pip
-    # The CPU build of TensorFlow, pinned; tf-keras must match it for the
-    # tfmot baseline.
-    "$VENV/bin/python" -m pip install -q "tensorflow-cpu==2.21.0" "tf-keras==2.21.0"
-    "$VENV/bin/python" -m pip install -q -e "$ROOT[test,baseline]"
-    rm -f "$VENV"/.installed-*
+    # The CPU build of TensorFlow, pinned (the baseline's tf-keras must match it).
+    "$VENV/bin/python" -m pip install -q "tensorflow-cpu==2.21.0"
+    [[ "$EXTRAS" == *baseline* ]] && "$VENV/bin/python" -m pip install -q "tf-keras==2.21.0"
+    "$VENV/bin/python" -m pip install -q -e "$ROOT[$EXTRAS]"
+    find "$VENV" -maxdepth 1 -name '.installed-*' ! -name ".installed-$HASH-*" -delete
     touch "$STAMP"
 fi
 export PATH="$VENV/bin:$PATH"
