@@ -25,7 +25,7 @@ sys.path.insert(0, ROOT)
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-from core_speed import write_json  # noqa: E402  (benchmarks/ is on the path)
+from results_file import write_json  # noqa: E402  (benchmarks/ is on the path)
 
 import dg2pf_tf  # noqa: E402
 
@@ -109,7 +109,7 @@ def main():
         print(f"{r['model']:<20}{r['params']:>13,}{r['kernels_masked']:>8.0%}{str(r['exact']):>7}"
               f"{r['strip_difference']:>12.1e}{r['round_trip_difference']:>11.1e}{r['entirely_zero']:>6}"
               f"{r['seconds']['first_update']:>10.1f}")
-    write_json(args.out, {"command": "python " + " ".join(sys.argv), "level": args.level, "rows": rows})
+    write_json(args.out, {"level": args.level, "rows": rows})
 
 
 if __name__ == "__main__":

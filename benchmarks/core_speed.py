@@ -22,6 +22,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from results_file import write_json  # noqa: E402  (benchmarks/ is on the path)
 
 # Runs in a tf_keras process: tfmot does not import under Keras 3.
 TFMOT_CODE = r"""
@@ -112,14 +113,6 @@ def run_tf_keras(code, *args, timeout=3600):
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def write_json(path, result):
-    """Writes a benchmark's `result` to `path` and says so."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"\nwrote {path}")
-
-
 def tfmot_ratio(steps):
     return run_tf_keras(TFMOT_CODE, steps, timeout=1800)
 
@@ -150,7 +143,6 @@ def main():
         print(f"{name:<{width}}  {value:>8.3f}  {target}")
 
     result = {
-        "command": f"python benchmarks/core_speed.py --steps {args.steps}",
         "step_seconds": ours,
         "tfmot_step_seconds": theirs,
         "wrapped_over_dense": ours["dg2pf_tf"] / ours["dense"],

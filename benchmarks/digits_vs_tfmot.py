@@ -37,6 +37,7 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from results_file import write_json  # noqa: E402  (benchmarks/ is on the path)
 
 TFMOT = r"""
 import json, sys
@@ -207,12 +208,8 @@ def main():
             print(f"{sparsity:>8.2f}  {method:<12} {len(accs):>5} {mean:>7.4f} {min(accs):>7.4f} "
                   f"{max(accs):>7.4f} {100 * (dense_acc - mean):>16.2f} {summary[-1]['params']:>8.0f} "
                   f"{summary[-1]['nonzero']:>8.0f} {summary[-1]['macs']:>9,.0f}")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"command": "python benchmarks/digits_vs_tfmot.py " + " ".join(sys.argv[1:]),
-                   "dense": dense_acc, "dense_params": dense.count_params(), "dense_macs": model_macs(dense),
-                   "runs": results,
-                   "summary": summary}, f, indent=2)
+    write_json(args.out, {"dense": dense_acc, "dense_params": dense.count_params(),
+                          "dense_macs": model_macs(dense), "runs": results, "summary": summary})
     import matplotlib
 
     matplotlib.use("Agg")
@@ -232,7 +229,6 @@ def main():
     ax.legend()
     fig.tight_layout()
     fig.savefig(args.out.replace(".json", ".png"), dpi=120)
-    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import tempfile
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from results_file import write_json  # noqa: E402  (benchmarks/ is on the path)
 
 
 def models():
@@ -73,11 +74,7 @@ def main():
         print(f"{r['model']:<13} {r['sparsity']:>8.2f} {r['file']:<18} {r['weights']:<13} "
               f"{r['bytes']:>11,} {r['dense_float32_bytes']:>11,} {r['ratio']:>6.3f}  "
               f"{','.join(r['encodings'])}")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"command": "python benchmarks/export_size.py " + " ".join(sys.argv[1:]),
-                   "rows": rows}, f, indent=2)
-    print(f"wrote {args.out}")
+    write_json(args.out, {"rows": rows})
 
 
 if __name__ == "__main__":

@@ -37,7 +37,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import keras  # noqa: E402
-from core_speed import median, run_tf_keras, write_json  # noqa: E402  (benchmarks/ is on the path)
+from core_speed import median, run_tf_keras  # noqa: E402  (benchmarks/ is on the path)
+from results_file import write_json  # noqa: E402
 
 SETTINGS = [("global", 0.0), ("global", 1.0), ("global", 0.5), ("layer", 0.0)]
 NM_SETTINGS = [("global", 0.0), ("layer", 0.0)]  # an N:M pattern has no floor
@@ -343,7 +344,7 @@ def main():
     print("(each phase step over the dense fit step with the same optimizer, timed in pairs: AdamW + "
           "clipping, SGD for finetune; tfmot over its own dense fit, both Adam)")
 
-    result = {"command": "python " + " ".join(sys.argv), "batch_size": BATCH, "mask_updates": updates,
+    result = {"batch_size": BATCH, "mask_updates": updates,
               "step_seconds": phases, "tfmot_step_seconds": baseline}
     write_json(args.out, result)
 

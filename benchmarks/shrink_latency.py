@@ -29,6 +29,7 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from results_file import write_json  # noqa: E402  (benchmarks/ is on the path)
 
 
 def builders(classes):
@@ -163,11 +164,7 @@ def main():
         cells = " ".join(f"{r[k + '_s'] * 1e3:>12.1f} ms {r[k + '_speedup']:>5.2f}x" for k in keys)
         print(f"{r['model']:<13} {r['level']:>8} {r['channels_removed']:>6}/{r['of']:<6} "
               f"{r['params']:>11,} ({r['params_ratio']:.2f}x) {r['macs']:>14,} ({r['macs_ratio']:.2f}x) {cells}")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"command": "python benchmarks/shrink_latency.py " + " ".join(sys.argv[1:]),
-                   "rows": rows}, f, indent=2)
-    print(f"wrote {args.out}")
+    write_json(args.out, {"rows": rows})
 
 
 if __name__ == "__main__":

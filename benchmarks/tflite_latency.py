@@ -14,7 +14,6 @@ Run: python benchmarks/tflite_latency.py [--runs 200] [--sparsity 0.9] [--out FI
 """
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -24,6 +23,7 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from results_file import write_json  # noqa: E402  (benchmarks/ is on the path)
 
 
 def main():
@@ -76,14 +76,10 @@ def main():
         rows.append({"threads": threads, "dense_ms": 1e3 * d, "sparse_ms": 1e3 * s, "ratio": s / d})
         print(f"{threads:>7} {1e3 * d:>9.2f} {1e3 * s:>10.2f} {s / d:>13.3f}")
     print(f"file sizes: dense {len(files['dense']):,} bytes, sparse {len(files['sparse']):,} bytes")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump({"command": "python benchmarks/tflite_latency.py " + " ".join(sys.argv[1:]),
-                   "machine": platform.machine(), "processor": platform.processor(),
-                   "runs": args.runs, "sparsity": args.sparsity, "rows": rows,
-                   "bytes": {k: len(v) for k, v in files.items()},
-                   "xnnpack_sparse_path": report.sparse_path, "deploy_verdict": report.verdict}, f, indent=2)
-    print(f"wrote {args.out}")
+    write_json(args.out, {"machine": platform.machine(), "processor": platform.processor(),
+                          "runs": args.runs, "sparsity": args.sparsity, "rows": rows,
+                          "bytes": {k: len(v) for k, v in files.items()},
+                          "xnnpack_sparse_path": report.sparse_path, "deploy_verdict": report.verdict})
 
 
 if __name__ == "__main__":
