@@ -8,7 +8,7 @@ import numpy as np
 from dg2pf_tf.channels import graph
 from dg2pf_tf.core import masking
 from dg2pf_tf.core.prune import strip
-from dg2pf_tf.model import clone
+from dg2pf_tf.model import clone, fold
 
 
 def removed_channels(group):
@@ -23,7 +23,7 @@ def removed_channels(group):
     return np.flatnonzero(unread)
 
 
-def shrink(model):
+def shrink(model, *, fold_batchnorm=False):
     """A smaller plain Keras copy of `model` without its pruned channels.
 
     A channel goes when nothing reads it any more: every kernel row that
@@ -31,7 +31,10 @@ def shrink(model):
     exactly zero, as channel pruning leaves it. Its filters (units, attention
     heads, feed-forward units), BatchNorm parameters and statistics go with
     it, so the copy computes what `model` computes at inference, and it
-    loads without dg2pf_tf. A pruned model is stripped first. Raises
+    loads without dg2pf_tf. A pruned model is stripped first.
+    `fold_batchnorm=True` also folds each BatchNormalization that follows a
+    linear convolution or Dense layer into it (an inference model: same
+    outputs to float32 rounding, one memory-bound pass less each). Raises
     ValueError for a model that is not a layer graph.
     """
     plain = strip(model) if masking.pruned_models(model) else model
@@ -60,7 +63,8 @@ def shrink(model):
             config["target_shape"] = (*config["target_shape"][:-1], -1)
         return clone.Rebuilt(type(layer).from_config(config), [_cut(w, cut) for w in layer.weights])
 
-    return clone.copy(plain, rebuilt)
+    smaller = clone.copy(plain, rebuilt)
+    return fold.fold_batchnorm(smaller)[0] if fold_batchnorm else smaller
 
 
 def _resized(entry, size):

@@ -18,6 +18,7 @@ from dg2pf_tf.core.masking import pruned_models
 from dg2pf_tf.core.summary import pattern_report, sparsity_summary
 from dg2pf_tf.counting import count_zeros
 from dg2pf_tf.deploy import convert, litert, sparse_tensors
+from dg2pf_tf.model import fold
 
 QUANTIZE = (None, "dynamic", "int8")
 _INT8_AGREEMENT = 0.99
@@ -44,7 +45,8 @@ def _check_path(path, overwrite):
 
 
 def export(model, path, *, tflite=True, quantize=None, representative_data=None,
-           explicit_padding=False, input_shape=None, pattern=None, overwrite=False, verbose=1):
+           explicit_padding=False, input_shape=None, pattern=None, fold_batchnorm=False,
+           overwrite=False, verbose=1):
     """Writes what ships of `model` (pruned or stripped) into directory `path`.
 
     Files: `saved_model/` (a `serving_default` signature that needs only
@@ -63,7 +65,10 @@ def export(model, path, *, tflite=True, quantize=None, representative_data=None,
     size of a Sequential/Functional model built for any (`None` dimensions).
     `pattern` ('2:4'; default: the N:M structure of a pruned model given) is
     checked in every kernel with zeros before anything is written, and
-    recorded in `export.json`.
+    recorded in `export.json`. `fold_batchnorm=True` folds each
+    BatchNormalization that follows a linear convolution or Dense layer into
+    it in the SavedModel too (LiteRT's converter folds them in the .tflite
+    files either way).
 
     Raises:
         FileNotFoundError: the parent of `path` does not exist.
@@ -80,7 +85,7 @@ def export(model, path, *, tflite=True, quantize=None, representative_data=None,
     patterns = _check_pattern(model, pattern)
     with convert.named_errors("export()"):
         return _export(model, path, tflite, quantize, representative_data, explicit_padding,
-                       input_shape, overwrite, verbose, patterns)
+                       input_shape, fold_batchnorm, overwrite, verbose, patterns)
 
 
 def _check_pattern(model, pattern):
@@ -102,9 +107,11 @@ def _check_pattern(model, pattern):
 
 
 def _export(model, path, tflite, quantize, representative_data, explicit_padding, input_shape,
-            overwrite, verbose, patterns):
+            fold_batchnorm, overwrite, verbose, patterns):
     """`export()` once its arguments are checked."""
     plain = convert.plain_model(model, input_shape)
+    if fold_batchnorm:
+        plain, _ = fold.fold_batchnorm(plain)
     shapes = convert.input_shapes(plain)
     if tflite:
         convert.check_single_input(plain, shapes)

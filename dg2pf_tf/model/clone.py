@@ -18,10 +18,13 @@ from dg2pf_tf import _compat
 @dataclasses.dataclass(frozen=True)
 class Rebuilt:
     """What `copy` puts in a layer's place: `layer`, and the `weights` (arrays)
-    to give it once the copy is built; None when it has its own already."""
+    to give it once the copy is built; None when it has its own already.
+    `inputs_only`: call it on the first input alone, without the keyword
+    arguments the original took (an `Identity` standing for a folded layer)."""
 
     layer: object
     weights: list = None
+    inputs_only: bool = False
 
 
 def copy(model, rebuild=None, *, inputs=None):
@@ -82,6 +85,7 @@ def fresh_layer(layer):
 def _copy_graph(model, rebuild, inputs):
     """`keras.models.clone_model`, recursive, keeping input names; weights set after."""
     pending = []  # (new layer, weights, the layer it stands for)
+    inputs_only = set()  # ids of the new layers called on their first input alone
 
     def clone_function(layer):
         rebuilt = rebuild(layer)
@@ -92,13 +96,20 @@ def _copy_graph(model, rebuild, inputs):
             return new
         if rebuilt.weights is not None:
             pending.append((rebuilt.layer, rebuilt.weights, layer))
+        if rebuilt.inputs_only:
+            inputs_only.add(id(rebuilt.layer))
         return rebuilt.layer
 
-    if inputs is None and not isinstance(model, keras.Sequential):
+    def call_function(layer, *args, **kwargs):
+        return layer(args[0]) if id(layer) in inputs_only else layer(*args, **kwargs)
+
+    sequential = isinstance(model, keras.Sequential)  # which calls each layer with what it takes
+    if inputs is None and not sequential:
         inputs = keras.tree.map_structure(
             lambda x: keras.Input(batch_shape=x.shape, dtype=x.dtype, name=_compat.producer(x).name),
             model.input)
-    clone = keras.models.clone_model(model, input_tensors=inputs, clone_function=clone_function, recursive=True)
+    clone = keras.models.clone_model(model, input_tensors=inputs, clone_function=clone_function,
+                                     call_function=None if sequential else call_function, recursive=True)
     # After the copy is built: also covers layers that make their weights in `call`.
     for new, weights, old in pending:
         values = weights.get_weights() if isinstance(weights, keras.layers.Layer) else list(weights)
