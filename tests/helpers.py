@@ -7,6 +7,8 @@ import sys
 import keras
 import numpy as np
 
+import dg2pf_tf
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -35,6 +37,33 @@ def randomized(model, seed=0):
             positive = any(k in v.path for k in ("variance", "gamma"))
             value = rng.uniform(0.5, 1.5, v.shape) if positive else rng.normal(0, 0.1, v.shape)
             v.assign(value.astype(v.dtype))
+    return model
+
+
+def live_activations(model, images):
+    """`model`, a random-weight network, rescaled so that its outputs depend on its inputs.
+
+    With their initial statistics BatchNorm layers pass on whatever scale
+    reaches them, and Glorot-initialised layers shrink it at every ReLU: a
+    random MobileNetV2's logits differ by 1e-8 between images (they are its
+    classifier's bias) and a random VGG16's by 1e-4, so no comparison of
+    outputs would see a wrong weight inside. BatchNorm statistics are
+    re-estimated on `images`; a network without normalization layers gets
+    each kernel (and bias) scaled to a unit spread of its layer's outputs on
+    them, in order (LSUV initialisation, Mishkin & Matas 2016); one with
+    LayerNormalization (ConvNeXt) keeps its scale already.
+    """
+    normalized = any(isinstance(l, (keras.layers.LayerNormalization, keras.layers.GroupNormalization))
+                     for l in model.layers)
+    if dg2pf_tf.reestimate_batchnorm(model, [images]) or normalized:
+        return model
+    for layer in model.layers:
+        if getattr(layer, "kernel", None) is None:
+            continue
+        spread = float(np.std(keras.Model(model.inputs, layer.output)(images)))
+        for weight in (layer.kernel, getattr(layer, "bias", None)):
+            if weight is not None:
+                weight.assign(weight / spread)
     return model
 
 

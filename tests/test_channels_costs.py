@@ -8,12 +8,13 @@ import dg2pf_tf
 from dg2pf_tf.channels.costs import model_macs
 from dg2pf_tf.core import masking
 from dg2pf_tf.criteria import reference
-from helpers import assert_same_outputs, gated_cnn, randomized
+from helpers import assert_same_outputs, gated_cnn, live_activations, randomized
 
 
 def mobilenet():
     return randomized(keras.applications.MobileNetV2(
-        input_shape=(32, 32, 3), alpha=0.35, weights=None, classes=10))
+        input_shape=(32, 32, 3), alpha=0.35, weights=None, classes=10,
+        classifier_activation=None))  # logits: a random network's softmax is flat and hides errors
 
 
 def criterion_of(pruned):
@@ -69,8 +70,9 @@ def test_device_budget_selection_equals_the_numpy_reference_with_ties(budget, le
     assert saved - costs.first_order.max() / costs.total_cost < level
 
 
+@pytest.mark.slow
 def test_macs_budget_halves_a_keras_application_and_shrinks_to_the_same_outputs(tmp_path):
-    model = mobilenet()
+    model = live_activations(mobilenet(), np.random.default_rng(0).uniform(0, 255, (16, 32, 32, 3)).astype("float32"))
     pruned = dg2pf_tf.prune(model, sparsity=0.5, structure="channel", budget="macs")
     assert dg2pf_tf.update_masks(pruned, 0.5) == 0.5
     dg2pf_tf.finalize(pruned)
@@ -88,7 +90,7 @@ def test_macs_budget_halves_a_keras_application_and_shrinks_to_the_same_outputs(
     path = str(tmp_path / "pruned.keras")
     pruned.save(path)
     loaded = keras.models.load_model(path)
-    assert loaded.budget == "macs" and loaded.get_config()["budget"] == "macs"
+    assert loaded.budget == dg2pf_tf.MACs() and loaded.get_config()["budget"] == "macs"
     assert criterion_of(loaded).costs.total_cost == dense_macs
 
 
@@ -127,6 +129,7 @@ def test_macs_of_transformer_layers_count_per_token():
     assert 1 - model_macs(dg2pf_tf.shrink(pruned)) / per_token >= 0.3
 
 
+@pytest.mark.slow
 def test_run_reports_the_share_of_the_budget_removed():
     from zoo.data import digits_arrays
     from zoo.models import small_cnn

@@ -73,9 +73,15 @@ def test_update_masks_on_a_model_that_was_never_pruned_says_what_to_do(data):
 
 
 @pytest.mark.parametrize(
-    "kwargs, error",
-    [({"schedule": 0.9}, TypeError), ({"every_n_steps": 0}, ValueError), ({"scope": "x"}, ValueError)],
+    "kwargs, error, message",
+    [
+        ({"schedule": 0.9}, TypeError,
+         r"`schedule` must be a dg2pf_tf.schedules object \(Linear, Polynomial, Constant\), got 0.9\."),
+        ({"every_n_steps": 0}, ValueError, r"`every_n_steps` must be None or an int >= 1, got 0\."),
+        ({"every_n_steps": 2.0}, ValueError, r"`every_n_steps` must be None or an int >= 1, got 2.0\."),
+        ({"scope": "x"}, ValueError, r"`scope` must be one of \('global', 'layer'\).*Got 'x'\."),
+    ],
 )
-def test_bad_callback_arguments_are_refused(kwargs, error):
-    with pytest.raises(error):
+def test_bad_callback_arguments_are_refused(kwargs, error, message):
+    with pytest.raises(error, match=message):
         dg2pf_tf.UpdateMasks(**kwargs)

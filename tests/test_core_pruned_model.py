@@ -65,14 +65,29 @@ def test_hard_masked_weights_stay_exactly_zero_through_optimizer_steps(optimizer
 
 
 def test_users_kernel_constraint_still_applies_with_the_mask():
-    inputs = keras.Input((4,))
-    dense = keras.layers.Dense(3, kernel_constraint=keras.constraints.NonNeg(), name="d")
-    pruned = dg2pf_tf.prune(keras.Model(inputs, dense(inputs)), recovery=False)
+    # Every kernel entry starts in [-2, -1] and the data push all of them up,
+    # by less than 1 in these three steps: the user's NonNeg lifts them to 0 at
+    # the first step, the steps after make them positive (without NonNeg they
+    # would still be negative). The mask alone keeps the pruned half at 0.
+    def model():
+        inputs = keras.Input((4,))
+        dense = keras.layers.Dense(3, kernel_initializer=keras.initializers.RandomUniform(-2.0, -1.0),
+                                   kernel_constraint=keras.constraints.NonNeg(), name="d")
+        return keras.Model(inputs, dense(inputs))
+
+    x, y = np.ones((8, 4), "float32"), np.full((8, 3), 10.0, "float32")
+    plain = model()
+    plain.compile(keras.optimizers.SGD(0.01), "mse")
+    plain.fit(x, y, epochs=3, verbose=0)
+    assert np.all(plain.get_layer("d").kernel.numpy() > 0)  # unpruned: every entry nonzero
+    pruned = dg2pf_tf.prune(model(), recovery=False)
     dg2pf_tf.update_masks(pruned, 0.5)
-    pruned.compile(keras.optimizers.SGD(1.0), "mse")
-    pruned.fit(np.ones((8, 4)), -np.ones((8, 3)) * 10, epochs=2, verbose=0)
-    kernel = pruned.model.get_layer("d").kernel.numpy()
-    assert kernel.min() >= 0 and np.count_nonzero(kernel) <= 6
+    pruned.compile(keras.optimizers.SGD(0.01), "mse")
+    pruned.fit(x, y, epochs=3, verbose=0)
+    kernel, mask = (v.numpy() for v in _target(pruned, pruned.model.get_layer("d").kernel.path))
+    assert np.count_nonzero(mask == 0) == 6
+    assert np.all(kernel[mask == 0] == 0)
+    assert np.all(kernel[mask == 1] > 0)
 
 
 def test_batchnorm_statistics_and_dropout_seeds_move_through_the_mask_scope():
@@ -161,7 +176,12 @@ def test_pruned_model_round_trips_through_a_keras_file(tmp_path, images):
         assert a.path == b.path
         np.testing.assert_array_equal(a.numpy(), b.numpy())
     assert loaded.schedule == dg2pf_tf.schedules.Linear(0.8, 5) and loaded.scope == "layer"
-    assert dg2pf_tf.update_masks(loaded, 0.7) == pytest.approx(0.7, abs=1e-2)
+    # The loaded model keeps scope 'layer': round(0.7 * n) of each kernel, stem,
+    # sep's depthwise and dw 3*3*8 = 72 (50 of each), sep's pointwise 64 (45), fc 160 (112).
+    assert dg2pf_tf.update_masks(loaded, 0.7) == (3 * 50 + 45 + 112) / 440
+    zeros = {(r.layer, r.kernel): r.zeros for r in dg2pf_tf.sparsity_summary(loaded).rows}
+    assert zeros == {("stem", "kernel"): 50, ("sep", "depthwise_kernel"): 50, ("sep", "pointwise_kernel"): 45,
+                     ("dw", "kernel"): 50, ("fc", "kernel"): 112}
 
 
 def test_mixed_float16_keeps_masks_in_float32_and_computes_in_float16(images):

@@ -2,6 +2,7 @@
 
 import json
 import textwrap
+import warnings
 
 import keras
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 
 import dg2pf_tf
 from dg2pf_tf.deploy import litert
-from helpers import run_python
+from helpers import assert_same_outputs, run_python
 from zoo.data import digits_arrays
 
 pytest.importorskip("ai_edge_litert")
@@ -135,6 +136,7 @@ def test_xnnpack_preset_prunes_only_pointwise_convolutions():
     assert len(kernels) == len(pointwise)
 
 
+@pytest.mark.slow
 def test_deploy_report_finds_the_sparse_path_only_with_symmetric_explicit_padding(tmp_path):
     for size, explicit, expected in [(97, True, True), (97, False, False), (96, True, False)]:
         pruned = dg2pf_tf.prune(_mobilenet(size), exclude=dg2pf_tf.presets.xnnpack)
@@ -170,3 +172,88 @@ def test_refusals_name_the_call_that_refused(tmp_path):
         dg2pf_tf.export(two_inputs, tmp_path / "out", verbose=0)
     with pytest.raises(ValueError, match=r"^deploy_report\(\): .*2 inputs"):
         dg2pf_tf.deploy_report(two_inputs)
+
+
+@pytest.fixture(scope="module")
+def digits_cnn():
+    """A CNN trained on the 8x8 digits (97% on the test part); and test data."""
+    (xtr, ytr), (xte, yte) = digits_arrays()
+    keras.utils.set_random_seed(0)
+    L = keras.layers
+    x = keras.Input((8, 8, 1))
+    y = L.Conv2D(16, 3, padding="same", activation="relu", name="conv1")(x)
+    y = L.Conv2D(32, 3, padding="same", activation="relu", name="conv2")(y)
+    y = L.Dense(64, activation="relu", name="hidden")(L.Flatten()(L.MaxPooling2D()(y)))
+    model = keras.Model(x, L.Dense(10, name="logits")(y))
+    model.compile(keras.optimizers.Adam(3e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(xtr, ytr, epochs=4, batch_size=64, verbose=0)
+    return model, (xte, yte)
+
+
+def _pruned(model, structure):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # 2:4: conv1's single input channel stays dense
+        pruned = dg2pf_tf.prune(model, structure=structure, sparsity=0.5)
+    dg2pf_tf.update_masks(pruned, 0.5)
+    return pruned
+
+
+def _int8_weights(content):
+    """The int8 tensors of LiteRT file `content` (quantized weights; activations too for 'int8')."""
+    details = litert.interpreter(content).get_tensor_details()
+    return [d["name"] for d in details if d["dtype"] == np.int8]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("structure", ["channel", "2:4"])
+def test_quantized_export_of_shrunk_channel_and_2_4_models_matches_keras(digits_cnn, structure, tmp_path):
+    model, (xte, _) = digits_cnn
+    pruned = _pruned(model, structure)
+    if structure == "channel":
+        # Half of the 16 + 32 + 64 channels go: 56 across conv1, conv2 and hidden.
+        shipped = dg2pf_tf.shrink(pruned)
+        kept = [shipped.get_layer(n).kernel.shape[-1] for n in ("conv1", "conv2", "hidden")]
+        assert sum(kept) == 112 - 56 and kept != [16, 32, 64]
+        assert_same_outputs(pruned, shipped, xte)
+    else:
+        shipped = pruned  # a pruned model brings its pattern into export.json
+    expected = shipped.predict(xte, verbose=0)
+    scale = float(np.max(np.abs(expected)))
+    check = xte[:100]
+    for quantize, closeness in (("dynamic", 0.02), ("int8", 0.2)):
+        out = tmp_path / quantize
+        report = dg2pf_tf.export(shipped, out, quantize=quantize, representative_data=check, verbose=0)
+        assert sorted(p.name for p in out.iterdir()) == [
+            "export.json", "model.tflite", "model_int8.tflite", "saved_model"]
+        assert json.loads((out / "export.json").read_text()) == json.loads(json.dumps(report))
+        plain = dg2pf_tf.strip(shipped) if structure == "2:4" else shipped
+        assert report["params_total"] == plain.count_params()
+        float_entry, entry = report["files"]["model.tflite"], report["files"]["model_int8.tflite"]
+        float_file = (out / "model.tflite").read_bytes()
+        assert float_entry["weights"] == "float32" and float_entry["bytes"] == len(float_file)
+        np.testing.assert_allclose(litert.predict(float_file, xte), expected, atol=1e-5 * scale)
+        content = (out / "model_int8.tflite").read_bytes()
+        assert entry["weights"] == "int8" and entry["bytes"] == len(content) < 0.5 * len(float_file)
+        assert _int8_weights(content)
+        # The agreement reported is the file's, on the check inputs given.
+        on_check = litert.predict(content, check).argmax(-1) == expected[:100].argmax(-1)
+        assert entry["top1_agreement"] == np.mean(on_check) >= 0.95
+        quantized = litert.predict(content, xte)
+        assert np.mean(quantized.argmax(-1) == expected.argmax(-1)) >= 0.98
+        assert np.max(np.abs(quantized - expected)) <= closeness * scale
+        if structure == "2:4":
+            assert report["pattern"]["pattern"] == "2:4" and report["pattern"]["broken"] == []
+            assert report["pattern"]["kernels_checked"] == 3  # conv2, hidden, logits
+            assert float_entry["bytes"] < float_entry["dense_equivalent_bytes"]  # zeros stored sparse
+        else:
+            assert "pattern" not in report
+
+
+def test_a_dynamic_file_without_int8_weights_says_float32_and_warns(tmp_path):
+    # Every kernel under 1024 entries: the converter quantizes none of them.
+    inputs = keras.Input((8,))
+    model = keras.Model(inputs, keras.layers.Dense(4)(keras.layers.Dense(16)(inputs)))
+    with pytest.warns(UserWarning, match="holds no int8 weights"):
+        report = dg2pf_tf.export(model, tmp_path / "out", quantize="dynamic", verbose=0)
+    assert report["files"]["model_int8.tflite"]["weights"] == "float32"
+    assert not _int8_weights((tmp_path / "out" / "model_int8.tflite").read_bytes())

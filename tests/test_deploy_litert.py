@@ -9,7 +9,8 @@ pytest.importorskip("ai_edge_litert")
 
 from ai_edge_litert import format_converter_wrapper_pybind11 as format_converter  # noqa: E402
 
-from dg2pf_tf.deploy import litert, sparse_tensors  # noqa: E402
+import dg2pf_tf  # noqa: E402
+from dg2pf_tf.deploy import convert, litert, sparse_tensors  # noqa: E402
 from dg2pf_tf.deploy.litert import schema  # noqa: E402
 
 _DENSE = format_converter.TfLiteDimensionType.TF_LITE_DIM_DENSE
@@ -108,3 +109,15 @@ def test_operator_index_and_dense_storage_keep_the_file_computing_the_same():
     expected = model.predict(x, verbose=0)
     for file in (content, dense):
         np.testing.assert_allclose(litert.predict(file, x), expected, atol=1e-5)
+
+
+def test_deploy_report_reads_the_file_export_writes_with_the_same_padding(tmp_path):
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3, strides=2, padding="same")(inputs)
+    model = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(x))
+    for explicit in (True, False):
+        dg2pf_tf.export(model, tmp_path / f"e{explicit}", explicit_padding=explicit, verbose=0)
+        written = (tmp_path / f"e{explicit}" / "model.tflite").read_bytes()
+        assert convert.float_file(model, explicit_padding=explicit) == written
+    assert (dg2pf_tf.deploy_report(model).rows
+            == dg2pf_tf.deploy_report((tmp_path / "eTrue" / "model.tflite").read_bytes()).rows)

@@ -10,6 +10,7 @@ import dg2pf_tf
 from helpers import ROOT, TWO_CPUS, residual_cnn, run_python
 
 
+@pytest.mark.slow
 def test_stripped_model_loads_and_runs_without_dg2pf_tf(tmp_path, images):
     pruned = dg2pf_tf.prune(residual_cnn())
     dg2pf_tf.update_masks(pruned, 0.9)

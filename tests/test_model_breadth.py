@@ -8,6 +8,7 @@ import pytest
 import dg2pf_tf
 from dg2pf_tf import _compat
 from dg2pf_tf.criteria import reference
+from helpers import live_activations
 
 KINDS = (keras.layers.Dense, keras.layers.EinsumDense, keras.layers.Embedding)
 
@@ -21,17 +22,22 @@ def _masked_share(pruned, kinds=KINDS):
     return sum(int(np.prod(w.shape)) for k, w in weights.items() if k in masked) / total
 
 
+def _assert_close(expected, got):
+    """Equal within 1e-5 of the largest output (of 1 for smaller ones), as `helpers.assert_same_outputs`."""
+    expected, got = np.asarray(expected), np.asarray(got)
+    np.testing.assert_allclose(got, expected, atol=1e-5 * max(1.0, float(np.max(np.abs(expected)))), rtol=0)
+
+
 def _check_prune_strip_round_trip(model, x, tmp_path, level=0.9, reference_masks=False):
     """Prunes `model` to `level`, then checks its outputs, strip() and a .keras round trip.
 
     `reference_masks` sets the masks with numpy's `reference.magnitude_masks`
-    (floor 0) instead of `update_masks`: the same masks (test_device_criteria
+    (floor 0) instead of `update_masks`: the same masks (test_criteria_device
     holds the two equal) without compiling the device search for each model.
     """
     pruned = dg2pf_tf.prune(model)
     original = keras.tree.map_structure(np.asarray, model(x))
-    keras.tree.map_structure(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), original,
-                             keras.tree.map_structure(np.asarray, pruned(x)))
+    keras.tree.map_structure(_assert_close, original, keras.tree.map_structure(np.asarray, pruned(x)))
     if reference_masks:
         values = reference.magnitude_masks([v.numpy() for v in pruned.targets], level)
         for mask, value in zip(pruned.masks, values):
@@ -44,20 +50,20 @@ def _check_prune_strip_round_trip(model, x, tmp_path, level=0.9, reference_masks
     summary = dg2pf_tf.sparsity_summary(pruned)
     masked = keras.tree.map_structure(np.asarray, pruned(x))
     stripped = dg2pf_tf.strip(pruned)
-    keras.tree.map_structure(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), masked,
-                             keras.tree.map_structure(np.asarray, stripped(x)))
+    keras.tree.map_structure(_assert_close, masked, keras.tree.map_structure(np.asarray, stripped(x)))
     assert dg2pf_tf.sparsity_summary(stripped).prunable_zeros == summary.prunable_zeros
     path = tmp_path / f"{model.name}.keras"
     pruned.save(path)
     loaded = keras.models.load_model(path)
     # Leaf by leaf: Keras' own .keras format reads a tuple of outputs back as a list.
     for a, b in zip(keras.tree.flatten(masked), keras.tree.flatten(loaded(x)), strict=True):
-        np.testing.assert_allclose(a, np.asarray(b), atol=1e-5)
+        _assert_close(a, b)
     return pruned
 
 
 # The smallest member of every keras.applications family, at its smallest input
-# (benchmarks/applications.py runs all of them).
+# (benchmarks/applications.py runs all of them). Built to output logits: the
+# softmax of a random-weight network is nearly uniform and would hide errors.
 APPLICATIONS = [
     ("ConvNeXtTiny", 32), ("DenseNet121", 32), ("EfficientNetB0", 32), ("EfficientNetV2B0", 32),
     ("InceptionResNetV2", 75), ("InceptionV3", 75), ("MobileNet", 32), ("MobileNetV2", 32),
@@ -68,9 +74,12 @@ APPLICATIONS = [
 
 @pytest.mark.slow
 def test_every_keras_applications_family_prunes_strips_and_round_trips(tmp_path):
-    x = np.random.default_rng(0).normal(size=(2, 75, 75, 3)).astype("float32")
+    rng = np.random.default_rng(0)
+    x, calibration = rng.normal(size=(2, 75, 75, 3)).astype("float32"), rng.normal(size=(16, 75, 75, 3))
     for name, size in APPLICATIONS:
-        model = getattr(keras.applications, name)(input_shape=(size, size, 3), weights=None, classes=10)
+        model = getattr(keras.applications, name)(input_shape=(size, size, 3), weights=None, classes=10,
+                                                  classifier_activation=None)
+        live_activations(model, calibration[:, :size, :size].astype("float32"))
         pruned = _check_prune_strip_round_trip(model, x[:, :size, :size], tmp_path, reference_masks=True)
         assert _masked_share(pruned, (keras.layers.Dense, keras.layers.Conv2D)) == 1.0, name
         keras.backend.clear_session()
@@ -130,6 +139,7 @@ def _short_run(model, train, val, **kwargs):
     _transformer, lambda: _recurrent("lstm"), lambda: _recurrent("gru"),
     lambda: _recurrent("bilstm"), lambda: TinyNet(),
 ], ids=["transformer", "lstm", "gru", "bidirectional_lstm", "subclassed_rnn"])
+@pytest.mark.slow
 def test_transformers_and_recurrent_nets_are_pruned_whole_by_run(build):
     model = build()
     x, y = _tokens()
@@ -163,6 +173,7 @@ def _mlp(outputs, activation=None):
     (3, None, lambda x: (x[:, :3] > 0).astype("float32"), "binary", "accuracy"),
     (3, None, lambda x: x[:, :3] * 2.0 + 0.5, "regression", "mse"),
 ], ids=["binary_sigmoid", "multi_label_sigmoid", "multi_label_logits", "regression"])
+@pytest.mark.slow
 def test_run_handles_binary_multi_label_and_regression_models(outputs, activation, labels, task, metric):
     x, _ = _regression_data()
     y = labels(x)
@@ -175,6 +186,7 @@ def test_run_handles_binary_multi_label_and_regression_models(outputs, activatio
     assert got == pytest.approx(report[f"pruned_val_{metric}"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_run_leaves_a_given_teacher_trainable_and_unchanged():
     x, y = _regression_data()
     model, teacher = _mlp(3), _mlp(3)
@@ -201,6 +213,7 @@ class SubclassedTeacher(keras.Model):
         return self.out(self.hidden(x))
 
 
+@pytest.mark.slow
 def test_a_subclassed_teacher_teaches():
     x, y = np.random.default_rng(0).normal(size=(64, 6)).astype("float32"), np.arange(64) % 3
     teacher = SubclassedTeacher()
@@ -217,6 +230,48 @@ def test_distillation_of_sigmoid_and_regression_outputs_is_zero_on_the_teacher_i
         assert float(loss) == pytest.approx(0.0, abs=1e-6), task
 
 
+def _logits_in_numpy(mlp, x):
+    """The pre-activation outputs of an `_mlp`, computed from its weights in float64."""
+    w1, b1, w2, b2 = (w.astype(np.float64) for w in mlp.get_weights())
+    return np.maximum(x @ w1 + b1, 0) @ w2 + b2
+
+
+def _log_sigmoid(z):
+    return -np.logaddexp(0.0, -z)
+
+
+@pytest.mark.parametrize("outputs, activation", [(1, None), (3, "sigmoid")], ids=["one_logit", "three_sigmoids"])
+def test_binary_distillation_loss_equals_the_formula(outputs, activation):
+    x = np.random.default_rng(0).normal(size=(16, 6)).astype("float32")
+    # Flat 0/1 labels for a single output, soft multi-label rows for three.
+    y = (x[:, 0] > 0).astype("float32") if outputs == 1 else \
+        np.random.default_rng(1).uniform(size=(16, 3)).astype("float32")
+    student, teacher = _mlp(outputs, activation), _mlp(outputs, activation)
+    distiller = dg2pf_tf.Distiller(student, teacher, task="binary", temperature=3.0, alpha=0.6)
+    loss = float(distiller.compute_loss(x, y))
+
+    s, t, T = _logits_in_numpy(student, x), _logits_in_numpy(teacher, x), 3.0
+    p, log_p, log_1p = 1 / (1 + np.exp(-t / T)), _log_sigmoid(t / T), _log_sigmoid(-t / T)
+    kl = p * (log_p - _log_sigmoid(s / T)) + (1 - p) * (log_1p - _log_sigmoid(-s / T))
+    labels = y.reshape(len(x), outputs)
+    bce = -(labels * _log_sigmoid(s) + (1 - labels) * _log_sigmoid(-s))
+    expected = 0.6 * T**2 * kl.mean(axis=1).mean() + 0.4 * bce.mean(axis=1).mean()
+    assert kl.mean() > 1e-3  # the teacher differs: the KD term counts
+    assert loss == pytest.approx(expected, rel=1e-4)
+
+
+def test_regression_distillation_loss_equals_the_formula_without_temperature():
+    x, y = _regression_data(16)
+    student, teacher = _mlp(3), _mlp(3)
+    distiller = dg2pf_tf.Distiller(student, teacher, task="regression", temperature=3.0, alpha=0.6)
+    loss = float(distiller.compute_loss(x, y))
+
+    s, t = _logits_in_numpy(student, x), _logits_in_numpy(teacher, x)
+    expected = 0.6 * np.mean((s - t) ** 2) + 0.4 * np.mean((s - y) ** 2)
+    assert np.mean((s - t) ** 2) > 1e-2
+    assert loss == pytest.approx(expected, rel=1e-4)
+
+
 def _two_inputs(dict_inputs):
     a, b = keras.Input((4,), name="a"), keras.Input((3,), name="b")
     merged = keras.layers.Concatenate()([keras.layers.Dense(8)(a), keras.layers.Dense(8)(b)])
@@ -224,6 +279,7 @@ def _two_inputs(dict_inputs):
     return keras.Model({"a": a, "b": b} if dict_inputs else [a, b], outputs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dict_inputs", [False, True], ids=["list", "dict"])
 def test_run_trains_models_with_several_inputs(dict_inputs):
     rng = np.random.default_rng(0)

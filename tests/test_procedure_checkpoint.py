@@ -17,7 +17,8 @@ import pytest
 import tensorflow as tf
 
 import dg2pf_tf
-from dg2pf_tf.procedure import atomic, checkpoint
+from dg2pf_tf import atomic
+from dg2pf_tf.procedure import checkpoint
 from helpers import ROOT, TWO_CPUS, run_python
 from zoo.data import digits_arrays
 from zoo.models import small_cnn
@@ -58,6 +59,7 @@ def _same(a, b, atol=1e-4):
         np.testing.assert_allclose(x, y, atol=atol)
 
 
+@pytest.mark.slow
 def test_an_interrupted_run_resumes_to_the_uninterrupted_result(digits, tmp_path):
     train, val = digits
     whole = dg2pf_tf.run(_model(), train, val, seed=3, **SMALL)
@@ -104,6 +106,7 @@ def test_every_run_setting_is_in_the_fingerprint():
     assert fields == set(CHANGED)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("setting", sorted(CHANGED))
 def test_a_resume_with_any_setting_changed_is_refused(setting, digits, tmp_path_factory):
     train, val = digits
@@ -119,6 +122,7 @@ def test_a_resume_with_any_setting_changed_is_refused(setting, digits, tmp_path_
                      **{"seed": 0, **SMALL, setting: CHANGED[setting], **ALONG.get(setting, {})})
 
 
+@pytest.mark.slow
 def test_corrupt_foreign_and_tampered_checkpoints_are_refused(digits, tmp_path):
     train, val = digits
     with pytest.raises(KeyboardInterrupt):
@@ -160,7 +164,8 @@ def test_a_failed_write_leaves_the_previous_checkpoint(tmp_path):
 
 KILLED_WRITER = r"""
 import sys, numpy as np
-from dg2pf_tf.procedure import atomic, checkpoint
+from dg2pf_tf import atomic
+from dg2pf_tf.procedure import checkpoint
 directory = sys.argv[1]
 big = np.random.default_rng(0).normal(size=(2_000_000,)).astype(np.float32)
 epoch = 0
@@ -192,8 +197,9 @@ def test_a_kill_while_writing_never_leaves_a_torn_checkpoint(tmp_path):
 def test_a_resume_on_another_number_of_replicas_is_refused(tmp_path):
     out = run_python(TWO_CPUS + textwrap.dedent(f"""
         import keras, numpy as np, pytest, dg2pf_tf
-        from dg2pf_tf.procedure import atomic, checkpoint
-        from test_reliability import SMALL, _Interrupt, _model
+        from dg2pf_tf import atomic
+        from dg2pf_tf.procedure import checkpoint
+        from test_procedure_checkpoint import SMALL, _Interrupt, _model
         from zoo.data import digits_arrays
         (x, y), (xv, yv) = digits_arrays()
         train, val = (x[:384], y[:384]), (xv[:192], yv[:192])
@@ -209,6 +215,7 @@ def test_a_resume_on_another_number_of_replicas_is_refused(tmp_path):
     assert out.strip().endswith("refused")
 
 
+@pytest.mark.slow
 def test_steps_per_execution_trains_the_same_steps(digits):
     train, val = digits
     short = {**SMALL, "pruning_epochs": 1, "max_epochs": 1, "finetune": False}
@@ -250,6 +257,7 @@ class _Poison(keras.callbacks.Callback):
         self.epoch = epoch
 
 
+@pytest.mark.slow
 def test_a_non_finite_loss_stops_with_epoch_and_step_and_keeps_the_last_checkpoint(digits, tmp_path):
     train, val = digits
     with pytest.raises(FloatingPointError, match="epoch 2, step 3"):

@@ -1,6 +1,7 @@
 """Distiller: the KD loss value, frozen teacher, label formats, replica scaling."""
 
 import json
+import warnings
 
 import keras
 import numpy as np
@@ -100,6 +101,72 @@ def test_fit_trains_the_student_only_and_logs_each_part():
     assert all(np.array_equal(a, b) for a, b in zip(before, teacher.get_weights()))
     assert not all(np.array_equal(a, b) for a, b in zip(student_before, student.get_weights()))
     assert history["kd_loss"][-1] < history["kd_loss"][0]
+
+
+def test_sample_weights_scale_each_examples_terms_and_a_zero_weight_removes_it():
+    student, teacher = _models(teacher_softmax=True)
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(16, 6)).astype("float32")
+    y = np.arange(16) % 4
+    w = rng.uniform(0.0, 2.0, 16).astype("float32")
+    w[[3, 10]] = 0.0
+    distiller = dg2pf_tf.Distiller(student, teacher, temperature=3.0, alpha=0.6)
+    distiller.compile(optimizer="sgd")
+    loss = float(distiller.compute_loss(x, y, distiller(x), sample_weight=w))
+    zs, zt = student.predict(x, verbose=0), np.log(teacher.predict(x, verbose=0))
+    p, q = _softmax(zt / 3.0), _softmax(zs / 3.0)
+    kd = 9.0 * np.sum(p * (np.log(p) - np.log(q)), -1)
+    ce = -np.log(_softmax(zs)[np.arange(16), y])
+    # Each example's terms times its weight, averaged over the batch (as Keras'
+    # "sum_over_batch_size" does): the weights are not renormalised.
+    assert loss == pytest.approx(0.6 * np.mean(w * kd) + 0.4 * np.mean(w * ce), rel=1e-5)
+    assert float(distiller.kd_loss_tracker.result()) == pytest.approx(np.mean(w * kd), rel=1e-5)
+
+    # Training through fit: whatever examples 3 and 10 hold, the student learns the same.
+    def trained(x, y):
+        s, t = _models(teacher_softmax=True)  # the same initial weights each time
+        d = dg2pf_tf.Distiller(s, t, temperature=3.0, alpha=0.6)
+        d.compile(optimizer=keras.optimizers.SGD(0.5))
+        history = d.fit(x, y, sample_weight=w, batch_size=16, epochs=2, shuffle=False, verbose=0)
+        return s.get_weights(), history.history["loss"]
+
+    x2, y2 = x.copy(), y.copy()
+    x2[[3, 10]], y2[[3, 10]] = 100.0 * rng.normal(size=(2, 6)), [1, 2]
+    (weights, losses), (weights2, losses2) = trained(x, y), trained(x2, y2)
+    assert losses2 == pytest.approx(losses, rel=1e-6)
+    for a, b in zip(weights, weights2):
+        np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-7)
+    w[3] = 1.0  # and with a weight, the same change of example 3 counts
+    assert not np.allclose(trained(x, y)[0][0], trained(x2, y2)[0][0])
+
+
+def test_config_and_keras_file_round_trips_keep_the_settings_and_the_loss(tmp_path):
+    student, teacher = _models()
+    distiller = dg2pf_tf.Distiller(student, teacher, temperature=2.5, alpha=0.3, from_logits=True,
+                                   task="binary", name="kd")
+    config = distiller.get_config()
+    assert {k: config[k] for k in ("name", "temperature", "alpha", "from_logits", "task")} == {
+        "name": "kd", "temperature": 2.5, "alpha": 0.3, "from_logits": True, "task": "binary"}
+    copy = dg2pf_tf.Distiller.from_config(json.loads(json.dumps(config)))
+    assert (copy.name, copy.temperature, copy.alpha, copy.from_logits) == ("kd", 2.5, 0.3, True)
+    assert copy.task == dg2pf_tf.tasks.Binary() and copy.teacher.trainable is False
+    assert [l.get_config()["units"] for l in copy.student.layers] == [4]
+    assert copy.teacher.layers[0].name == "t"
+
+    x = np.random.default_rng(3).normal(size=(8, 6)).astype("float32")
+    y = (np.random.default_rng(4).uniform(size=(8, 4)) > 0.5).astype("float32")  # multi-label
+    distiller.compile(optimizer=keras.optimizers.SGD(0.05))
+    expected = float(distiller.compute_loss(x, y, distiller(x)))
+    path = tmp_path / "distiller.keras"
+    distiller.save(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "compile() was not called" from Keras
+        loaded = keras.models.load_model(path)
+    assert loaded.compiled and float(loaded.optimizer.learning_rate) == pytest.approx(0.05)
+    assert isinstance(loaded, dg2pf_tf.Distiller) and loaded.task == dg2pf_tf.tasks.Binary()
+    assert (loaded.temperature, loaded.alpha, loaded.from_logits) == (2.5, 0.3, True)
+    assert float(loaded.compute_loss(x, y, loaded(x))) == pytest.approx(expected, rel=1e-6)
+    assert loaded.teacher.trainable is False
 
 
 def test_bad_arguments_are_refused():

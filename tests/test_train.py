@@ -17,15 +17,16 @@ def _train(*args, timeout=600):
                           capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flag, expected", [
-    ("--sparsity=1.2", "--sparsity must be in [0, 1)"),
-    ("--structure=filters", "--structure must be 'unstructured', 'channel' or N:M"),
+    ("--sparsity=1.2", "--sparsity=1.2: `sparsity` must be in [0, 1)"),
+    ("--structure=filters", "--structure=filters: `structure` must be 'unstructured', 'channel' or an N:M"),
     ("--model=no_such_model", "--model"),
     ("--dataset=mnist_like", "--dataset"),
     ("--weights=/nonexistent/dense.keras", "--weights"),
     ("--teacher=/nonexistent/dense.keras", "--teacher must be an existing .keras file"),
     ("--dataset=imagenet2012", "imagenet2012"),
-    ("--budget=macs", "needs --structure=channel"),
+    ("--budget=macs", "--budget=macs: `budget='macs'` allocates whole channels"),
     ("--preprocessing=caffe", "--preprocessing applies to image data sets"),
 ])
 def test_bad_flags_exit_nonzero_with_one_clear_line_and_write_nothing(flag, expected, tmp_path):
@@ -120,6 +121,7 @@ def test_weights_that_do_not_fit_the_model_are_refused(tmp_path):
     ("cifar10", "resnet18", None), ("cifar10", "vgg16", None),
     ("imagenet2012", "mobilenet_v2", 64), ("imagenet2012", "resnet50", 64),
 ])
+@pytest.mark.slow
 def test_tfds_pipelines_on_mock_data_feed_each_model(name, model, size):
     import keras
     import tensorflow_datasets as tfds
@@ -128,12 +130,12 @@ def test_tfds_pipelines_on_mock_data_feed_each_model(name, model, size):
     from zoo.models import build
 
     with tfds.testing.mock_data(num_examples=40):
-        train, val, test, info = load(name, 4, image_size=size, log=lambda m: None)
-        x, y = next(iter(train))
-        xv, _ = next(iter(val))
-        xt, _ = next(iter(test))
-    assert x.shape[1:] == info["input_shape"] and xv.shape[1:] == xt.shape[1:] == info["input_shape"]
-    net = build(model, info["input_shape"], info["classes"])
+        data = load(name, 4, image_size=size, log=lambda m: None)
+        x, y = next(iter(data.train))
+        xv, _ = next(iter(data.val))
+        xt, _ = next(iter(data.test))
+    assert x.shape[1:] == data.input_shape and xv.shape[1:] == xt.shape[1:] == data.input_shape
+    net = build(model, data.input_shape, data.classes)
     net.compile(keras.optimizers.SGD(0.01), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     loss = net.train_on_batch(x, y)
     assert np.isfinite(loss)
@@ -151,8 +153,8 @@ def test_imagenet_weights_get_their_own_keras_applications_preprocessing(model, 
 
     preprocess_input = getattr(keras.applications, family).preprocess_input
     with tfds.testing.mock_data(num_examples=6):
-        _, _, test, _ = load("imagenet2012", 3, image_size=64, log=lambda m: None,
-                             preprocessing=preprocessing_for(model, "imagenet"))
+        test = load("imagenet2012", 3, image_size=64, log=lambda m: None,
+                    preprocessing=preprocessing_for(model, "imagenet")).test
         raw = tfds.load("imagenet2012", split="validation", as_supervised=True)
         images = [imagenet_geometry(image, False, 64) for image, _ in raw.take(3)]
     expected = preprocess_input(tf.stack(images).numpy())
@@ -168,7 +170,7 @@ def test_default_run_end_to_end_and_saved_model_serves_without_dg2pf_tf(tmp_path
     done = _train(f"--output_dir={out}", timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
-    assert report["sparsity_prunable"] == pytest.approx(0.95, abs=1e-4)
+    assert report["sparsity_prunable"] == pytest.approx(0.9, abs=1e-4)
     assert report["pruned_val_accuracy"] > report["dense_val_accuracy"] - 0.03
     for name in ("dense.keras", "pruned.keras", "history.csv", "plots/accuracy_sparsity.png",
                  "plots/layer_sparsity.png", "export/model.tflite", "export/export.json"):
@@ -229,3 +231,19 @@ def test_channel_structure_ships_the_shrunk_model(tmp_path):
     assert report["dense_val_accuracy"] == first["dense_val_accuracy"] != first["pruned_val_accuracy"]
     twice = keras.models.load_model(both / "pruned.keras")
     assert [w.shape for w in twice.weights] == [w.shape for w in shipped.weights]
+
+
+def test_every_flag_is_documented_and_the_settings_table_says_what_run_config_says():
+    import dataclasses
+
+    import dg2pf_tf
+
+    names = run_python(
+        "from absl import flags\nfrom flags import train_flags\ntrain_flags.define_flags()\n"
+        "print(' '.join(f.name for f in flags.FLAGS.get_key_flags_for_module(train_flags)))").split()
+    assert len(names) > len(dataclasses.fields(dg2pf_tf.RunConfig))
+    with open(os.path.join(ROOT, "docs", "command_line.md")) as f:
+        page = f.read()
+    assert [name for name in names if f"`--{name}`" not in page] == []
+    for field in dataclasses.fields(dg2pf_tf.RunConfig):
+        assert f"| `--{field.name}` |" in page and dg2pf_tf.RunConfig.help(field.name) in page, field.name
