@@ -66,8 +66,10 @@ def _radix_select(values, segments, num_segments, ranks, latest_first=False):
 
 
 def erk_keep_counts(sizes, sums, keep):
-    """`criteria.erk_keep_counts` in TensorFlow ops: the same float64 operations in
-    the same order, so the counts are equal. `keep` is an int64 tensor."""
+    """`reference.erk_keep_counts` in TensorFlow ops: the same float64 operations in
+    the same order, so the counts are equal. `keep` is an int64 tensor. Call it
+    inside a `tf.function` (as the criterion does): its `tf.while_loop` carries
+    a shape-changing structure that eager mode refuses."""
     raw = tf.constant(np.asarray(sums, np.float64) / np.maximum(np.asarray(sizes, np.float64), 1))
     sizes = tf.constant(sizes, tf.int64)
     sums = tf.constant(sums, tf.int64)

@@ -186,12 +186,18 @@ def _file_entry(name, mode, shipped):
             f"for {shipped.score:.1%} of the check inputs (below {_INT8_AGREEMENT:.0%}); "
             f"pass typical inputs as `representative_data` or use the float file.",
             stacklevel=4)
+    int8 = litert.stores_int8(litert.read(shipped.content))
+    if mode and not int8:
+        warnings.warn(
+            f"export(): {name} holds no int8 weights: the converter quantizes only tensors of "
+            f"1024 entries or more, and this model has none; it is the float file again.",
+            stacklevel=4)
     dense = len(sparse_tensors.all_dense(shipped.content))
     return {
         "bytes": len(shipped.content),
         "dense_equivalent_bytes": dense,
         "ratio_to_dense_equivalent": len(shipped.content) / dense,
-        "weights": "int8" if mode else "float32",
+        "weights": "int8" if int8 else "float32",
         ("top1_agreement" if mode else "max_abs_difference"): shipped.score,
         "tensors": shipped.tensors,
     }

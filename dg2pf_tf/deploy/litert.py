@@ -46,6 +46,13 @@ def numpy_dtype(tensor_type):
     return np.dtype(flatbuffer_utils.type_to_name(tensor_type).lower())
 
 
+def stores_int8(model):
+    """Whether `schema.ModelT` `model` holds any constant (a tensor with data) of type INT8."""
+    return any(t.type == schema.TensorType.INT8 and model.buffers[t.buffer].data is not None
+               and len(model.buffers[t.buffer].data) > 0
+               for subgraph in model.subgraphs for t in subgraph.tensors)
+
+
 def is_float(tensor_type):
     """Whether a schema `TensorType` is a float type the sparse path computes in."""
     return tensor_type in (schema.TensorType.FLOAT32, schema.TensorType.FLOAT16)

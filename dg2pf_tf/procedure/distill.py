@@ -106,6 +106,16 @@ class Distiller(keras.Model):
         kwargs.pop("loss", None)
         super().compile(optimizer=optimizer, metrics=metrics, **kwargs)
 
+    def get_compile_config(self):
+        """What `compile` was given (Keras saves it in a `.keras` file)."""
+        return super().get_compile_config()
+
+    def compile_from_config(self, config):
+        """Compiles as the saved `config` says (Keras' own refuses a custom `compile`)."""
+        self.compile(**keras.saving.deserialize_keras_object(config))
+        if self.built:
+            self.optimizer.build(self.trainable_variables)
+
     def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
         if y_pred is None:
             y_pred = self(x, training=training)
