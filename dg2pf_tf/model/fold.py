@@ -65,28 +65,28 @@ def _foldable_pairs(model):
     return pairs
 
 
+def _numpy(variable):
+    return np.asarray(keras.ops.convert_to_numpy(variable), np.float64)
+
+
 def _scale_and_shift(bn):
-    mean, var = (np.asarray(keras.ops.convert_to_numpy(v), np.float64) for v in (bn.moving_mean, bn.moving_variance))
-    gamma = np.asarray(keras.ops.convert_to_numpy(bn.gamma), np.float64) if bn.scale else np.ones_like(mean)
-    beta = np.asarray(keras.ops.convert_to_numpy(bn.beta), np.float64) if bn.center else np.zeros_like(mean)
+    mean, var = _numpy(bn.moving_mean), _numpy(bn.moving_variance)
+    gamma = _numpy(bn.gamma) if bn.scale else np.ones_like(mean)
+    beta = _numpy(bn.beta) if bn.center else np.zeros_like(mean)
     scale = gamma / np.sqrt(var + bn.epsilon)
     return scale, beta - mean * scale
 
 
 def _folded_weights(layer, bn):
-    """`layer`'s weights (with a bias) once `bn` is folded into them."""
+    """`layer`'s weights, in its order (a separable layer's depthwise kernel
+    first), with `bn` folded into its kernel and a bias."""
     scale, shift = _scale_and_shift(bn)
-    name = _kernel_name(layer)
-    weights = {w.path.split("/")[-1]: np.asarray(keras.ops.convert_to_numpy(w), np.float64) for w in layer.weights}
-    kernel = weights[name]
-    if type(layer) in _DEPTHWISE:
-        kernel = kernel * scale.reshape(kernel.shape[-2], kernel.shape[-1])
-    else:
-        kernel = kernel * scale
-    bias = weights.get("bias", np.zeros_like(scale)) * scale + shift
-    values = [kernel if w.path.split("/")[-1] == name else weights[w.path.split("/")[-1]]
-              for w in layer.weights if w.path.split("/")[-1] != "bias"]
-    return [v.astype(np.float32) for v in (*values, bias)]
+    kernel = getattr(layer, _kernel_name(layer))
+    folded = _numpy(kernel)
+    folded = folded * (scale.reshape(folded.shape[-2:]) if type(layer) in _DEPTHWISE else scale)
+    bias = (_numpy(layer.bias) if layer.use_bias else 0.0) * scale + shift
+    others = [_numpy(w) for w in layer.weights if w is not kernel and w is not layer.bias]
+    return [v.astype(np.float32) for v in (*others, folded, bias)]
 
 
 def fold_batchnorm(model):
