@@ -34,9 +34,9 @@ class Structure:
     def __str__(self):
         return self.name
 
-    def sparsity(self, sparsity=None, default=DEFAULT_SPARSITY):
-        """The target sparsity: `sparsity`, `default` when None. Raises ValueError for a bad one."""
-        return checks.check_sparsity(default if sparsity is None else sparsity)
+    def sparsity(self, sparsity=None):
+        """The target sparsity: `sparsity`, DEFAULT_SPARSITY when None. Raises ValueError for a bad one."""
+        return checks.check_sparsity(DEFAULT_SPARSITY if sparsity is None else sparsity)
 
     def floor(self, floor=None):
         """`floor`, or `default_floor` when None, checked. Raises ValueError for a bad one."""
@@ -92,7 +92,7 @@ class NM(Structure):
         """The sparsity the pattern reaches: 1 - n/m."""
         return 1.0 - self.n / self.m
 
-    def sparsity(self, sparsity=None, default=None):
+    def sparsity(self, sparsity=None):
         """1 - n/m. Raises ValueError for any other `sparsity` given."""
         if sparsity is not None and abs(checks.check_sparsity(sparsity) - self.target) > 1e-9:
             raise ValueError(

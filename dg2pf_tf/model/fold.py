@@ -15,21 +15,18 @@ import keras
 import numpy as np
 
 from dg2pf_tf import _compat
-from dg2pf_tf.model import clone, walk
+from dg2pf_tf.model import clone, layer_kinds, walk
 
 L = keras.layers
-# Layers whose output channel is the kernel's last axis ('pointwise_kernel' for
-# separable ones), and depthwise ones, whose output channel c is input channel
-# c // multiplier: their kernel is (..., channels, multiplier).
-_LAST_AXIS = {L.Conv1D: "kernel", L.Conv2D: "kernel", L.Conv3D: "kernel", L.Dense: "kernel",
-              L.SeparableConv1D: "pointwise_kernel", L.SeparableConv2D: "pointwise_kernel"}
-_DEPTHWISE = (L.DepthwiseConv1D, L.DepthwiseConv2D)
 
 
-def _kernel_name(layer):
-    if type(layer) in _DEPTHWISE:
-        return "kernel"
-    return _LAST_AXIS.get(type(layer))
+def _made_by(layer):
+    """`(kernel attribute, n)` of `layer` when a BatchNormalization after it can fold
+    into it (`LayerKind.makes_channels`, for its own class only, not a subclass's)."""
+    kind = layer_kinds.kind_of(layer)
+    if kind is None or type(layer) not in kind.types:
+        return ()
+    return kind.makes_channels
 
 
 def _graphs(model):
@@ -56,7 +53,7 @@ def _foldable_pairs(model):
             if type(bn) is not L.BatchNormalization or len(call.inputs) != 1 or times_called[id(bn)] != 1:
                 continue
             source = _compat.producer(call.inputs[0])
-            if (source is None or _kernel_name(source) is None or times_called[id(source)] != 1
+            if (source is None or not _made_by(source) or times_called[id(source)] != 1
                     or readers[id(call.inputs[0])] != 1
                     or keras.activations.serialize(source.activation) not in ("linear", None)
                     or bn.axis not in (-1, len(call.inputs[0].shape) - 1)):
@@ -81,9 +78,10 @@ def _folded_weights(layer, bn):
     """`layer`'s weights, in its order (a separable layer's depthwise kernel
     first), with `bn` folded into its kernel and a bias."""
     scale, shift = _scale_and_shift(bn)
-    kernel = getattr(layer, _kernel_name(layer))
+    name, axes = _made_by(layer)
+    kernel = getattr(layer, name)
     folded = _numpy(kernel)
-    folded = folded * (scale.reshape(folded.shape[-2:]) if type(layer) in _DEPTHWISE else scale)
+    folded = folded * scale.reshape(folded.shape[-axes:])
     bias = (_numpy(layer.bias) if layer.use_bias else 0.0) * scale + shift
     others = [_numpy(w) for w in layer.weights if w is not kernel and w is not layer.bias]
     return [v.astype(np.float32) for v in (*others, folded, bias)]

@@ -79,6 +79,9 @@ class LayerKind:
             `Projection`, or None where its channels cannot be followed.
         per_channel: `(attribute, axis)` of weights holding one entry per
             channel that flows through (BatchNorm, a depthwise step).
+        makes_channels: `(attribute, n)`: the kernel whose last n axes,
+            flattened, are the output's channels (a BatchNormalization after
+            the layer folds into it and the bias, see `model.fold`); () if none.
         uses: where its kernels multiply, for MACs.
         spatial: MACs need its positions to be of a known size.
         exact: a subclass may compute anything: its channels are not followed
@@ -92,6 +95,7 @@ class LayerKind:
     flow: Flow | None = None
     projection: typing.Callable | None = None
     per_channel: tuple = ()
+    makes_channels: tuple = ()
     uses: Uses = Uses.INPUT_POSITIONS
     spatial: bool = False
     exact: bool = False
@@ -158,18 +162,20 @@ def _kinds():
         LayerKind((L.SeparableConv1D, L.SeparableConv2D), prunable=("depthwise_kernel", "pointwise_kernel"),
                   input_axes={"pointwise_kernel": -2}, flow=Flow.PROJECTS,
                   projection=_projection("pointwise_kernel", "filters"), per_channel=(("depthwise_kernel", -2),),
-                  uses=Uses.OUTPUT_POSITIONS, spatial=True, exact=True),
+                  makes_channels=("pointwise_kernel", 1), uses=Uses.OUTPUT_POSITIONS, spatial=True, exact=True),
         LayerKind((L.Dense,), prunable=("kernel",), input_axes={"kernel": 0}, flow=Flow.PROJECTS,
-                  projection=_projection("kernel", "units"), exact=True),
+                  projection=_projection("kernel", "units"), makes_channels=("kernel", 1), exact=True),
         LayerKind((L.EinsumDense,), prunable=("kernel",), input_axes=_einsum_input_axes, flow=Flow.PROJECTS,
                   projection=_einsum_projection, exact=True),
         LayerKind((L.Conv1D, L.Conv2D, L.Conv3D), prunable=("kernel",), input_axes={"kernel": -2},
-                  flow=Flow.PROJECTS, projection=_projection("kernel", "filters"), uses=Uses.OUTPUT_POSITIONS,
-                  spatial=True, exact=True),
+                  flow=Flow.PROJECTS, projection=_projection("kernel", "filters"), makes_channels=("kernel", 1),
+                  uses=Uses.OUTPUT_POSITIONS, spatial=True, exact=True),
         # Transposed convolutions multiply at the positions they read.
         LayerKind((L.Conv1DTranspose, L.Conv2DTranspose, L.Conv3DTranspose), prunable=("kernel",), spatial=True),
+        # Output channel c of a depthwise layer is input channel c // multiplier: kernel (..., in, multiplier).
         LayerKind((L.DepthwiseConv1D, L.DepthwiseConv2D), prunable=("kernel",), flow=Flow.PASSES,
-                  per_channel=(("kernel", -2), ("bias", 0)), uses=Uses.OUTPUT_POSITIONS, spatial=True),
+                  per_channel=(("kernel", -2), ("bias", 0)), makes_channels=("kernel", 2),
+                  uses=Uses.OUTPUT_POSITIONS, spatial=True),
         LayerKind((L.Embedding,), prunable=("embeddings",), uses=Uses.NONE),
         LayerKind((L.SimpleRNNCell, L.LSTMCell, L.GRUCell), prunable=_RECURRENT,
                   input_axes={"kernel": 0, "recurrent_kernel": 0}),
