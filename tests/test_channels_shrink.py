@@ -441,7 +441,8 @@ def test_channel_pruning_refuses_what_it_cannot_do():
     excluded = dg2pf_tf.channel_groups  # the excluded layer's groups stay dense, with why
     pruned = dg2pf_tf.prune(gated_cnn(), structure="channel", exclude=["hidden"])
     from dg2pf_tf.channels.groups import prunable_groups
-    groups, dense = prunable_groups(pruned.model, pruned.targets)
+    found = prunable_groups(pruned.model, pruned.targets)
+    groups, dense = found.groups, found.dense
     assert excluded(pruned.model).groups and "stem" not in [g.layers(graph.PRODUCES)[0] for g in groups]
     assert any("'hidden' is not pruned" in d.reason for d in dense)
 

@@ -116,31 +116,26 @@ def model_macs(model):
 class CostModel:
     """The exact cost of a model with some of its `total` channels removed.
 
-    `factors` lists `(variable, uses)` for every weight the cost counts: its
-    entries are used `uses` times each per example. `pairs` (`criteria.channel.Pair`s)
-    list every (variable, axis) that carries channels of the prunable groups.
-    `cost(removed)` (TensorFlow, int64) and `cost_numpy(removed)` give the cost with
-    the channels flagged in `removed` gone; `first_order` is what removing each
-    channel alone saves; `budget` (a `settings.Budget`) says what is counted.
+    The cost is a sum of `terms`, each `(constant, axes)`: an integer constant
+    times the length each of `axes` keeps. `axes` index `channels`: one int
+    array per axis, the channel (0..total-1) at each of its positions, `total`
+    where none is, so an axis keeps its positions whose channel stays. `cost(removed)`
+    (TensorFlow, int64) and `cost_numpy(removed)` give the cost with the channels
+    flagged in `removed` gone; `first_order` is what removing each channel alone
+    saves; `budget` (a `settings.Budget`) says what is counted.
     """
 
-    def __init__(self, factors, pairs, total, budget):
+    def __init__(self, channels, terms, total, budget):
         self.budget, self.unit = budget, budget.unit
-        by_pair = {(id(p.variable), p.axis): i for i, p in enumerate(pairs)}
-        self.sizes = np.array([len(p.channel) for p in pairs] + [1], np.int64)
-        width = max([1] + [sum((id(v), a) in by_pair for a in range(len(v.shape))) for v, _ in factors])
-        slots, constants = [], []
-        for variable, uses in factors:
-            shape = [int(d) for d in variable.shape]
-            mine = [by_pair[(id(variable), a)] for a in range(len(shape)) if (id(variable), a) in by_pair]
-            rest = [d for a, d in enumerate(shape) if (id(variable), a) not in by_pair]
-            slots.append(mine + [len(pairs)] * (width - len(mine)))
-            constants.append(uses * int(np.prod(rest, dtype=np.int64)))
-        self.slots = np.array(slots, np.int64).reshape(-1, width)
-        self.constants = np.array(constants, np.int64)
-        # Position -> (channel, pair), over all pairs: what removing channels takes from each axis.
-        self._channel = np.concatenate([p.channel for p in pairs] or [np.zeros(0, np.int64)]).astype(np.int64)
-        self._pair = np.repeat(np.arange(len(pairs)), [len(p.channel) for p in pairs]).astype(np.int64)
+        sentinel = len(channels)  # an axis of length 1 that never shrinks
+        self.sizes = np.array([len(c) for c in channels] + [1], np.int64)
+        width = max([1] + [len(axes) for _, axes in terms])
+        self.slots = np.array([list(axes) + [sentinel] * (width - len(axes)) for _, axes in terms],
+                              np.int64).reshape(-1, width)
+        self.constants = np.array([int(c) for c, _ in terms], np.int64)
+        # Position -> (channel, axis), over all axes: what removing channels takes from each axis.
+        self._channel = np.concatenate([np.asarray(c) for c in channels] or [np.zeros(0, np.int64)]).astype(np.int64)
+        self._pair = np.repeat(np.arange(len(channels)), [len(c) for c in channels]).astype(np.int64)
         self.total_cost = self.cost_numpy(np.zeros(total, bool))
         self.first_order = self._first_order(total)
 
@@ -162,7 +157,7 @@ class CostModel:
         return tf.reduce_sum(self.constants * tf.reduce_prod(tf.gather(kept, self.slots), axis=1))
 
     def _first_order(self, total):
-        """What removing each channel alone saves (float64 [total]), never 0."""
+        """What removing each channel alone saves (float64 [total]), never below 1."""
         saved = np.zeros(total + 1)
         full = self.sizes[self.slots]
         for j in range(self.slots.shape[1]):
@@ -171,6 +166,20 @@ class CostModel:
             np.add.at(per_pair, self.slots[:, j], others)
             np.add.at(saved, self._channel, per_pair[self._pair])
         return np.maximum(saved[:total], 1.0)
+
+
+def weight_terms(factors, pairs):
+    """`(channels, terms)` of a `CostModel` counting `factors`, `(variable, uses)`:
+    each entry of `variable` costs `uses`; `pairs` (`criteria.channel.Pair`s) list
+    every (variable, axis) that carries channels."""
+    by_pair = {(id(p.variable), p.axis): i for i, p in enumerate(pairs)}
+    terms = []
+    for variable, uses in factors:
+        shape = [int(d) for d in variable.shape]
+        mine = tuple(by_pair[(id(variable), a)] for a in range(len(shape)) if (id(variable), a) in by_pair)
+        rest = [d for a, d in enumerate(shape) if (id(variable), a) not in by_pair]
+        terms.append((uses * int(np.prod(rest, dtype=np.int64)), mine))
+    return [p.channel for p in pairs], terms
 
 
 def _mac_factors(model):
@@ -186,10 +195,10 @@ def _param_factors(model):
 _FACTORS = {settings.MACs: _mac_factors, settings.Params: _param_factors}
 
 
-def cost_model(model, pairs, total, budget):
+def weight_cost_model(model, pairs, total, budget):
     """The `CostModel` of `budget` (`settings.MACs` or `settings.Params`) for Sequential
     or Functional `model`, whose prunable groups carry `total` channels along `pairs`.
 
     Raises ValueError where MACs cannot be counted (see `kernel_uses`).
     """
-    return CostModel(_FACTORS[type(budget)](model), pairs, total, budget)
+    return CostModel(*weight_terms(_FACTORS[type(budget)](model), pairs), total, budget)

@@ -101,16 +101,33 @@ class DenseGroup:
 
 
 @dataclasses.dataclass(frozen=True)
+class Width:
+    """The channel count of a tensor (its last axis): `fixed` channels that no
+    prunable group holds, plus, for each `(group, repeat)` of `parts`, `repeat`
+    times the channels `group` keeps."""
+
+    fixed: int
+    parts: tuple = ()
+
+    def kept(self, kept):
+        """The count when `kept(group)` channels of each group stay."""
+        return self.fixed + sum(repeat * kept(group) for group, repeat in self.parts)
+
+
+@dataclasses.dataclass(frozen=True)
 class ChannelStructure:
     """`groups` that can lose channels and `dense` ones that cannot;
     `reshapes`: names of the `Reshape` layers channels pass through, whose
     target shape names the channel count; `pinned`: `(layer, config key,
-    value)` of sizes Keras would otherwise infer from a shrunk input."""
+    value)` of sizes Keras would otherwise infer from a shrunk input;
+    `widths`: for each layer called once, `(inputs, output)`: the `Width`s of
+    its input tensors and of its first output."""
 
     groups: tuple
     dense: tuple
     reshapes: tuple = ()
     pinned: tuple = ()
+    widths: dict = dataclasses.field(default_factory=dict, compare=False)
 
     def __str__(self):
         lines = [f"{len(self.groups)} channel groups can be pruned, {len(self.dense)} stay dense"]
@@ -151,6 +168,7 @@ class _Tracer:
 
     def __init__(self):
         self.layouts, self.spaces, self.reshapes, self.pinned = {}, [], [], []
+        self.calls = []  # (layer name, input tensors, first output) of layers called once
 
     def space(self, size, name, reason=None):
         space = _Space(int(size), name)
@@ -229,13 +247,12 @@ class _Tracer:
         return [self.expanded(l) for l in layouts]
 
     def result(self):
-        groups, dense, seen = [], [], set()
+        groups, dense, found = [], [], {}
         for space in self.spaces:
             root = space.root()
-            if id(root) in seen or root.parts:
+            if id(root) in found or root.parts:
                 continue
-            seen.add(id(root))
-            group = ChannelGroup(root.size, tuple(root.slices))
+            found[id(root)] = group = ChannelGroup(root.size, tuple(root.slices))
             reason = (root.reasons[0] if root.reasons else
                       "no convolution or Dense layer produces these channels"
                       if not group.layers(PRODUCES) else
@@ -245,7 +262,21 @@ class _Tracer:
                                         root.size, reason))
             else:
                 groups.append(group)
-        return ChannelStructure(tuple(groups), tuple(dense), tuple(self.reshapes), tuple(self.pinned))
+        prunable = {id(g) for g in groups}
+        widths = {name: (tuple(self._width(t, found, prunable) for t in inputs), self._width(out, found, prunable))
+                  for name, inputs, out in self.calls}
+        return ChannelStructure(tuple(groups), tuple(dense), tuple(self.reshapes), tuple(self.pinned), widths)
+
+    def _width(self, tensor, found, prunable):
+        fixed, parts = 0, []
+        for block in self.layout(tensor):
+            for leaf in block.spaces:
+                group = found[id(leaf.root())]
+                if id(group) in prunable:
+                    parts.append((group, block.repeat))
+                else:
+                    fixed += leaf.size * block.repeat
+        return Width(fixed, tuple(parts))
 
 
 def _joined(layout):
@@ -524,6 +555,8 @@ def channel_groups(model):
         if len(node.outputs) != 1 and rule is not _UNKNOWN:
             rule = _opaque("with several outputs")
         rule(tracer, node)
+        if calls[id(layer)] == 1 and node.outputs:
+            tracer.calls.append((layer.name, node.inputs, node.outputs[0]))
     for t in model.outputs:
         tracer.block(tracer.layout(t), "a model output")
     return tracer.result()

@@ -1,15 +1,27 @@
 """The channel groups a pruned model can lose, as the positions of its variables that carry them."""
 
+import dataclasses
+
 import numpy as np
 
 from dg2pf_tf.channels import graph
 from dg2pf_tf.criteria.channel import Pair
 
 
+@dataclasses.dataclass(frozen=True)
+class Prunable:
+    """The channel `groups` of a model that can lose channels, the `dense` ones
+    (`graph.DenseGroup`s, with the reason) and the `graph.Width` of each layer
+    call's tensors (a group counted there that is not in `groups` is fixed)."""
+
+    groups: list
+    dense: list
+    widths: dict
+
+
 def prunable_groups(model, targets):
-    """`(groups, dense)`: the channel groups of `model` whose kernels are all
-    among `targets` (the variables being pruned), and `graph.DenseGroup`s
-    for the rest, with the reason."""
+    """The `Prunable` groups of `model`: those whose kernels are all among
+    `targets` (the variables being pruned)."""
     found = graph.channel_groups(model)
     ids = {id(t) for t in targets}
     groups, dense = [], list(found.dense)
@@ -21,7 +33,7 @@ def prunable_groups(model, targets):
                                           f"'{outside[0]}' is not pruned (excluded or not prunable)"))
         else:
             groups.append(group)
-    return groups, dense
+    return Prunable(groups, dense, found.widths)
 
 
 def channel_pairs(groups):

@@ -58,19 +58,13 @@ def shrink(model, *, fold_batchnorm=False):
             return None  # nothing to resize: a plain copy
         config = layer.get_config()
         for key, size in sizes.get(layer.name, {}).items():
-            config[key] = _resized(config[key], int(size))
+            config[key] = clone.resized(config[key], int(size))
         if reshaped:  # (1, ..., 1, channels): the channels are what is left
             config["target_shape"] = (*config["target_shape"][:-1], -1)
         return clone.Rebuilt(type(layer).from_config(config), [_cut(w, cut) for w in layer.weights])
 
     smaller = clone.copy(plain, rebuilt)
     return fold.fold_batchnorm(smaller)[0] if fold_batchnorm else smaller
-
-
-def _resized(entry, size):
-    """A size entry of a layer config with its channel count set to `size`:
-    a count, or a shape (EinsumDense's `output_shape`) whose last entry it is."""
-    return size if entry is None or isinstance(entry, int) else (*entry[:-1], size)
 
 
 def _cut(variable, cut):

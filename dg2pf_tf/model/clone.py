@@ -27,6 +27,12 @@ class Rebuilt:
     inputs_only: bool = False
 
 
+def resized(entry, size):
+    """A size entry of a layer config with its channel count set to `size`:
+    a count, or a shape (EinsumDense's `output_shape`) whose last entry it is."""
+    return size if entry is None or isinstance(entry, int) else (*entry[:-1], size)
+
+
 def copy(model, rebuild=None, *, inputs=None):
     """A copy of built `model`: same class, config and weights, no shared state
     (but plain Lambda layers, which hold none of their own).
