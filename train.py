@@ -281,8 +281,7 @@ def _print_summary(report, exported, place, started):
                   f"{report['channels_total'] - report['channels_removed']:,}", ""),
                  ("parameters (shrunk)", f"{report['params_dense']:,}", f"{report['params_shrunk']:,}", "")]
     if "budget_removed" in report:
-        rows.append((f"{report['budget']} (the budget)", f"{report['budget_total']:,}",
-                     f"{round(report['budget_total'] * (1 - report['budget_removed'])):,}", ""))
+        rows.append((f"{report['budget']} (the budget)", report["budget_dense"], report["budget_pruned"], ""))
     sizes = report["file_bytes"]
     rows.append((".keras file (bytes)", f"{sizes['dense.keras']:,}", f"{sizes['pruned.keras']:,}",
                  "Keras stores every weight dense, zeros too"))

@@ -20,6 +20,7 @@ Public API (everything else is internal):
     shrink                       a channel-pruned model rebuilt with fewer channels
     Unstructured, Channels, NM   what masks remove (`structure=`; or 'unstructured', 'channel', '2:4')
     ChannelCount, MACs, Params   what a channel level counts (`budget=`; or 'channels', 'macs', 'params')
+    Latency                      ... or the latency measured in Keras or LiteRT (or 'latency')
 
 Layout, from the bottom up (each layer imports only those below it):
 `_compat`, `checks`, `settings`, `counting`, `atomic`; `model` (layer kinds,
@@ -46,7 +47,7 @@ from dg2pf_tf.procedure.distill import Distiller
 from dg2pf_tf.procedure.evaluation import evaluate
 from dg2pf_tf.procedure.report import RunResult
 from dg2pf_tf.procedure.run import run
-from dg2pf_tf.settings import NM, ChannelCount, Channels, MACs, Params, Unstructured
+from dg2pf_tf.settings import NM, ChannelCount, Channels, Latency, MACs, Params, Unstructured
 
 __version__ = "0.1.0"
 
@@ -57,6 +58,7 @@ __all__ = [
     "Channels",
     "DeployReport",
     "Distiller",
+    "Latency",
     "MACs",
     "NM",
     "Params",

@@ -152,6 +152,10 @@ class Budget:
         """What `.keras` files and checkpoints record: the name."""
         return self.name
 
+    def amount(self, cost):
+        """`cost` (an integer count of `unit`) in words."""
+        return f"{cost:,} {self.unit}"
+
 
 @dataclasses.dataclass(frozen=True)
 class ChannelCount(Budget):
@@ -179,22 +183,85 @@ class Params(Budget):
     unit: typing.ClassVar[str] = "parameters"
 
 
-_BUDGETS = {b.name: b for b in (ChannelCount(), MACs(), Params())}
+RUNTIMES = ("keras", "litert")
+
+
+@dataclasses.dataclass(frozen=True)
+class Latency(Budget):
+    """The share of the model's latency, measured on this machine in the runtime it
+    ships to (`dg2pf_tf.channels.latency` times each layer at a few widths).
+
+    Attributes:
+        runtime: 'keras' (the compiled `predict_on_batch`) or 'litert' (the
+            LiteRT interpreter with its default XNNPACK delegate, float32).
+        batch_size: examples per call; default 32 in Keras, 1 in LiteRT.
+        threads: LiteRT's `num_threads` (default: the runtime's own choice);
+            Keras uses TensorFlow's thread pools, so it takes none.
+        cache_dir: where the measured tables are kept (default
+            `$XDG_CACHE_HOME/dg2pf_tf/latency`, or `~/.cache/...`); not recorded.
+
+    Raises ValueError for an unknown runtime, a batch size or thread count that is
+    not a positive whole number, or `threads` with runtime 'keras'.
+    """
+
+    name: typing.ClassVar[str] = "latency"
+    unit: typing.ClassVar[str] = "latency"
+    runtime: str = "keras"
+    batch_size: int | None = None
+    threads: int | None = None
+    cache_dir: str | None = dataclasses.field(default=None, compare=False)
+
+    def __post_init__(self):
+        if self.runtime not in RUNTIMES:
+            raise ValueError(f"Latency(runtime=...) must be one of {RUNTIMES}, got {self.runtime!r}.")
+        checks.positive_int("Latency batch_size", self.batch_size, none_ok=True)
+        checks.positive_int("Latency threads", self.threads, none_ok=True)
+        if self.threads is not None and self.runtime == "keras":
+            raise ValueError(
+                "Latency(threads=...) sets the LiteRT interpreter's threads; with runtime='keras' "
+                "TensorFlow's own thread pools run the model (set them with "
+                "tf.config.threading). Drop `threads`, or use runtime='litert'.")
+        if self.batch_size is None:
+            object.__setattr__(self, "batch_size", 32 if self.runtime == "keras" else 1)
+
+    def config(self):
+        """`{'name': 'latency', 'runtime', 'batch_size', 'threads'}`."""
+        return {"name": self.name, "runtime": self.runtime, "batch_size": self.batch_size,
+                "threads": self.threads}
+
+    def amount(self, cost):
+        """`cost` (picoseconds, as the latency model counts) in milliseconds."""
+        return f"{cost / 1e9:,.2f} ms"
+
+    def __str__(self):
+        threads = "" if self.threads is None else f", {self.threads} threads"
+        return f"latency ({self.runtime}, batch {self.batch_size}{threads})"
+
+
+_BUDGETS = {b.name: b for b in (ChannelCount(), MACs(), Params(), Latency())}
+
+
+def _from_config(value):
+    """A `Budget` from what `Budget.config()` wrote: a name, or a dict with one."""
+    if isinstance(value, dict) and value.get("name") == Latency.name:
+        return Latency(**{k: v for k, v in value.items() if k != "name"})
+    return _BUDGETS.get(value) if isinstance(value, str) else None
 
 
 def budget(value, structure_=None):
-    """The `Budget` `value` names: a `Budget` as is, or 'channels', 'macs' or 'params'.
+    """The `Budget` `value` names: a `Budget` as is, 'channels', 'macs', 'params' or
+    'latency' (`Latency()`), or what `Budget.config()` wrote.
 
     Raises ValueError for anything else, or a budget that counts a cost with a
     `structure_` that does not shrink (single weights and N:M patterns save no
     compute on a CPU).
     """
-    found = value if isinstance(value, Budget) else _BUDGETS.get(value) if isinstance(value, str) else None
+    found = value if isinstance(value, Budget) else _from_config(value)
     if found is None:
         raise ValueError(
             f"`budget` must be one of {tuple(_BUDGETS)} (what `sparsity` is a share of: channels, "
-            f"multiply-accumulates, or parameters), or a dg2pf_tf budget such as dg2pf_tf.MACs(); "
-            f"got {value!r}.")
+            f"multiply-accumulates, parameters or measured latency), or a dg2pf_tf budget such as "
+            f"dg2pf_tf.MACs() or dg2pf_tf.Latency(runtime='litert', threads=2); got {value!r}.")
     if found.counts_cost and structure_ is not None and not structure_.shrinks:
         raise ValueError(
             f"`budget={str(found)!r}` allocates whole channels by what they cost, so it needs "

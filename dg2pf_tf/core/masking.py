@@ -6,7 +6,7 @@ import numpy as np
 import tensorflow as tf
 
 from dg2pf_tf import checks, settings
-from dg2pf_tf.channels import costs, groups
+from dg2pf_tf.channels import budgets, groups
 from dg2pf_tf.core.pruned_model import PrunedModel
 from dg2pf_tf.criteria.channel import ChannelCriterion
 from dg2pf_tf.criteria.magnitude import DeviceCriterion
@@ -119,13 +119,14 @@ def _channel_criterion(pruned, scope, floor):
             "Channel pruning ranks channels globally; for the same share in every group, "
             "use scope='global' with floor=1.0.")
     targets, model = pruned.targets, pruned.model
-    found, _ = groups.prunable_groups(model, targets)
+    prunable = groups.prunable_groups(model, targets)
+    found = prunable.groups
     if not found:
         raise ValueError(
             f"Model '{model.name}' has no channel group that can be pruned; "
             f"`dg2pf_tf.channel_groups(model)` lists them and why each stays dense.")
     pairs, sizes = groups.channel_pairs(found), [g.size for g in found]
-    cost = costs.cost_model(model, pairs, sum(sizes), pruned.budget) if pruned.budget.counts_cost else None
+    cost = budgets.cost_model(model, prunable, sum(sizes), pruned.budget) if pruned.budget.counts_cost else None
     return ChannelCriterion(sizes, pairs, targets, floor, cost)
 
 

@@ -170,11 +170,14 @@ class ChannelCriterion:
 
     def report(self, masks):
         """What numpy `masks` remove, for `run()`'s report: channels, and with a cost
-        budget its name, the share of the cost removed and the cost of the dense model."""
+        budget its name, the share of the cost removed, the cost of the dense model
+        (and both costs in words: for a latency budget, the predicted milliseconds)."""
         found = {"channels_removed": self.removed(masks), "channels_total": self.total}
         if self.costs is not None:
+            amount, left = self.costs.budget.amount, self.costs.cost_numpy(self.removed_flags(masks))
             found.update(budget=str(self.costs.budget), budget_removed=self.saved_share(masks),
-                         budget_total=self.costs.total_cost)
+                         budget_total=self.costs.total_cost, budget_dense=amount(self.costs.total_cost),
+                         budget_pruned=amount(left))
         return found
 
     def unreachable(self, level):
@@ -184,8 +187,9 @@ class ChannelCriterion:
         most = self.most_saved(level)
         if most + 1e-12 >= level:
             return None
+        total = self.costs.budget.amount(self.costs.total_cost)
         return (f"budget={str(self.costs.budget)!r}: sparsity {level:g} asks for {level:.1%} of the "
-                f"model's {self.unit} ({self.costs.total_cost:,}), but removing every channel the floors allow (floor="
+                f"model's {self.unit} ({total}), but removing every channel the floors allow (floor="
                 f"{self.floor:g}: each group keeps at least that share of 1 - sparsity of its channels, "
                 f"and one) saves {most:.1%}; the rest is in layers whose channels stay dense "
                 f"(`dg2pf_tf.channel_groups` lists them). Ask for at most {most:.1%}, or lower `floor`")

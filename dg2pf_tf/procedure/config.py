@@ -48,7 +48,15 @@ class RunConfig:
                         "as '2:4'.")
     budget: settings.Budget = _setting(
         "channels", "With structure 'channel', what sparsity is a share of: 'channels', 'macs' "
-                    "(the multiply-accumulates: a faster model) or 'params' (the parameters).")
+                    "(the multiply-accumulates), 'params' (the parameters) or 'latency' (measured "
+                    "on this machine: see runtime).")
+    runtime: str | None = _setting(
+        None, "With budget 'latency': the runtime the latency is measured in, 'keras' (the default) "
+              "or 'litert'.")
+    latency_batch_size: int | None = _setting(
+        None, "With budget 'latency': the batch size it is measured at (default 32 in Keras, 1 in LiteRT).")
+    latency_threads: int | None = _setting(
+        None, "With budget 'latency' and runtime 'litert': the interpreter's threads (default: its own).")
     task: str = _setting("auto", "What the output means: 'auto' (read from the output activation "
                                  "and the labels), 'categorical', 'binary' or 'regression'.")
     temperature: float = _setting(4.0, "Temperature of the distillation loss.")
@@ -80,7 +88,8 @@ class RunConfig:
 
     def __post_init__(self):
         structure = settings.structure(self.structure)
-        fixed = {"structure": structure, "budget": settings.budget(self.budget, structure),
+        budget = _with_latency_fields(settings.budget(self.budget, structure), self)
+        fixed = {"structure": structure, "budget": budget, **_latency_fields(budget),
                  "finetune": bool(self.finetune), "recovery": bool(self.recovery), **_as_floats(self)}
         for name, value in fixed.items():
             object.__setattr__(self, name, value)
@@ -123,6 +132,30 @@ class RunConfig:
         what a checkpoint's fingerprint records."""
         plain = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         return {**plain, "structure": str(self.structure), "budget": self.budget.config()}
+
+
+def _with_latency_fields(budget, config):
+    """`budget` with the latency fields of `config` applied. Raises ValueError where
+    they are given with a budget that is not measured."""
+    given = {key: value for key, value in (("runtime", config.runtime), ("batch_size", config.latency_batch_size),
+                                           ("threads", config.latency_threads)) if value is not None}
+    if not given:
+        return budget
+    if not isinstance(budget, settings.Latency):
+        raise ValueError(
+            f"`runtime`, `latency_batch_size` and `latency_threads` say how budget='latency' is "
+            f"measured; with budget={str(budget)!r} they have no meaning (given: {given}). Use "
+            f"budget='latency', or leave them unset.")
+    runtime = given.get("runtime", budget.runtime)
+    batch = given.get("batch_size", budget.batch_size if runtime == budget.runtime else None)
+    return settings.Latency(runtime, batch, given.get("threads", budget.threads), budget.cache_dir)
+
+
+def _latency_fields(budget):
+    """The latency fields that describe `budget` (None for a budget that is not measured)."""
+    if not isinstance(budget, settings.Latency):
+        return {}
+    return {"runtime": budget.runtime, "latency_batch_size": budget.batch_size, "latency_threads": budget.threads}
 
 
 def _as_floats(config):

@@ -1,0 +1,196 @@
+"""The latency budget: a latency model built from per-layer timings (a fake clock here), its cache, bad input."""
+
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+
+import dg2pf_tf
+from dg2pf_tf import settings
+from dg2pf_tf.channels import costs, latency, timing
+from dg2pf_tf.core import masking
+from dg2pf_tf.model import clone
+
+L = keras.layers
+
+
+def residual_net(size=16):
+    """A small residual CNN nobody tuned for this: stem, two residual blocks, a head."""
+    inputs = keras.Input((size, size, 3))
+    x = L.ReLU()(L.BatchNormalization()(L.Conv2D(16, 3, padding="same", use_bias=False, name="stem")(inputs)))
+    for i in range(2):
+        y = L.Conv2D(24, 3, padding="same", activation="relu", name=f"wide{i}")(x)
+        y = L.BatchNormalization()(L.Conv2D(16, 1, name=f"narrow{i}")(y))
+        x = L.ReLU()(L.Add()([x, y]))
+    x = L.MaxPooling2D()(x)
+    x = L.Conv2D(32, 3, padding="same", activation="relu", name="late")(x)
+    return keras.Model(inputs, L.Dense(10, name="head")(L.GlobalAveragePooling2D()(x)))
+
+
+class FakeTimer:
+    """Times a model as a sum over its layers: 1 ns a multiply-accumulate, 0.1 ns an
+    output element, 10 us a layer: exactly the form the latency model fits."""
+
+    def __init__(self):
+        self.timed = 0
+
+    def seconds(self, models, progress=lambda done, total: None):
+        self.timed += len(models)
+        return [fake_seconds(m) for m in models]
+
+
+def fake_seconds(model):
+    batch = model.inputs[0].shape[0]
+    elements = sum(int(np.prod(layer.output.shape[1:])) for layer in model.layers
+                   if not isinstance(layer, L.InputLayer))
+    layers = sum(not isinstance(layer, L.InputLayer) for layer in model.layers)
+    return batch * (1e-9 * costs.model_macs(model) + 1e-10 * elements) + 1e-5 * layers
+
+
+@pytest.fixture
+def fake_timer(monkeypatch):
+    timer = FakeTimer()
+    monkeypatch.setattr(timing, "timer", lambda budget, runs=5: timer)
+    return timer
+
+
+def _latency_pruned(model, tmp_path, level=0.4, **budget):
+    budget = settings.Latency(cache_dir=str(tmp_path), **budget)
+    pruned = dg2pf_tf.prune(model, structure="channel", budget=budget, sparsity=level)
+    return pruned, masking.mask_set(pruned).criterion()
+
+
+def test_latency_model_predicts_the_shrunk_models_time_on_a_fake_clock(fake_timer, tmp_path):
+    model = residual_net()
+    pruned, criterion = _latency_pruned(model, tmp_path, batch_size=4)
+    dg2pf_tf.update_masks(pruned, 0.4)
+    flags = criterion.removed_flags([m.numpy() for m in pruned.masks])
+    small = dg2pf_tf.shrink(pruned, fold_batchnorm=True)
+    measured = fake_seconds(clone.copy(small, inputs=keras.Input(batch_shape=(4, 16, 16, 3))))
+    dense = fake_seconds(clone.copy(dg2pf_tf.shrink(model, fold_batchnorm=True),
+                                    inputs=keras.Input(batch_shape=(4, 16, 16, 3))))
+    assert criterion.costs.measured == pytest.approx(dense)
+    # Within 0.1%: the two-point calibration (full and half width) is fitted, not exact.
+    assert criterion.costs.seconds(flags) == pytest.approx(measured, rel=1e-3)
+    assert 1 - measured / dense >= 0.4  # the budget is met on the clock, not only in the model
+    assert criterion.costs.fixed_layers == []
+
+
+def test_latency_ranking_spends_the_budget_where_time_is(fake_timer, tmp_path):
+    # 'late' runs at a quarter of the positions: per channel, the stream at full
+    # resolution costs more time, so the latency budget takes more of it than of 'late'.
+    pruned, criterion = _latency_pruned(residual_net(), tmp_path, level=0.3)
+    dg2pf_tf.update_masks(pruned, 0.3)
+    groups = masking.groups.prunable_groups(pruned.model, pruned.targets).groups
+    flags = criterion.removed_flags([m.numpy() for m in pruned.masks])
+    start = np.cumsum([0] + [g.size for g in groups])
+    share = {g.name: flags[a:b].mean() for g, a, b in zip(groups, start, start[1:])}
+    late = next(v for k, v in share.items() if k.startswith("late"))
+    assert share[next(k for k in share if k.startswith("stem"))] > late
+
+
+def test_latency_measurements_are_cached_and_a_foreign_cache_is_measured_anew(fake_timer, tmp_path):
+    model = residual_net()
+    _, first = _latency_pruned(model, tmp_path)
+    timed = fake_timer.timed
+    _, second = _latency_pruned(model, tmp_path)
+    assert (first.costs.cached, second.costs.cached, fake_timer.timed) == (False, True, timed)
+    assert second.costs.total_cost == first.costs.total_cost
+    _latency_pruned(model, tmp_path, batch_size=2)  # another batch size: its own file
+    assert fake_timer.timed == 2 * timed
+    (path,) = [p for p in tmp_path.iterdir() if json.loads(p.read_text())["key"]["batch_size"] == 32]
+    stale = json.loads(path.read_text())
+    stale["key"]["cpu"] = "another machine"
+    path.write_text(json.dumps(stale))
+    _, again = _latency_pruned(model, tmp_path)
+    assert not again.costs.cached and fake_timer.timed == 3 * timed
+
+
+def test_an_unwritable_cache_warns_and_the_latency_is_still_measured(fake_timer, tmp_path):
+    blocked = tmp_path / "a_file"
+    blocked.write_text("not a directory")
+    with pytest.warns(UserWarning, match="could not be cached"):
+        _, criterion = _latency_pruned(residual_net(), blocked)
+    assert criterion.costs.total_cost > 0
+
+
+def test_latency_budget_that_the_floors_cannot_reach_says_the_most(fake_timer, tmp_path):
+    with pytest.raises(ValueError, match=r"Ask for at most \d+\.\d%"):
+        _latency_pruned(residual_net(), tmp_path, level=0.999)
+
+
+def test_latency_needs_a_fixed_input_size(fake_timer, tmp_path):
+    inputs = keras.Input((None, None, 3))
+    x = L.Conv2D(8, 3, activation="relu")(L.Conv2D(8, 3)(inputs))
+    model = keras.Model(inputs, L.Dense(2)(L.GlobalAveragePooling2D()(x)))
+    with pytest.raises(ValueError, match="input_shape="):
+        _latency_pruned(model, tmp_path, level=0.2)
+
+
+def test_latency_settings_refuse_bad_values_and_round_trip_through_their_config():
+    with pytest.raises(ValueError, match="runtime"):
+        settings.Latency(runtime="gpu")
+    with pytest.raises(ValueError, match="tf.config.threading"):
+        settings.Latency(threads=2)
+    with pytest.raises(ValueError, match="batch_size"):
+        settings.Latency(batch_size=0)
+    with pytest.raises(ValueError, match="structure='channel'"):
+        dg2pf_tf.prune(residual_net(), budget="latency")
+    assert settings.Latency().batch_size == 32 and settings.Latency(runtime="litert").batch_size == 1
+    budget = settings.Latency(runtime="litert", threads=2)
+    assert settings.budget(budget.config()) == budget
+    assert settings.budget("latency") == settings.Latency()
+
+
+def test_a_pruned_model_with_a_latency_budget_saves_and_loads(fake_timer, tmp_path):
+    budget = settings.Latency(runtime="litert", threads=2, cache_dir=str(tmp_path))
+    pruned = dg2pf_tf.prune(residual_net(), structure="channel", budget=budget, sparsity=0.3)
+    pruned.save(tmp_path / "pruned.keras")
+    loaded = keras.models.load_model(tmp_path / "pruned.keras")
+    assert loaded.budget == budget
+
+
+def test_nonnegative_fit_recovers_a_bilinear_time_and_never_goes_negative():
+    x, y = np.array([64, 64, 32, 32, 16.0]), np.array([64, 32, 64, 32, 16.0])
+    columns = np.stack([np.ones(5), x, y, x * y], 1)
+    assert latency.nonnegative_fit(columns, columns @ [2e-5, 1e-7, 3e-7, 4e-9]) == pytest.approx(
+        [2e-5, 1e-7, 3e-7, 4e-9], rel=1e-6)
+    falling = 1e-3 - 1e-6 * x  # time that falls with width: no negative coefficient
+    assert np.all(latency.nonnegative_fit(columns, falling) >= 0)
+
+
+def test_timers_take_the_median_of_interleaved_rounds_on_their_clock():
+    ticks = iter(np.cumsum([0, 5, 0, 1, 0, 7, 0, 2, 0, 6, 0, 3]).astype(float))
+    timer = timing.KerasTimer(runs=3, clock=lambda: next(ticks))
+    a = keras.Sequential([keras.Input((4,), batch_size=2), L.Dense(3)])
+    b = keras.Sequential([keras.Input((4,), batch_size=2), L.Dense(5)])
+    # Rounds interleave a, b, a, b, ...: a takes 5, 7, 6; b takes 1, 2, 3.
+    assert timer.seconds([a, b]) == [6.0, 2.0]
+
+
+@pytest.mark.slow
+def test_litert_timer_runs_many_models_from_one_file():
+    models = [keras.Sequential([keras.Input((8, 8, c), batch_size=1), L.Conv2D(c, 3)]) for c in (4, 8, 16)]
+    models.append(keras.Model(*(lambda i: (i, L.Add()(i)))([keras.Input((8, 8, 4), batch_size=1)] * 2)))
+    found = timing.LiteRTTimer(threads=1, runs=2).seconds(models)
+    assert len(found) == 4 and all(s > 0 for s in found)
+
+
+def test_keras_timer_times_real_models():
+    small = keras.Sequential([keras.Input((32, 32, 8), batch_size=4), L.Conv2D(8, 3)])
+    large = keras.Sequential([keras.Input((32, 32, 64), batch_size=4), L.Conv2D(256, 3)])
+    fast, slow = timing.KerasTimer(runs=3).seconds([small, large])
+    assert 0 < fast < slow
+
+
+def test_channel_structure_gives_each_layer_its_widths():
+    model = residual_net()
+    found = dg2pf_tf.channel_groups(model)
+    inputs, output = found.widths["wide0"]
+    assert inputs[0].fixed == 0 and [g.size for g, _ in inputs[0].parts] == [16]
+    assert output.parts[0][0].size == 24
+    head_inputs, head_output = found.widths["head"]
+    assert head_output.fixed == 10 and not head_output.parts
+    assert os.path.basename(latency.cache_dir(settings.Latency(cache_dir="/x/y"))) == "y"
