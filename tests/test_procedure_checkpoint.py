@@ -94,10 +94,13 @@ CHANGED = {
     "learning_rate": 1e-3, "weight_decay": 0.0, "clipnorm": None, "finetune_learning_rate": 1e-4,
     "finetune": False, "recovery": False, "mask_update_steps": 2, "recalibrate_bn": False,
     "bn_batches": 10, "steps_per_epoch": 4, "task": "binary", "structure": "channel",
-    "budget": "params",
+    "budget": "params", "runtime": "litert", "latency_batch_size": 2, "latency_threads": 1,
 }
-# Settings that take others along: a budget other than channels needs channel structure.
-ALONG = {"budget": {"structure": "channel"}}
+# Settings that take others along: a budget other than channels needs channel structure,
+# the latency fields a latency budget (and threads the LiteRT runtime).
+_LATENCY = {"structure": "channel", "budget": "latency"}
+ALONG = {"budget": {"structure": "channel"}, "runtime": _LATENCY, "latency_batch_size": _LATENCY,
+         "latency_threads": {**_LATENCY, "runtime": "litert"}}
 
 
 def test_every_run_setting_is_in_the_fingerprint():
