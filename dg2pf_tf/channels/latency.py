@@ -412,7 +412,6 @@ def latency_costs(model, prunable, total, budget, timer=None):
             scale, offset = slope, seconds["whole"] - slope * layers
     found = costs_at(scale, offset)
     found.measured, found.layers, found.fixed_layers, found.cached = seconds["whole"], layers, fixed, cached
-    found.measured_half = seconds.get("half")
     if not cached:
         print(f"[dg2pf] latency of '{model.name}': {seconds['whole'] * 1e3:.2f} ms whole, layers alone "
               f"{layers * 1e3:.2f} ms; measured in {time.perf_counter() - start:.0f} s", flush=True)
