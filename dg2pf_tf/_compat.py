@@ -114,3 +114,15 @@ def kerashub_feedforward(layer):
     pair = (getattr(layer, "_feedforward_intermediate_dense", None),
             getattr(layer, "_feedforward_output_dense", None))
     return pair if all(isinstance(d, keras.layers.Dense) for d in pair) else None
+
+
+def invoke_signature(signature):
+    """Runs LiteRT `signature` (a `SignatureRunner` called once before) on the inputs
+    it holds.
+
+    Its public call resizes, allocates, and copies the inputs in and the outputs
+    out every time: on one layer at high resolution the copies take as long as
+    the layer, and a whole model pays them once. The interpreter's own `invoke()`
+    runs the first signature only.
+    """
+    signature._interpreter_wrapper.Invoke(signature._subgraph_index)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import dg2pf_tf
-from dg2pf_tf import settings
+from dg2pf_tf import _compat, settings
 from dg2pf_tf.channels import costs, latency, timing
 from dg2pf_tf.core import masking
 from dg2pf_tf.model import clone
@@ -42,11 +42,12 @@ class FakeTimer:
 
 
 def fake_seconds(model):
+    # The outputs of this model's calls: a probe calls layers of the folded model
+    # again, whose `layer.output` is of their first call.
+    calls = _compat.graph_nodes(model)
     batch = model.inputs[0].shape[0]
-    elements = sum(int(np.prod(layer.output.shape[1:])) for layer in model.layers
-                   if not isinstance(layer, L.InputLayer))
-    layers = sum(not isinstance(layer, L.InputLayer) for layer in model.layers)
-    return batch * (1e-9 * costs.model_macs(model) + 1e-10 * elements) + 1e-5 * layers
+    elements = sum(int(np.prod(call.outputs[0].shape[1:])) for call in calls)
+    return batch * (1e-9 * costs.model_macs(model) + 1e-10 * elements) + 1e-5 * len(calls)
 
 
 @pytest.fixture
@@ -72,8 +73,7 @@ def test_latency_model_predicts_the_shrunk_models_time_on_a_fake_clock(fake_time
     dense = fake_seconds(clone.copy(dg2pf_tf.shrink(model, fold_batchnorm=True),
                                     inputs=keras.Input(batch_shape=(4, 16, 16, 3))))
     assert criterion.costs.measured == pytest.approx(dense)
-    # Within 0.1%: the two-point calibration (full and half width) is fitted, not exact.
-    assert criterion.costs.seconds(flags) == pytest.approx(measured, rel=1e-3)
+    assert criterion.costs.seconds(flags) == pytest.approx(measured, rel=1e-9)
     assert 1 - measured / dense >= 0.4  # the budget is met on the clock, not only in the model
     assert criterion.costs.fixed_layers == []
 
@@ -159,6 +159,14 @@ def test_nonnegative_fit_recovers_a_bilinear_time_and_never_goes_negative():
         [2e-5, 1e-7, 3e-7, 4e-9], rel=1e-6)
     falling = 1e-3 - 1e-6 * x  # time that falls with width: no negative coefficient
     assert np.all(latency.nonnegative_fit(columns, falling) >= 0)
+
+
+def test_calibration_is_a_line_with_overhead_and_never_a_negative_one():
+    # 2 ms of overhead, 0.8 s of whole per second of layers: recovered from two points.
+    assert latency._calibration(0.082, 0.042, 0.1, 0.05) == pytest.approx((0.8, 0.002))
+    # A narrow model faster than any overhead allows (caches): the full-width ratio alone.
+    assert latency._calibration(0.08, 0.03, 0.1, 0.05) == pytest.approx((0.8, 0.0))
+    assert latency._calibration(0.08, None, 0.1, 0.05) == pytest.approx((0.8, 0.0))
 
 
 def test_timers_take_the_median_of_interleaved_rounds_on_their_clock():

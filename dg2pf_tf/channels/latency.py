@@ -21,10 +21,11 @@ size, at a few widths of the channels it reads and writes, and timed by the
 Each group's width enters those fits through the `graph.Width` of the tensors,
 so the model's time is a sum of terms `constant * kept(g) * kept(h)`: a
 `costs.CostModel` (in picoseconds), exact for any set of removed channels, in
-numpy and inside the training step. The whole model is timed as well, and every
-term is scaled by (whole) / (sum of its layers at full width): per-layer
-timings miss the runtime's own overhead and the caches one layer leaves to the
-next, and the scale carries them in proportion.
+numpy and inside the training step. The whole model is timed as well, at full
+width and with every group at `NARROW` of its channels, and the line through
+those two points maps the sum of the layers to the whole (`_calibration`):
+per-layer timings miss the runtime's own overhead per call (the offset) and the
+caches one layer leaves to the next (the slope).
 
 The measurements are kept on disk, keyed by the layers (class, config and input
 shape of each), the runtime, batch size, threads, the CPU model and the
@@ -51,6 +52,10 @@ PICOSECONDS = 1e12
 FORMAT = 1  # of the cache files
 _LINE = (1.0, 0.5, 0.25)
 _GRID = ((1.0, 1.0), (1.0, 0.5), (0.5, 1.0), (0.5, 0.5), (0.25, 0.25))
+# The second calibration point: every group at this share of its channels, about
+# half the model's time, where budgets land (at half width the model runs in a
+# quarter of the time, and caches favour it more than any pruned model).
+NARROW = 0.7
 
 
 @dataclasses.dataclass
@@ -357,26 +362,39 @@ def _check_input_size(model):
 
 
 def _measure(model, folded, calls, prunable, budget, timer):
-    """Seconds of every probe, of the whole model ('whole') and of it at half width
-    ('half', None where it cannot be built): from the cache, or timed and cached."""
+    """Seconds of every probe, of the whole model ('whole') and of it at `NARROW` width
+    ('narrow', None where it cannot be built): from the cache, or timed and cached."""
     probes = {p[0]: p[1] for call in calls for p in call.probes}
-    key = cache_key([*probes, "whole", "half"], budget)
+    key = cache_key([*probes, "whole", f"narrow {NARROW}"], budget)
     seconds = load_cached(key, budget)
     if seconds is not None:
         return seconds, True
     wholes = {"whole": clone.copy(folded, inputs=_fixed_batch(folded, budget.batch_size))}
     try:
-        wholes["half"] = _narrowed(folded, prunable, _fixed_batch(folded, budget.batch_size), 0.5)
+        wholes["narrow"] = _narrowed(folded, prunable, _fixed_batch(folded, budget.batch_size), NARROW)
     except Exception:  # noqa: BLE001, S110  (a graph whose widths cannot all be halved: one point)
-        warnings.warn(f"Model '{model.name}' could not be rebuilt at half its width: its latency model "
+        warnings.warn(f"Model '{model.name}' could not be rebuilt narrower: its latency model "
                       f"is scaled to the whole model's time at full width only.", stacklevel=2)
     print(f"[dg2pf] measuring the latency of '{model.name}' in {budget}: {len(probes)} layer "
           f"variants and the whole model", flush=True)
     models = [*probes.values(), *wholes.values()]
     timed = (timer or timing.timer(budget)).seconds(models, _progress(model.name, len(models)))
-    seconds = {"half": None, **dict(zip([*probes, *wholes], timed))}
+    seconds = {"narrow": None, **dict(zip([*probes, *wholes], timed))}
     store(key, budget, seconds)
     return seconds, False
+
+
+def _calibration(whole, narrow, layers, layers_narrow):
+    """`(scale, offset)` mapping a sum of layer times to the whole model's time: the
+    line through (layers, whole) and (layers_narrow, narrow), whose offset is the
+    runtime's overhead per call. Where that would be negative (the narrow model
+    gained more from caches than its layers show), or there is no narrow point,
+    the whole model's ratio alone."""
+    if narrow is not None and layers > layers_narrow:
+        slope = (whole - narrow) / (layers - layers_narrow)
+        if slope > 0 and whole - slope * layers >= 0:
+            return slope, whole - slope * layers
+    return whole / layers, 0.0
 
 
 def latency_costs(model, prunable, total, budget, timer=None):
@@ -404,12 +422,9 @@ def latency_costs(model, prunable, total, budget, timer=None):
 
     raw = costs_at(1.0)
     layers = raw.total_cost / PICOSECONDS
-    scale, offset = seconds["whole"] / layers, 0.0
-    if seconds.get("half") is not None:  # two points: the runtime's overhead and the layers' share
-        half = np.concatenate([np.arange(n) < n - max(1, round(0.5 * n)) for n in sizes])
-        slope = (seconds["whole"] - seconds["half"]) / (layers - raw.cost_numpy(half) / PICOSECONDS)
-        if 0 < slope < np.inf:
-            scale, offset = slope, seconds["whole"] - slope * layers
+    narrow = np.concatenate([np.arange(n) < n - max(1, round(NARROW * n)) for n in sizes])
+    scale, offset = _calibration(seconds["whole"], seconds.get("narrow"), layers,
+                                 raw.cost_numpy(narrow) / PICOSECONDS)
     found = costs_at(scale, offset)
     found.measured, found.layers, found.fixed_layers, found.cached = seconds["whole"], layers, fixed, cached
     if not cached:

@@ -16,6 +16,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from dg2pf_tf import _compat
+
 
 def _inputs(model, rng):
     return [rng.standard_normal([int(d) for d in t.shape]).astype(t.dtype or "float32")
@@ -65,7 +67,9 @@ class LiteRTTimer:
     """The LiteRT interpreter (float32, its default XNNPACK delegate) with `threads`.
     Small models (a few layers: the probes of single layers) are converted many to
     a file, one signature each, which is much faster than one conversion each;
-    each signature runs alone. A larger model gets a file of its own, as it ships.
+    each signature runs alone, timed without copying its inputs in and outputs
+    out (as a model's layers pass tensors on). A larger model gets a file of
+    its own, as it ships.
 
     Raises ImportError when ai-edge-litert is not installed.
     """
@@ -95,8 +99,9 @@ class LiteRTTimer:
             for i in range(len(chunk)):
                 signature = runner.get_signature_runner(f"probe{i}")
                 details = signature.get_input_details()
-                feed = {name: rng.standard_normal(d["shape"]).astype(d["dtype"]) for name, d in details.items()}
-                calls.append(lambda signature=signature, feed=feed: signature(**feed))
+                signature(**{name: rng.standard_normal(d["shape"]).astype(d["dtype"])
+                             for name, d in details.items()})  # allocates and holds the inputs
+                calls.append(lambda signature=signature: _compat.invoke_signature(signature))
         found = dict(zip(map(id, order), _medians(calls, self.runs, self.clock, progress)))
         return [found[id(m)] for m in models]
 
