@@ -21,11 +21,13 @@ size, at a few widths of the channels it reads and writes, and timed by the
 Each group's width enters those fits through the `graph.Width` of the tensors,
 so the model's time is a sum of terms `constant * kept(g) * kept(h)`: a
 `costs.CostModel` (in picoseconds), exact for any set of removed channels, in
-numpy and inside the training step. The whole model is timed as well, at full
-width and with every group at `NARROW` of its channels, and the line through
-those two points maps the sum of the layers to the whole (`_calibration`):
-per-layer timings miss the runtime's own overhead per call (the offset) and the
-caches one layer leaves to the next (the slope).
+numpy and inside the training step. Each probe's time includes the runtime's
+cost of one call (dispatch, the result handed back), which a model pays once,
+not once per layer: it is measured on a model that does next to nothing,
+taken off every probe before the fits and counted once. The whole model is
+timed as well, and the layers' terms are scaled so that their sum, plus that
+one call, is its time: what the layers alone miss (the caches one layer leaves
+to the next, work the runtime overlaps) in proportion.
 
 The measurements are kept on disk, keyed by the layers (class, config and input
 shape of each), the runtime, batch size, threads, the CPU model and the
@@ -44,7 +46,7 @@ import keras
 import numpy as np
 
 from dg2pf_tf import _compat
-from dg2pf_tf.channels import costs, graph, timing
+from dg2pf_tf.channels import costs, timing
 from dg2pf_tf.model import clone, fold, layer_kinds
 from dg2pf_tf.model.layer_kinds import Flow
 
@@ -52,10 +54,7 @@ PICOSECONDS = 1e12
 FORMAT = 1  # of the cache files
 _LINE = (1.0, 0.5, 0.25)
 _GRID = ((1.0, 1.0), (1.0, 0.5), (0.5, 1.0), (0.5, 0.5), (0.25, 0.25))
-# The second calibration point: every group at this share of its channels, about
-# half the model's time, where budgets land (at half width the model runs in a
-# quarter of the time, and caches favour it more than any pruned model).
-NARROW = 0.7
+WHOLE, OVERHEAD = "whole model", "one idle call"  # keys of the measurements beside the probes
 
 
 @dataclasses.dataclass
@@ -200,10 +199,11 @@ def nonnegative_fit(columns, target):
 
 
 def _fit(call, seconds):
-    """`(a, b, c, d)` of `a + b * in + c * out + d * in * out` for `call`'s timings."""
+    """`(a, b, c, d)` of `a + b * in + c * out + d * in * out` for `call`'s timings,
+    the cost of a call to the runtime (`seconds[OVERHEAD]`) taken off."""
     x = np.array([p[2] for p in call.probes], float)
     y = np.array([p[3] for p in call.probes], float)
-    t = np.array([seconds[p[0]] for p in call.probes])
+    t = np.maximum(np.array([seconds[p[0]] for p in call.probes]) - seconds[OVERHEAD], 0.0)
     if len(t) == 1:
         return np.array([t[0], 0.0, 0.0, 0.0])
     if call.points == _GRID:
@@ -331,22 +331,6 @@ def _progress(name, total):
     return show
 
 
-def _narrowed(folded, prunable, inputs, fraction):
-    """A copy of `folded` (fresh weights) where each prunable group keeps `fraction` of its channels."""
-    sizes = {s.layer: (s.size_key, max(1, round(fraction * g.size)))
-             for g in prunable.groups for s in g.slices if s.role == graph.PRODUCES}
-
-    def rebuild(layer):
-        if not layer.weights and layer.name not in sizes:
-            return None
-        config = layer.get_config()
-        if layer.name in sizes:
-            key, size = sizes[layer.name]
-            config[key] = clone.resized(config[key], size)
-        return clone.Rebuilt(type(layer).from_config(config), None)
-    return clone.copy(folded, rebuild, inputs=inputs)
-
-
 def _fixed_batch(model, batch):
     return keras.tree.map_structure(
         lambda t: keras.Input(batch_shape=(batch, *t.shape[1:]), dtype=t.dtype), model.input)
@@ -361,39 +345,37 @@ def _check_input_size(model):
                 f"(keras.Input((224, 224, 3)), or input_shape= for keras.applications).")
 
 
-def _measure(model, folded, calls, prunable, budget, timer):
-    """Seconds of every probe, of the whole model ('whole') and of it at `NARROW` width
-    ('narrow', None where it cannot be built): from the cache, or timed and cached."""
+def _idle(batch):
+    """A model that does next to nothing (a ReLU over 8 numbers): its time is the runtime's cost of a call."""
+    return keras.Sequential([keras.Input(batch_shape=(batch, 8)), keras.layers.ReLU()], name="idle")
+
+
+def _measure(model, folded, calls, budget, timer):
+    """Seconds of every probe, of the whole model (`WHOLE`) and of a call that does
+    nothing (`OVERHEAD`): from the cache, or timed and cached."""
     probes = {p[0]: p[1] for call in calls for p in call.probes}
-    key = cache_key([*probes, "whole", f"narrow {NARROW}"], budget)
+    key = cache_key([*probes, WHOLE, OVERHEAD], budget)
     seconds = load_cached(key, budget)
     if seconds is not None:
         return seconds, True
-    wholes = {"whole": clone.copy(folded, inputs=_fixed_batch(folded, budget.batch_size))}
-    try:
-        wholes["narrow"] = _narrowed(folded, prunable, _fixed_batch(folded, budget.batch_size), NARROW)
-    except Exception:  # noqa: BLE001, S110  (a graph whose widths cannot all be halved: one point)
-        warnings.warn(f"Model '{model.name}' could not be rebuilt narrower: its latency model "
-                      f"is scaled to the whole model's time at full width only.", stacklevel=2)
     print(f"[dg2pf] measuring the latency of '{model.name}' in {budget}: {len(probes)} layer "
           f"variants and the whole model", flush=True)
-    models = [*probes.values(), *wholes.values()]
+    models = [*probes.values(), clone.copy(folded, inputs=_fixed_batch(folded, budget.batch_size)),
+              _idle(budget.batch_size)]
     timed = (timer or timing.timer(budget)).seconds(models, _progress(model.name, len(models)))
-    seconds = {"narrow": None, **dict(zip([*probes, *wholes], timed))}
+    seconds = dict(zip([*probes, WHOLE, OVERHEAD], timed))
     store(key, budget, seconds)
     return seconds, False
 
 
-def _calibration(whole, narrow, layers, layers_narrow):
-    """`(scale, offset)` mapping a sum of layer times to the whole model's time: the
-    line through (layers, whole) and (layers_narrow, narrow), whose offset is the
-    runtime's overhead per call. Where that would be negative (the narrow model
-    gained more from caches than its layers show), or there is no narrow point,
-    the whole model's ratio alone."""
-    if narrow is not None and layers > layers_narrow:
-        slope = (whole - narrow) / (layers - layers_narrow)
-        if slope > 0 and whole - slope * layers >= 0:
-            return slope, whole - slope * layers
+def _calibration(whole, overhead, layers):
+    """`(scale, offset)`: the layers' sum (`layers`, the overhead taken off) times
+    `scale`, plus `offset` (one call's overhead), is the `whole` model's time. A
+    whole model no slower than an idle call (a clock too coarse) is all scale."""
+    if layers <= 0:  # every layer as fast as an idle call: the model is its overhead
+        return 1.0, whole
+    if whole > overhead:
+        return (whole - overhead) / layers, overhead
     return whole / layers, 0.0
 
 
@@ -409,7 +391,7 @@ def latency_costs(model, prunable, total, budget, timer=None):
     start = time.perf_counter()
     folded = fold.fold_batchnorm(model)[0]
     calls, fixed = _plan(folded, prunable.widths, budget.batch_size)
-    seconds, cached = _measure(model, folded, calls, prunable, budget, timer)
+    seconds, cached = _measure(model, folded, calls, budget, timer)
     fits = [_fit(call, seconds) for call in calls]
     sizes = [g.size for g in prunable.groups]
     starts = np.cumsum([0, *sizes[:-1]])
@@ -420,14 +402,12 @@ def latency_costs(model, prunable, total, budget, timer=None):
         terms = [t for f, call in zip(fits, calls) for t in _terms(call, f, axis_of, scale)]
         return LatencyCosts(channels, terms + [(int(round(offset * PICOSECONDS)), ())], total, budget)
 
-    raw = costs_at(1.0)
-    layers = raw.total_cost / PICOSECONDS
-    narrow = np.concatenate([np.arange(n) < n - max(1, round(NARROW * n)) for n in sizes])
-    scale, offset = _calibration(seconds["whole"], seconds.get("narrow"), layers,
-                                 raw.cost_numpy(narrow) / PICOSECONDS)
+    layers = costs_at(1.0).total_cost / PICOSECONDS
+    scale, offset = _calibration(seconds[WHOLE], seconds[OVERHEAD], layers)
     found = costs_at(scale, offset)
-    found.measured, found.layers, found.fixed_layers, found.cached = seconds["whole"], layers, fixed, cached
+    found.measured, found.layers, found.fixed_layers, found.cached = seconds[WHOLE], layers, fixed, cached
     if not cached:
-        print(f"[dg2pf] latency of '{model.name}': {seconds['whole'] * 1e3:.2f} ms whole, layers alone "
-              f"{layers * 1e3:.2f} ms; measured in {time.perf_counter() - start:.0f} s", flush=True)
+        print(f"[dg2pf] latency of '{model.name}': {seconds[WHOLE] * 1e3:.2f} ms whole, its layers "
+              f"alone {layers * 1e3:.2f} ms and {seconds[OVERHEAD] * 1e3:.3f} ms a call; "
+              f"measured in {time.perf_counter() - start:.0f} s", flush=True)
     return found
