@@ -99,12 +99,12 @@ def keras_latency(models, batch, runs):
     return {name: float(np.median(t)) for name, t in times.items()}
 
 
-def litert_latency(files, threads, runs):
+def litert_latency(files, threads, runs, input_shape=(224, 224, 3)):
     import numpy as np
 
     from dg2pf_tf.deploy import litert
 
-    x = np.random.default_rng(0).uniform(0, 255, (1, 224, 224, 3)).astype("float32")
+    x = np.random.default_rng(0).uniform(0, 255, (1, *input_shape)).astype("float32")
     runners = {name: litert.interpreter(content, num_threads=threads) for name, content in files.items()}
     times = {name: [] for name in files}
     for name, runner in runners.items():
