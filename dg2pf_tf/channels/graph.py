@@ -30,6 +30,7 @@ import numpy as np
 
 from dg2pf_tf import _compat
 from dg2pf_tf.channels import probe
+from dg2pf_tf.channels.blocks import residual_blocks
 from dg2pf_tf.model import layer_kinds
 from dg2pf_tf.model.layer_kinds import Flow
 
@@ -121,18 +122,24 @@ class ChannelStructure:
     target shape names the channel count; `pinned`: `(layer, config key,
     value)` of sizes Keras would otherwise infer from a shrunk input;
     `widths`: for each layer called once, `(inputs, output)`: the `Width`s of
-    its input tensors and of its first output."""
+    its input tensors and of its first output; `blocks`: the residual blocks
+    (`blocks.ResidualBlock`) that can go whole, when one of their own groups
+    loses every channel (with `floor=0`)."""
 
     groups: tuple
     dense: tuple
     reshapes: tuple = ()
     pinned: tuple = ()
     widths: dict = dataclasses.field(default_factory=dict, compare=False)
+    blocks: tuple = ()
 
     def __str__(self):
-        lines = [f"{len(self.groups)} channel groups can be pruned, {len(self.dense)} stay dense"]
+        lines = [f"{len(self.groups)} channel groups can be pruned, {len(self.dense)} stay dense, "
+                 f"{len(self.blocks)} residual blocks can go whole"]
         lines += [f"  {g.name}: {g.size} channels, {len(g.slices)} weight slices" for g in self.groups]
         lines += [f"  kept dense: {d.name} ({d.size}): {d.reason}" for d in self.dense]
+        lines += [f"  block '{b.add}' can go: its branch of {len(b.branch)} layers holds "
+                  f"{', '.join(g.name for g in b.groups)}" for b in self.blocks]
         return "\n".join(lines)
 
 
@@ -559,4 +566,5 @@ def channel_groups(model):
             tracer.calls.append((layer.name, node.inputs, node.outputs[0]))
     for t in model.outputs:
         tracer.block(tracer.layout(t), "a model output")
-    return tracer.result()
+    found = tracer.result()
+    return dataclasses.replace(found, blocks=residual_blocks(model, found.groups))

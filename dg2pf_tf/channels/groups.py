@@ -12,11 +12,14 @@ from dg2pf_tf.criteria.channel import Pair
 class Prunable:
     """The channel `groups` of a model that can lose channels, the `dense` ones
     (`graph.DenseGroup`s, with the reason) and the `graph.Width` of each layer
-    call's tensors (a group counted there that is not in `groups` is fixed)."""
+    call's tensors (a group counted there that is not in `groups` is fixed);
+    `emptiable`: for each of `groups`, whether it lies inside a residual branch,
+    so that losing all its channels removes that block (`blocks`)."""
 
     groups: list
     dense: list
     widths: dict
+    emptiable: list = dataclasses.field(default_factory=list)
 
 
 def prunable_groups(model, targets):
@@ -33,7 +36,8 @@ def prunable_groups(model, targets):
                                           f"'{outside[0]}' is not pruned (excluded or not prunable)"))
         else:
             groups.append(group)
-    return Prunable(groups, dense, found.widths)
+    inside = {id(g) for block in found.blocks for g in block.groups}
+    return Prunable(groups, dense, found.widths, [id(g) in inside for g in groups])
 
 
 def channel_pairs(groups):

@@ -127,7 +127,9 @@ def _channel_criterion(pruned, scope, floor):
             f"`dg2pf_tf.channel_groups(model)` lists them and why each stays dense.")
     pairs, sizes = groups.channel_pairs(found), [g.size for g in found]
     cost = budgets.cost_model(model, prunable, sum(sizes), pruned.budget) if pruned.budget.counts_cost else None
-    return ChannelCriterion(sizes, pairs, targets, floor, cost)
+    # floor=0: a group inside a residual branch may lose every channel, and the block goes.
+    least = [0 if floor == 0 and inside else 1 for inside in prunable.emptiable]
+    return ChannelCriterion(sizes, pairs, targets, floor, cost, least)
 
 
 def _nm_criterion(pruned, scope, floor):

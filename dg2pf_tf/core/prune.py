@@ -118,7 +118,9 @@ def prune(
             as in `run`, keeps small layers from being pruned away at high
             sparsity; 0 is pure global magnitude). With structure 'channel',
             each channel group keeps at least this share of `1 - sparsity` of
-            its channels (default 0.5), and always one.
+            its channels (default 0.5), and always one; with 0, the groups
+            inside a residual branch may lose all (`shrink` then removes the
+            block).
         structure: 'unstructured' (single weights) or 'channel': whole
             output channels of convolutions, units of Dense and EinsumDense
             layers and heads of MultiHeadAttention, with every weight coupled

@@ -38,11 +38,14 @@ class ChannelCriterion:
     model (`channels.costs.CostModel`: MACs, parameters), the share of that
     cost: channels then go in order of score per first-order cost (the most
     expensive for what they are worth first, each group's own ranking kept)
-    until the exact cost removed reaches `level`."""
+    until the exact cost removed reaches `level`. `least`: the fewest channels
+    each group keeps whatever the floor (default one; 0 lets a group go whole)."""
 
-    def __init__(self, sizes, pairs, targets, floor, costs=None):
+    def __init__(self, sizes, pairs, targets, floor, costs=None, least=None):
         self.sizes = list(sizes)
         self.floor = float(floor)
+        self.least = [1] * len(self.sizes) if least is None else [int(n) for n in least]
+        self._least = tf.constant(self.least, tf.float64)
         self.total = total = sum(self.sizes)
         starts = np.cumsum([0, *self.sizes[:-1]])
         group_of = np.repeat(np.arange(len(self.sizes)), self.sizes)
@@ -83,7 +86,7 @@ class ChannelCriterion:
         """`(floors, eligible)`: the channels each group keeps at least at `level`,
         and which channels may go: each group's lowest-scoring (then earliest)
         beyond its floor."""
-        floors = tf.maximum(tf.constant(1.0, tf.float64), tf.math.ceil(self.floor * (1.0 - level) * self._sizes))
+        floors = tf.maximum(self._least, tf.math.ceil(self.floor * (1.0 - level) * self._sizes))
         by_score = tf.argsort(scores, stable=True)
         order = tf.gather(by_score, tf.argsort(tf.gather(self._group_of, by_score), stable=True))
         rank = _inverse(order, tf.range(self.total) - tf.gather(self._group_start, order))
@@ -134,7 +137,7 @@ class ChannelCriterion:
         cost budget, where that depends on the scores."""
         if self.costs is not None:
             return None
-        return reference.channel_removals(self.sizes, level, self.floor)
+        return reference.channel_removals(self.sizes, level, self.floor, self.least)
 
     def realised(self, level):
         """The share of channels removed at `level`: exact, from the group sizes; with a
@@ -164,7 +167,7 @@ class ChannelCriterion:
     def most_saved(self, level):
         """The largest share of the cost that `level`'s floors let go: every group
         down to its floor (its channels cost alike, so which ones does not matter)."""
-        keeps = reference.channel_floor_keeps(self.sizes, level, self.floor)
+        keeps = reference.channel_floor_keeps(self.sizes, level, self.floor, self.least)
         removed = np.concatenate([np.arange(n) < n - keep for n, keep in zip(self.sizes, keeps)])
         return 1.0 - self.costs.cost_numpy(removed) / self.costs.total_cost
 

@@ -102,31 +102,33 @@ def _masks_global(weights, sparsity, floor):
         yield keep.reshape(shape).astype(np.float32)
 
 
-def channel_floor_keeps(sizes, sparsity, floor):
+def channel_floor_keeps(sizes, sparsity, floor, least=None):
     """How many channels each group keeps at least: `floor` of its uniform
-    share `(1 - sparsity) * size`, rounded up, and never fewer than one."""
+    share `(1 - sparsity) * size`, rounded up, and never fewer than `least`
+    (per group; default one each: a group that may lose every channel has 0)."""
     keep = 1.0 - float(sparsity)
-    return [max(1, int(np.ceil(floor * keep * n))) for n in sizes]
+    least = [1] * len(sizes) if least is None else least
+    return [max(low, int(np.ceil(floor * keep * n))) for n, low in zip(sizes, least)]
 
 
-def channel_removals(sizes, sparsity, floor):
+def channel_removals(sizes, sparsity, floor, least=None):
     """The exact number of channels removed over all groups: `round(s * N)`,
     or fewer where the floors allow no more."""
     total = sum(sizes)
-    return min(zero_count(sparsity, total), total - sum(channel_floor_keeps(sizes, sparsity, floor)))
+    return min(zero_count(sparsity, total), total - sum(channel_floor_keeps(sizes, sparsity, floor, least)))
 
 
-def channel_keep(scores, sparsity, floor=0.0):
+def channel_keep(scores, sparsity, floor=0.0, least=None):
     """Which channels stay, one bool array per group of `scores` (each group's
     channel scores, e.g. L2 norms of their coupled weights).
 
     The `channel_removals` lowest-scoring channels go, ranked over all groups;
-    each group keeps its `channel_floor_keeps` highest. Ties go by position,
+    each group keeps its `channel_floor_keeps` highest (`least`: see there). Ties go by position,
     as for weights: the channel that comes first is removed first.
     """
     sizes = [len(s) for s in scores]
-    keeps = channel_floor_keeps(sizes, sparsity, floor)
-    removals = channel_removals(sizes, sparsity, floor)
+    keeps = channel_floor_keeps(sizes, sparsity, floor, least)
+    removals = channel_removals(sizes, sparsity, floor, least)
     eligible = []
     offset = 0
     for values, keep in zip(scores, keeps):
@@ -141,7 +143,7 @@ def channel_keep(scores, sparsity, floor=0.0):
     return flags
 
 
-def channel_keep_within(scores, costs, cost_of, total_cost, sparsity, floor=0.0):
+def channel_keep_within(scores, costs, cost_of, total_cost, sparsity, floor=0.0, least=None):
     """`channel_keep` with a cost budget: `sparsity` is the share of `total_cost`
     to remove. Each group's channels may go as `channel_keep` lets them (lowest
     score first, beyond its floor); over all groups they go in order of
@@ -150,7 +152,7 @@ def channel_keep_within(scores, costs, cost_of, total_cost, sparsity, floor=0.0)
     gone) has fallen by `ceil(sparsity * total_cost)`, or all eligible ones
     are gone."""
     sizes = [len(s) for s in scores]
-    keeps = channel_floor_keeps(sizes, sparsity, floor)
+    keeps = channel_floor_keeps(sizes, sparsity, floor, least)
     flat_costs = np.asarray(costs, np.float32)
     eligible, offset = [], 0
     for values, keep in zip(scores, keeps):

@@ -20,11 +20,14 @@ class Rebuilt:
     """What `copy` puts in a layer's place: `layer`, and the `weights` (arrays)
     to give it once the copy is built; None when it has its own already.
     `inputs_only`: call it on the first input alone, without the keyword
-    arguments the original took (an `Identity` standing for a folded layer)."""
+    arguments the original took (an `Identity` standing for a folded layer);
+    `only_input`: call it on that one of the tensors the original merged (an
+    `Add` whose other input is gone)."""
 
     layer: object
     weights: list = None
     inputs_only: bool = False
+    only_input: int = None
 
 
 def resized(entry, size):
@@ -92,6 +95,7 @@ def _copy_graph(model, rebuild, inputs):
     """`keras.models.clone_model`, recursive, keeping input names; weights set after."""
     pending = []  # (new layer, weights, the layer it stands for)
     inputs_only = set()  # ids of the new layers called on their first input alone
+    only_input = {}  # id of a new layer: which of the merged inputs it is called on
 
     def clone_function(layer):
         rebuilt = rebuild(layer)
@@ -104,9 +108,13 @@ def _copy_graph(model, rebuild, inputs):
             pending.append((rebuilt.layer, rebuilt.weights, layer))
         if rebuilt.inputs_only:
             inputs_only.add(id(rebuilt.layer))
+        if rebuilt.only_input is not None:
+            only_input[id(rebuilt.layer)] = rebuilt.only_input
         return rebuilt.layer
 
     def call_function(layer, *args, **kwargs):
+        if id(layer) in only_input:
+            return layer(args[0][only_input[id(layer)]])
         return layer(args[0]) if id(layer) in inputs_only else layer(*args, **kwargs)
 
     sequential = isinstance(model, keras.Sequential)  # which calls each layer with what it takes

@@ -41,7 +41,8 @@ class RunConfig:
     floor: float | None = _setting(
         None, "The share of its Erdos-Renyi-kernel allocation each kernel keeps (default 1.0; 0 is "
               "pure global magnitude), or with structure 'channel' the share of its uniform share "
-              "each channel group keeps (default 0.5).")
+              "each channel group keeps (default 0.5; 0 lets the groups inside residual branches go "
+              "whole, and their blocks with them).")
     structure: settings.Structure = _setting(
         "unstructured", "What pruning removes: 'unstructured' (single weights), 'channel' (whole "
                         "channels, and the result is the smaller model) or an N:M pattern such "
