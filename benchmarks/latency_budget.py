@@ -36,7 +36,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from results_file import write_json  # noqa: E402  (benchmarks/ is on the path)
-from shrink_latency import builders, digits_trained, keras_latency, litert_latency  # noqa: E402
+from shrink_latency import dense_model, keras_latency, litert_latency  # noqa: E402
 
 
 def pruned_to_latency(dense, budget, level):
@@ -123,12 +123,7 @@ def main():
 
     rows = []
     for family in args.models.split(","):
-        accuracy = None
-        if args.weights == "digits":
-            dense, accuracy = digits_trained(builders(10)[family], args.train_epochs)
-            print(f"{family}: trained on digits, held-out accuracy {accuracy:.4f}", flush=True)
-        else:
-            dense = builders(1000)[family]((224, 224, 3))
+        dense, accuracy = dense_model(family, args.weights, args.train_epochs)
         folded = dg2pf_tf.shrink(dense, fold_batchnorm=True)
         for runtime in args.runtimes.split(","):
             with tempfile.TemporaryDirectory() as cache:

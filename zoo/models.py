@@ -48,6 +48,17 @@ def _basic_block(x, filters, stride, name):
     return keras.layers.ReLU(name=f"{name}_out")(y)
 
 
+def _stages_and_head(x, widths, classes):
+    """Per width a stage of two basic blocks (the first of each later stage at stride 2),
+    global pooling and a linear head: the logits."""
+    for stage, filters in enumerate(widths):
+        for block in range(2):
+            stride = 2 if stage > 0 and block == 0 else 1
+            x = _basic_block(x, filters, stride, f"stage{stage + 1}_block{block + 1}")
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    return keras.layers.Dense(classes, name="logits")(x)
+
+
 def resnet18(input_shape=(32, 32, 3), classes=10):
     """ResNet-18 (He et al. 2016). Inputs under 64 px get the CIFAR stem (3x3
     stride 1, no max-pool); larger ones the ImageNet stem (7x7/2 + max-pool)."""
@@ -60,13 +71,7 @@ def resnet18(input_shape=(32, 32, 3), classes=10):
     x = keras.layers.ReLU(name="stem_relu")(x)
     if input_shape[0] >= 64:
         x = keras.layers.MaxPooling2D(3, 2, padding="same", name="stem_pool")(x)
-    for stage, filters in enumerate((64, 128, 256, 512)):
-        for block in range(2):
-            stride = 2 if stage > 0 and block == 0 else 1
-            x = _basic_block(x, filters, stride, f"stage{stage + 1}_block{block + 1}")
-    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
-    outputs = keras.layers.Dense(classes, name="logits")(x)
-    return keras.Model(inputs, outputs, name="resnet18")
+    return keras.Model(inputs, _stages_and_head(x, (64, 128, 256, 512), classes), name="resnet18")
 
 
 def residual_cnn(input_shape=(28, 28, 1), classes=10, widths=(32, 64, 128)):
@@ -76,13 +81,7 @@ def residual_cnn(input_shape=(28, 28, 1), classes=10, widths=(32, 64, 128)):
     inputs = keras.Input(input_shape, name="image")
     x = keras.layers.Conv2D(widths[0], 3, padding="same", use_bias=False, name="stem_conv")(inputs)
     x = keras.layers.ReLU(name="stem_relu")(keras.layers.BatchNormalization(name="stem_bn")(x))
-    for stage, filters in enumerate(widths):
-        for block in range(2):
-            stride = 2 if stage > 0 and block == 0 else 1
-            x = _basic_block(x, filters, stride, f"stage{stage + 1}_block{block + 1}")
-    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
-    outputs = keras.layers.Dense(classes, name="logits")(x)
-    return keras.Model(inputs, outputs, name="residual_cnn")
+    return keras.Model(inputs, _stages_and_head(x, widths, classes), name="residual_cnn")
 
 
 def _cifar_stem(model, name):
