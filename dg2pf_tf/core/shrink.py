@@ -21,9 +21,9 @@ def _unread(group):
     return unread
 
 
-def removed_channels(group):
-    """The positions of `_unread` channels of `group`, one always kept (a layer needs one)."""
-    unread = _unread(group)
+def _removed(unread):
+    """The positions of the `unread` channels of a group, one always kept (a layer needs one)."""
+    unread = unread.copy()
     if unread.all():
         unread[0] = False
     return np.flatnonzero(unread)
@@ -48,9 +48,10 @@ def shrink(model, *, fold_batchnorm=False):
     """
     plain = strip(model) if masking.pruned_models(model) else model
     found = graph.channel_groups(plain)
+    unread = {id(group): _unread(group) for group in found.groups}
     cut = collections.defaultdict(set)  # (id(variable), axis) -> positions removed
     for group in found.groups:
-        removed = removed_channels(group)
+        removed = _removed(unread[id(group)])
         for s in group.slices:
             cut[(id(s.variable), s.axis)].update(s.rows[removed].reshape(-1).tolist())
     sizes = collections.defaultdict(dict)  # layer name -> {config key: channels left}
@@ -73,7 +74,7 @@ def shrink(model, *, fold_batchnorm=False):
         return clone.Rebuilt(type(layer).from_config(config), [_cut(w, cut) for w in layer.weights])
 
     smaller = clone.copy(plain, rebuilt)
-    emptied = [b for b in found.blocks if any(_unread(g).all() for g in b.groups)]
+    emptied = [b for b in found.blocks if any(unread[id(g)].all() for g in b.groups)]
     smaller = blocks_removed(smaller, emptied)
     return fold.fold_batchnorm(smaller)[0] if fold_batchnorm else smaller
 
