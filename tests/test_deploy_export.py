@@ -138,10 +138,13 @@ def test_xnnpack_preset_prunes_only_pointwise_convolutions():
 
 @pytest.mark.slow
 def test_deploy_report_finds_the_sparse_path_only_with_symmetric_explicit_padding(tmp_path):
+    pruned = {}
+    for size in (97, 96):
+        pruned[size] = dg2pf_tf.prune(_mobilenet(size), exclude=dg2pf_tf.presets.xnnpack)
+        dg2pf_tf.update_masks(pruned[size], 0.9)
+    reports = {}
     for size, explicit, expected in [(97, True, True), (97, False, False), (96, True, False)]:
-        pruned = dg2pf_tf.prune(_mobilenet(size), exclude=dg2pf_tf.presets.xnnpack)
-        dg2pf_tf.update_masks(pruned, 0.9)
-        report = dg2pf_tf.deploy_report(pruned, explicit_padding=explicit)
+        report = reports[size, explicit] = dg2pf_tf.deploy_report(pruned[size], explicit_padding=explicit)
         assert report.sparse_path is expected, (size, explicit, report.verdict)
         pointwise = [r for r in report.rows if r.op == "CONV_2D" and r.weight_shape[1:3] == (1, 1)]
         assert all(r.sparse_path is expected for r in pointwise)
@@ -149,13 +152,11 @@ def test_deploy_report_finds_the_sparse_path_only_with_symmetric_explicit_paddin
             assert any("padding" in r.reason for r in report.rows if not r.sparse_path)
     # The exported file says the same as the model, and its padding rewrite keeps the outputs.
     x = np.random.default_rng(0).normal(size=(4, 97, 97, 3)).astype(np.float32)
-    pruned = dg2pf_tf.prune(_mobilenet(97), exclude=dg2pf_tf.presets.xnnpack)
-    dg2pf_tf.update_masks(pruned, 0.9)
-    model = dg2pf_tf.strip(pruned)
+    model = dg2pf_tf.strip(pruned[97])
     dg2pf_tf.export(model, tmp_path / "e", explicit_padding=True, representative_data=x, verbose=0)
     content = (tmp_path / "e" / "model.tflite").read_bytes()
     from_file = dg2pf_tf.deploy_report(content)
-    assert from_file.sparse_path and from_file.to_dict() == dg2pf_tf.deploy_report(model).to_dict()
+    assert from_file.sparse_path and from_file.to_dict() == reports[97, True].to_dict()
     assert "PAD" in litert.OperatorIndex.of(litert.read(content)).names
     np.testing.assert_allclose(litert.predict(content, x), model.predict(x, verbose=0), atol=1e-4)
 

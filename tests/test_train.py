@@ -96,8 +96,8 @@ def test_resnet50_on_imagenet_mock_data_runs_each_scheduled_phase_and_exports(tm
 import runpy, sys
 import tensorflow_datasets as tfds
 from zoo.models import build
-build("resnet50", (224, 224, 3), 1000).save_weights({str(weights)!r})
-sys.argv = ["train.py", "--model=resnet50", "--dataset=imagenet2012", "--image_size=224",
+build("resnet50", (64, 64, 3), 1000).save_weights({str(weights)!r})
+sys.argv = ["train.py", "--model=resnet50", "--dataset=imagenet2012", "--image_size=64",
             "--batch_size=4", "--steps_per_epoch=2", "--weights={weights}", "--pruning_epochs=1",
             "--patience=1", "--max_epochs=1", "--sparsity=0.9", "--tflite=false", "--output_dir={out}"]
 with tfds.testing.mock_data(num_examples=16):
