@@ -144,6 +144,7 @@ class Budget:
     name: typing.ClassVar[str]
     unit: typing.ClassVar[str]
     counts_cost: typing.ClassVar[bool] = True
+    round_to = 1  # channels go one at a time: see `Latency.round_to`
 
     def __str__(self):
         return self.name
@@ -199,9 +200,13 @@ class Latency(Budget):
             Keras uses TensorFlow's thread pools, so it takes none.
         cache_dir: where the measured tables are kept (default
             `$XDG_CACHE_HOME/dg2pf_tf/latency`, or `~/.cache/...`); not recorded.
+        round_to: each channel group keeps a multiple of this many channels (or
+            all of them). Default 8: runtimes compute channels in tiles (XNNPACK
+            in 8s and 16s), and a width just past a tile costs most of a tile
+            more. 1 lets any width stay.
 
-    Raises ValueError for an unknown runtime, a batch size or thread count that is
-    not a positive whole number, or `threads` with runtime 'keras'.
+    Raises ValueError for an unknown runtime, a batch size, thread count or
+    `round_to` that is not a positive whole number, or `threads` with runtime 'keras'.
     """
 
     name: typing.ClassVar[str] = "latency"
@@ -210,12 +215,14 @@ class Latency(Budget):
     batch_size: int | None = None
     threads: int | None = None
     cache_dir: str | None = dataclasses.field(default=None, compare=False)
+    round_to: int = 8
 
     def __post_init__(self):
         if self.runtime not in RUNTIMES:
             raise ValueError(f"Latency(runtime=...) must be one of {RUNTIMES}, got {self.runtime!r}.")
         checks.positive_int("Latency batch_size", self.batch_size, none_ok=True)
         checks.positive_int("Latency threads", self.threads, none_ok=True)
+        checks.positive_int("Latency round_to", self.round_to)
         if self.threads is not None and self.runtime == "keras":
             raise ValueError(
                 "Latency(threads=...) sets the LiteRT interpreter's threads; with runtime='keras' "
@@ -225,9 +232,9 @@ class Latency(Budget):
             object.__setattr__(self, "batch_size", 32 if self.runtime == "keras" else 1)
 
     def config(self):
-        """`{'name': 'latency', 'runtime', 'batch_size', 'threads'}`."""
+        """`{'name': 'latency', 'runtime', 'batch_size', 'threads', 'round_to'}`."""
         return {"name": self.name, "runtime": self.runtime, "batch_size": self.batch_size,
-                "threads": self.threads}
+                "threads": self.threads, "round_to": self.round_to}
 
     def amount(self, cost):
         """`cost` (picoseconds, as the latency model counts) in milliseconds."""
@@ -235,7 +242,8 @@ class Latency(Budget):
 
     def __str__(self):
         threads = "" if self.threads is None else f", {self.threads} threads"
-        return f"latency ({self.runtime}, batch {self.batch_size}{threads})"
+        tiles = "" if self.round_to == 1 else f", widths in {self.round_to}s"
+        return f"latency ({self.runtime}, batch {self.batch_size}{threads}{tiles})"
 
 
 _BUDGETS = {b.name: b for b in (ChannelCount(), MACs(), Params(), Latency())}
@@ -244,7 +252,8 @@ _BUDGETS = {b.name: b for b in (ChannelCount(), MACs(), Params(), Latency())}
 def _from_config(value):
     """A `Budget` from what `Budget.config()` wrote: a name, or a dict with one."""
     if isinstance(value, dict) and value.get("name") == Latency.name:
-        return Latency(**{k: v for k, v in value.items() if k != "name"})
+        # Written before `round_to` existed: channels went one at a time then.
+        return Latency(**{"round_to": 1, **{k: v for k, v in value.items() if k != "name"}})
     return _BUDGETS.get(value) if isinstance(value, str) else None
 
 

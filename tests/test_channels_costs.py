@@ -8,6 +8,7 @@ import dg2pf_tf
 from dg2pf_tf.channels.costs import model_macs
 from dg2pf_tf.core import masking
 from dg2pf_tf.criteria import reference
+from dg2pf_tf.criteria.channel import ChannelCriterion
 from helpers import assert_same_outputs, gated_cnn, live_activations, randomized
 
 
@@ -50,24 +51,48 @@ def test_cost_of_removed_channels_is_what_the_shrunk_model_costs(budget):
 
 
 @pytest.mark.parametrize("budget", ["macs", "params"])
-@pytest.mark.parametrize("level, floor", [(0.3, 0.0), (0.5, 0.5), (0.6, 1.0), (0.4, 1.0)])
-def test_device_budget_selection_equals_the_numpy_reference_with_ties(budget, level, floor):
+@pytest.mark.parametrize("level, floor, round_to", [(0.3, 0.0, 1), (0.5, 0.5, 1), (0.6, 1.0, 1), (0.4, 1.0, 1),
+                                                    (0.3, 0.0, 4), (0.5, 0.5, 3)])
+def test_device_budget_selection_equals_the_numpy_reference_with_ties(budget, level, floor, round_to):
     pruned = dg2pf_tf.prune(randomized(gated_cnn()), structure="channel", budget=budget, floor=floor)
-    criterion = criterion_of(pruned)
+    found = criterion_of(pruned)
+    criterion = ChannelCriterion(found.sizes, found.pairs, pruned.targets, floor, found.costs, found.least, round_to)
     scores = np.random.default_rng(3).integers(1, 4, criterion.total).astype("float32")  # many ties
     device = criterion.keep(scores, level).numpy()
     costs = criterion.costs
     expected = np.concatenate(reference.channel_keep_within(
         np.split(scores, np.cumsum(criterion.sizes)[:-1]), costs.first_order, costs.cost_numpy,
-        costs.total_cost, level, floor))
+        costs.total_cost, level, floor, round_to=round_to))
     np.testing.assert_array_equal(device, expected)
+    kept = [int(k.sum()) for k in np.split(device, np.cumsum(criterion.sizes)[:-1])]
+    assert all(k % round_to == 0 or k == n for k, n in zip(kept, criterion.sizes))
     saved = 1 - costs.cost_numpy(~device) / costs.total_cost
     if criterion.most_saved(level) < level:  # the floors keep too much: all they allow goes
         assert saved == pytest.approx(criterion.most_saved(level))
         return
     assert saved >= level
-    # One channel fewer would not do: the last one taken was needed.
-    assert saved - costs.first_order.max() / costs.total_cost < level
+    # One chunk fewer would not do: the last one taken was needed.
+    assert saved - round_to * costs.first_order.max() / costs.total_cost < level
+    assert criterion.problem(criterion_masks(criterion, device), level) is None
+
+
+def criterion_masks(criterion, keep):
+    """The numpy masks of `criterion`'s targets that keep the channels flagged in `keep`."""
+    along = np.append(keep, True).astype("float32")
+    masks = []
+    for shape, positions in zip(criterion.shapes, criterion.positions):
+        mask = np.ones(shape, "float32")
+        for axis, index in positions:
+            mask *= along[index].reshape([-1 if d == axis else 1 for d in range(len(shape))])
+        masks.append(mask)
+    return masks
+
+
+def test_round_to_needs_a_cost_budget():
+    pruned = dg2pf_tf.prune(randomized(gated_cnn()), structure="channel")
+    found = criterion_of(pruned)
+    with pytest.raises(ValueError, match="only under a cost budget"):
+        ChannelCriterion(found.sizes, found.pairs, pruned.targets, 0.5, None, found.least, 8)
 
 
 @pytest.mark.slow

@@ -76,6 +76,8 @@ def test_latency_model_predicts_the_shrunk_models_time_on_a_fake_clock(fake_time
     assert criterion.costs.seconds(flags) == pytest.approx(measured, rel=1e-5)
     assert 1 - measured / dense >= 0.4  # the budget is met on the clock, not only in the model
     assert criterion.costs.fixed_layers == []
+    # Every width is a whole number of the runtime's tiles (8 by default).
+    assert all(w.shape[-1] % 8 == 0 for w in small.weights if len(w.shape) == 4)
 
 
 def test_latency_ranking_spends_the_budget_where_time_is(fake_timer, tmp_path):
@@ -136,12 +138,17 @@ def test_latency_settings_refuse_bad_values_and_round_trip_through_their_config(
         settings.Latency(threads=2)
     with pytest.raises(ValueError, match="batch_size"):
         settings.Latency(batch_size=0)
+    with pytest.raises(ValueError, match="round_to"):
+        settings.Latency(round_to=0)
     with pytest.raises(ValueError, match="structure='channel'"):
         dg2pf_tf.prune(residual_net(), budget="latency")
     assert settings.Latency().batch_size == 32 and settings.Latency(runtime="litert").batch_size == 1
     budget = settings.Latency(runtime="litert", threads=2)
     assert settings.budget(budget.config()) == budget
     assert settings.budget("latency") == settings.Latency()
+    # A file written before round_to existed removed channels one at a time.
+    written = {k: v for k, v in budget.config().items() if k != "round_to"}
+    assert settings.budget(written) == settings.Latency(runtime="litert", threads=2, round_to=1)
 
 
 def test_a_pruned_model_with_a_latency_budget_saves_and_loads(fake_timer, tmp_path):

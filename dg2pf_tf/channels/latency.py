@@ -93,16 +93,21 @@ def _points(inputs, output):
     return ((1.0, 1.0),)
 
 
-def _kept(width, fraction):
-    """The channel count of `width` with `fraction` of each group's channels kept (at least one)."""
-    return width.kept(lambda group: max(1, round(fraction * group.size)))
+def _kept(width, fraction, round_to=1):
+    """The channel count of `width` with `fraction` of each group's channels kept: a
+    multiple of `round_to` (at least one such), or the group's own size."""
+    def kept(group):
+        if fraction == 1.0 or group.size <= round_to:
+            return group.size
+        return max(round_to, round_to * round(fraction * group.size / round_to))
+    return width.kept(kept)
 
 
-def _probe(call, fraction_in, fraction_out, batch):
+def _probe(call, fraction_in, fraction_out, batch, round_to=1):
     """`(key, model, x, y)`: the calls of `call` alone at the given fractions of their
     channels, its cache key, and the input and output widths it has."""
     layer = call.node.operation
-    y = None if call.output is None else _kept(call.output, fraction_out)
+    y = None if call.output is None else _kept(call.output, fraction_out, round_to)
     if (fraction_in, fraction_out) == (1.0, 1.0):
         fresh = layer  # our own folded copy: calling it again changes no model the user holds
     else:
@@ -116,7 +121,7 @@ def _probe(call, fraction_in, fraction_out, batch):
 
     def new(tensor, width, fraction):
         if id(tensor) not in made:
-            size = tensor.shape[-1] if width is None else _kept(width, fraction)
+            size = tensor.shape[-1] if width is None else _kept(width, fraction, round_to)
             made[id(tensor)] = keras.Input(batch_shape=(batch, *tensor.shape[1:-1], size), dtype=tensor.dtype)
             inputs.append(made[id(tensor)])
         return made[id(tensor)]
@@ -150,9 +155,10 @@ def _follows(node, chain_end, readers, widths, output):
             and node.operation.name in widths and widths[node.operation.name][1] == output)
 
 
-def _plan(folded, widths, batch):
-    """The `_Call`s of `folded`, each with its probes, and the names of the calls
-    that could not be rebuilt at other widths (timed at their own)."""
+def _plan(folded, widths, batch, round_to=1):
+    """The `_Call`s of `folded`, each with its probes (widths in multiples of
+    `round_to`), and the names of the calls that could not be rebuilt at other
+    widths (timed at their own)."""
     nodes = [n for n in _compat.graph_nodes(folded) if n.inputs]
     readers = {}
     for node in nodes:
@@ -173,7 +179,7 @@ def _plan(folded, widths, batch):
             taken.add(id(after))
             end = after.outputs[0]
         try:
-            call.probes = [_probe(call, fi, fo, batch) for fi, fo in call.points]
+            call.probes = [_probe(call, fi, fo, batch, round_to) for fi, fo in call.points]
         except Exception:  # noqa: BLE001  (a layer that cannot be rebuilt at another width)
             call.points = ((1.0, 1.0),)
             call.probes = [_probe(call, 1.0, 1.0, batch)]
@@ -390,7 +396,7 @@ def latency_costs(model, prunable, total, budget, timer=None):
     _check_input_size(model)
     start = time.perf_counter()
     folded = fold.fold_batchnorm(model)[0]
-    calls, fixed = _plan(folded, prunable.widths, budget.batch_size)
+    calls, fixed = _plan(folded, prunable.widths, budget.batch_size, budget.round_to)
     seconds, cached = _measure(model, folded, calls, budget, timer)
     fits = [_fit(call, seconds) for call in calls]
     sizes = [g.size for g in prunable.groups]

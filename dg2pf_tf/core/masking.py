@@ -129,7 +129,7 @@ def _channel_criterion(pruned, scope, floor):
     cost = budgets.cost_model(model, prunable, sum(sizes), pruned.budget) if pruned.budget.counts_cost else None
     # floor=0: a group inside a residual branch may lose every channel, and the block goes.
     least = [0 if floor == 0 and inside else 1 for inside in prunable.emptiable]
-    return ChannelCriterion(sizes, pairs, targets, floor, cost, least)
+    return ChannelCriterion(sizes, pairs, targets, floor, cost, least, pruned.budget.round_to)
 
 
 def _nm_criterion(pruned, scope, floor):

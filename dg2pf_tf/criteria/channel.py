@@ -39,9 +39,15 @@ class ChannelCriterion:
     cost: channels then go in order of score per first-order cost (the most
     expensive for what they are worth first, each group's own ranking kept)
     until the exact cost removed reaches `level`. `least`: the fewest channels
-    each group keeps whatever the floor (default one; 0 lets a group go whole)."""
+    each group keeps whatever the floor (default one; 0 lets a group go whole).
+    `round_to` (cost budgets only): channels go in chunks of that many, so that
+    each group keeps a multiple of it (or all its channels), the widths a
+    runtime's kernels tile best (`reference.channel_chunks`).
 
-    def __init__(self, sizes, pairs, targets, floor, costs=None, least=None):
+    Raises ValueError for `round_to` other than 1 without a cost budget.
+    """
+
+    def __init__(self, sizes, pairs, targets, floor, costs=None, least=None, round_to=1):
         self.sizes = list(sizes)
         self.floor = float(floor)
         self.least = [1] * len(self.sizes) if least is None else [int(n) for n in least]
@@ -52,6 +58,7 @@ class ChannelCriterion:
         self._group_of = tf.constant(group_of, tf.int32)
         self._group_start = tf.constant(starts[group_of], tf.int32)
         self._sizes = tf.constant(self.sizes, tf.float64)
+        self._chunking(int(round_to), group_of, costs)
         self.pairs = list(pairs)
         scored = [p for p in self.pairs if p.variable.trainable]
         self._scored = [(p.variable, p.axis, tf.constant(p.channel, tf.int32)) for p in scored]
@@ -63,10 +70,24 @@ class ChannelCriterion:
         self.shapes = [tuple(t.shape) for t in targets]
         self.costs = costs
         if costs is not None:
-            self.unit, self._per_cost = costs.unit, tf.constant(costs.first_order, tf.float32)
+            self.unit, self._per_cost = costs.unit, tf.constant(costs.first_order, tf.float64)
 
     unit = "channels"
     max_level = 1.0
+
+    def _chunking(self, round_to, group_of, costs):
+        """Each channel's chunk (numbered group after group, in each group's rank
+        order): `rank + offset` over `round_to`, the first chunk holding what is
+        left over, so that removing whole chunks leaves a multiple."""
+        if round_to < 1 or (round_to > 1 and costs is None):
+            raise ValueError(f"round_to={round_to}: channels go in chunks only under a cost budget "
+                             f"(e.g. dg2pf_tf.Latency(round_to=8)), and a chunk holds at least one.")
+        self.round_to = round_to
+        offsets = np.array([-n % round_to for n in self.sizes])
+        chunks = np.array([-(-n // round_to) for n in self.sizes])
+        self.chunks = int(chunks.sum())
+        self._offset = tf.constant(offsets[group_of], tf.int32)
+        self._chunk_start = tf.constant(np.cumsum([0, *chunks[:-1]])[group_of], tf.int32)
 
     def describe(self):
         """What the masks remove, in words: '1,184 channels in 9 groups'."""
@@ -82,32 +103,48 @@ class ChannelCriterion:
             sums.append(tf.math.unsorted_segment_sum(per_position, index, self.total + 1))
         return tf.sqrt(tf.add_n(sums)[:self.total] / self._counts)
 
-    def _eligible(self, scores, level):
-        """`(floors, eligible)`: the channels each group keeps at least at `level`,
-        and which channels may go: each group's lowest-scoring (then earliest)
-        beyond its floor."""
+    def _ranks(self, scores, level):
+        """`(floors, rank, removable)`: the channels each group keeps at least at
+        `level`, each channel's place in its group (lowest score, then earliest,
+        first) and how many of its group's may go."""
         floors = tf.maximum(self._least, tf.math.ceil(self.floor * (1.0 - level) * self._sizes))
         by_score = tf.argsort(scores, stable=True)
         order = tf.gather(by_score, tf.argsort(tf.gather(self._group_of, by_score), stable=True))
         rank = _inverse(order, tf.range(self.total) - tf.gather(self._group_start, order))
-        return floors, rank < tf.cast(tf.gather(self._sizes - floors, self._group_of), tf.int32)
+        return floors, rank, tf.cast(tf.gather(self._sizes - floors, self._group_of), tf.int32)
 
     def keep(self, scores, level):
         """True for the channels `reference.channel_keep` (or, with a cost budget,
         `reference.channel_keep_within`) keeps at `level`."""
         level = tf.cast(level, tf.float64)
-        floors, eligible = self._eligible(scores, level)
-        key = scores if self.costs is None else scores / self._per_cost
-        overall = _inverse(tf.argsort(tf.where(eligible, key, np.inf), stable=True), tf.range(self.total))
-        if self.costs is None:
-            removals = tf.minimum(tf.round(level * self.total), self.total - tf.reduce_sum(floors))
-        else:
-            removals = self._removals_within(overall, tf.reduce_sum(tf.cast(eligible, tf.int32)), level)
+        if self.costs is not None:
+            return self._keep_within(scores, level)
+        floors, rank, removable = self._ranks(scores, level)
+        overall = _inverse(tf.argsort(tf.where(rank < removable, scores, np.inf), stable=True),
+                           tf.range(self.total))
+        removals = tf.minimum(tf.round(level * self.total), self.total - tf.reduce_sum(floors))
         return overall >= tf.cast(removals, tf.int32)
 
+    def _keep_within(self, scores, level):
+        """The channels that stay under a cost budget: whole chunks go, in order of their
+        summed score per summed first-order cost (float64), until enough cost is saved."""
+        _, rank, removable = self._ranks(scores, level)
+        local = (rank + self._offset) // self.round_to
+        chunk = self._chunk_start + local
+        eligible = (local + 1) * self.round_to - self._offset <= removable
+        summed = lambda v: tf.math.unsorted_segment_sum(v, chunk, self.chunks)  # noqa: E731
+        key = summed(tf.cast(scores, tf.float64)) / summed(self._per_cost)
+        eligible_chunk = summed(tf.cast(eligible, tf.float64)) > 0
+        overall = _inverse(tf.argsort(tf.where(eligible_chunk, key, np.inf), stable=True),
+                           tf.range(self.chunks))
+        place = tf.gather(overall, chunk)
+        count = tf.reduce_sum(tf.cast(eligible_chunk, tf.int32))
+        return place >= self._removals_within(place, count, level)
+
     def _removals_within(self, overall, eligible, level):
-        """The fewest channels, taken in the order `overall`, whose removal saves
-        `ceil(level * total cost)`; all `eligible` ones where that is not enough."""
+        """The fewest chunks, taken in the order `overall` (each channel's chunk's
+        place), whose removal saves `ceil(level * total cost)`; all `eligible` ones
+        where that is not enough."""
         need = tf.cast(tf.math.ceil(level * float(self.costs.total_cost)), tf.int64)
         saved = lambda k: self.costs.total_cost - self.costs.cost(overall < k)  # noqa: E731
 
@@ -167,7 +204,7 @@ class ChannelCriterion:
     def most_saved(self, level):
         """The largest share of the cost that `level`'s floors let go: every group
         down to its floor (its channels cost alike, so which ones does not matter)."""
-        keeps = reference.channel_floor_keeps(self.sizes, level, self.floor, self.least)
+        keeps = reference.channel_floor_keeps(self.sizes, level, self.floor, self.least, self.round_to)
         removed = np.concatenate([np.arange(n) < n - keep for n, keep in zip(self.sizes, keeps)])
         return 1.0 - self.costs.cost_numpy(removed) / self.costs.total_cost
 
@@ -205,8 +242,9 @@ class ChannelCriterion:
             return None if found == expected else (
                 f"the masks remove {found} channels, the target {level} needs {expected} of {self.total}")
         saved = self.saved_share(masks)
-        # At least the budget; a channel more than needed at most.
-        if saved + 1e-12 < level or saved - float(self.costs.first_order.max()) / self.costs.total_cost > level:
+        # At least the budget; a chunk more than needed at most.
+        chunk = self.round_to * float(self.costs.first_order.max())
+        if saved + 1e-12 < level or saved - chunk / self.costs.total_cost > level:
             return (f"the masks remove {saved:.4%} of the model's {self.unit}, the target is {level:.4%}")
         return None
 

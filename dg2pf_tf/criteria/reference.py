@@ -102,13 +102,26 @@ def _masks_global(weights, sparsity, floor):
         yield keep.reshape(shape).astype(np.float32)
 
 
-def channel_floor_keeps(sizes, sparsity, floor, least=None):
+def channel_floor_keeps(sizes, sparsity, floor, least=None, round_to=1):
     """How many channels each group keeps at least: `floor` of its uniform
     share `(1 - sparsity) * size`, rounded up, and never fewer than `least`
-    (per group; default one each: a group that may lose every channel has 0)."""
+    (per group; default one each: a group that may lose every channel has 0);
+    with `round_to`, rounded up to what whole chunks leave (`channel_chunks`)."""
     keep = 1.0 - float(sparsity)
     least = [1] * len(sizes) if least is None else least
-    return [max(low, int(np.ceil(floor * keep * n))) for n, low in zip(sizes, least)]
+    keeps = [max(low, int(np.ceil(floor * keep * n))) for n, low in zip(sizes, least)]
+    return [n - sum(len(c) for c in channel_chunks(np.zeros(n), k, round_to)) for n, k in zip(sizes, keeps)]
+
+
+def channel_chunks(values, keep, round_to=1):
+    """The chunks a group's channels (scores `values`) may go in: positions, lowest
+    score (then earliest) first, `round_to` at a time, the first chunk holding the
+    remainder so that what stays is a multiple of `round_to`; only the chunks that
+    leave at least `keep` channels."""
+    order = np.argsort(np.asarray(values), kind="stable")
+    n = len(order)
+    bounds = list(range(n % round_to or round_to, n + 1, round_to))
+    return [order[a:b] for a, b in zip([0, *bounds], bounds) if b <= n - keep]
 
 
 def channel_removals(sizes, sparsity, floor, least=None):
@@ -143,30 +156,30 @@ def channel_keep(scores, sparsity, floor=0.0, least=None):
     return flags
 
 
-def channel_keep_within(scores, costs, cost_of, total_cost, sparsity, floor=0.0, least=None):
+def channel_keep_within(scores, costs, cost_of, total_cost, sparsity, floor=0.0, least=None, round_to=1):
     """`channel_keep` with a cost budget: `sparsity` is the share of `total_cost`
-    to remove. Each group's channels may go as `channel_keep` lets them (lowest
-    score first, beyond its floor); over all groups they go in order of
-    float32 score / cost (`costs`: each channel's cost alone; ties by
-    position) until `cost_of(removed)` (the cost left with the flagged channels
-    gone) has fallen by `ceil(sparsity * total_cost)`, or all eligible ones
-    are gone."""
+    to remove. Each group's channels may go in its `channel_chunks` (lowest
+    score first, beyond its floor; one channel each unless `round_to`); over all
+    groups chunks go in order of float64 summed score / summed cost (`costs`:
+    each channel's cost alone; ties by position) until `cost_of(removed)` (the
+    cost left with the flagged channels gone) has fallen by
+    `ceil(sparsity * total_cost)`, or all eligible ones are gone."""
     sizes = [len(s) for s in scores]
     keeps = channel_floor_keeps(sizes, sparsity, floor, least)
-    flat_costs = np.asarray(costs, np.float32)
+    flat_costs = np.asarray(costs, np.float64)
     eligible, offset = [], 0
     for values, keep in zip(scores, keeps):
         values = np.asarray(values, np.float32)
-        for i in np.argsort(values, kind="stable")[:len(values) - keep]:
-            eligible.append((values[i] / flat_costs[offset + i], offset + i))
+        for chunk in channel_chunks(values, keep, round_to):
+            key = values[chunk].astype(np.float64).sum() / flat_costs[offset + chunk].sum()
+            eligible.append((key, len(eligible), offset + chunk))
         offset += len(values)
-    order = [position for _, position in sorted(eligible)]
     need = int(np.ceil(float(sparsity) * float(total_cost)))
     removed = np.zeros(sum(sizes), bool)
-    for position in order:
+    for _, _, positions in sorted(eligible, key=lambda e: e[:2]):
         if total_cost - cost_of(removed) >= need:
             break
-        removed[position] = True
+        removed[positions] = True
     return np.split(~removed, np.cumsum(sizes)[:-1])
 
 

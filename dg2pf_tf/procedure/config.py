@@ -149,7 +149,8 @@ def _with_latency_fields(budget, config):
             f"budget='latency', or leave them unset.")
     runtime = given.get("runtime", budget.runtime)
     batch = given.get("batch_size", budget.batch_size if runtime == budget.runtime else None)
-    return settings.Latency(runtime, batch, given.get("threads", budget.threads), budget.cache_dir)
+    return settings.Latency(runtime, batch, given.get("threads", budget.threads), budget.cache_dir,
+                            budget.round_to)
 
 
 def _latency_fields(budget):
