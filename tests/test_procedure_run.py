@@ -279,6 +279,16 @@ def test_steps_per_epoch_caps_the_optimizer_steps_of_every_epoch(separable):
     assert watch.ends[-1][1] == 3 * epochs["finetune"] > 0
 
 
+@pytest.mark.parametrize("while_pruning", [True, False])
+def test_the_teacher_guides_the_gradual_steps_unless_distillation_waits_for_the_target(separable, while_pruning):
+    models, data = separable
+    result = dg2pf_tf.run(models["mlp"], data, data, sparsity=0.8, pruning_epochs=2, max_epochs=1, patience=1,
+                          batch_size=64, finetune=False, distill_while_pruning=while_pruning, seed=0, verbose=0)
+    kd = {row["phase"]: row["kd_loss"] for row in result.history}
+    assert kd["distill"] > 0
+    assert (kd["gradual"] > 0) is while_pruning
+
+
 @pytest.mark.parametrize("recalibrate", ["auto", pytest.param(True, marks=pytest.mark.slow), False])
 def test_recalibrate_bn_leaves_the_batchnorm_statistics_of_the_training_data(separable, recalibrate):
     models, (x, y) = separable

@@ -23,7 +23,8 @@ FORMAT = "dg2pf_tf.checkpoint/1"
 STATE_FILE = "state.npz"
 # Settings added to the fingerprint after checkpoints were written without them, with the
 # value every earlier run had: such a checkpoint still resumes.
-ADDED_SINCE = {"budget": "channels", "runtime": None, "latency_batch_size": None, "latency_threads": None}
+ADDED_SINCE = {"budget": "channels", "runtime": None, "latency_batch_size": None, "latency_threads": None,
+               "distill_while_pruning": True}
 DONE_FILE = "done.json"
 
 

@@ -75,6 +75,9 @@ class RunConfig:
                                                      "(None: none).")
     finetune_learning_rate: float = _setting(1e-3, "SGD (momentum 0.9) learning rate of pruned fine-tuning.")
     finetune: bool = _setting(True, "Pruned fine-tuning after distillation (False skips it).")
+    distill_while_pruning: bool = _setting(
+        True, "Distil at every step of the gradual phase, DG2PF's multi-step distillation (False: the "
+              "teacher only once the target is reached, prune then distil).")
     recovery: bool = _setting(True, "Simulated pruning with weight recovery in the gradual phase (False "
                                     "prunes hard from the first step).")
     mask_update_steps: int | None = _setting(
@@ -91,7 +94,8 @@ class RunConfig:
         structure = settings.structure(self.structure)
         budget = _with_latency_fields(settings.budget(self.budget, structure), self)
         fixed = {"structure": structure, "budget": budget, **_latency_fields(budget),
-                 "finetune": bool(self.finetune), "recovery": bool(self.recovery), **_as_floats(self)}
+                 "finetune": bool(self.finetune), "recovery": bool(self.recovery),
+                 "distill_while_pruning": bool(self.distill_while_pruning), **_as_floats(self)}
         for name, value in fixed.items():
             object.__setattr__(self, name, value)
         structure.sparsity(self.sparsity)

@@ -1,7 +1,8 @@
 """The phases of `run()` as data: Algorithm 2 of DG2PF, one row a phase.
 
 1. gradual: distillation from the frozen dense teacher while the sparsity
-   grows linearly (simulated pruning with weight recovery, AdamW + clipping);
+   grows linearly (simulated pruning with weight recovery, AdamW + clipping;
+   without the teacher when `distill_while_pruning` is False);
 2. distill: the mask is final; distillation goes on until the validation
    score stops improving;
 3. detached: the teacher is dropped, AdamW on cross-entropy until the next
@@ -34,8 +35,8 @@ class Phase:
 def phase_table(config):
     """The phases of a run with `config` (a resolved `RunConfig`), in order."""
     distill = config.alpha > 0
-    table = [Phase("gradual", config.pruning_epochs, "adamw", teacher=distill, updates_masks=True,
-                   monitored=False, finalize_masks=True)]
+    table = [Phase("gradual", config.pruning_epochs, "adamw", teacher=distill and config.distill_while_pruning,
+                   updates_masks=True, monitored=False, finalize_masks=True)]
     if distill:
         table.append(Phase("distill", config.max_epochs, "adamw", teacher=True))
     # After distillation that never plateaued there is nothing left for this one.
