@@ -153,6 +153,16 @@ def test_corrupt_foreign_and_tampered_checkpoints_are_refused(digits, tmp_path):
         dg2pf_tf.run(_model(), train, val, seed=0, backup_dir=tmp_path, **SMALL)
 
 
+def test_a_latency_checkpoint_from_before_round_to_resumes_only_with_widths_one_at_a_time(tmp_path):
+    written = {"budget": {"name": "latency", "runtime": "litert", "batch_size": 1, "threads": 2}}
+    checkpoint.save(tmp_path, {"fingerprint": written}, {})
+    then = dg2pf_tf.Latency(runtime="litert", threads=2, round_to=1)
+    header, _ = checkpoint.load(tmp_path, {"budget": then.config()})
+    assert header["fingerprint"] == written
+    with pytest.raises(checkpoint.CheckpointError, match="round_to"):
+        checkpoint.load(tmp_path, {"budget": dg2pf_tf.Latency(runtime="litert", threads=2).config()})
+
+
 def test_a_failed_write_leaves_the_previous_checkpoint(tmp_path):
     checkpoint.save(tmp_path, {"fingerprint": {}, "state": {"epoch": 1}}, {"w": np.ones(3)})
 

@@ -17,7 +17,7 @@ import zipfile
 
 import numpy as np
 
-from dg2pf_tf import atomic
+from dg2pf_tf import atomic, settings
 
 FORMAT = "dg2pf_tf.checkpoint/1"
 STATE_FILE = "state.npz"
@@ -68,6 +68,7 @@ def load(directory, fingerprint):
             f"Use another backup directory.")
     # A checkpoint written before a setting existed ran with that setting's one value then.
     theirs, ours = {**ADDED_SINCE, **header.get("fingerprint", {})}, {**ADDED_SINCE, **fingerprint}
+    theirs["budget"] = _budget_config(theirs["budget"])
     differ = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
     if differ:
         detail = ", ".join(f"{k}: {theirs.get(k)!r} there, {ours.get(k)!r} now" for k in differ[:4])
@@ -75,6 +76,15 @@ def load(directory, fingerprint):
             f"The checkpoint {path} belongs to a different run ({detail}). Resume with the same "
             f"model and settings, or use another backup directory.")
     return header, arrays
+
+
+def _budget_config(written):
+    """The budget a checkpoint recorded, as `Budget.config()` writes it today (a field
+    added since, such as `Latency.round_to`, with the value it had then)."""
+    try:
+        return settings.budget(written).config()
+    except ValueError:
+        return written  # not a budget this version knows: the comparison says so
 
 
 def mark_done(directory, summary):
