@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import dg2pf_tf
+from dg2pf_tf.procedure import checkpoint
 
 LEGACY = os.path.join(os.path.dirname(__file__), "fixtures", "legacy")
 sys.path.insert(0, LEGACY)
@@ -42,6 +43,10 @@ def test_a_checkpoint_of_an_earlier_version_resumes_to_the_uninterrupted_result(
     directory = tmp_path / "backup"
     shutil.copytree(os.path.join(LEGACY, f"checkpoint_{name}"), directory)
     train, val = make.data()
+    # Written with the linear schedule of its time: today's default is refused, by name.
+    with pytest.raises(checkpoint.CheckpointError, match="schedule_power: 1.0 there, 3.0 now"):
+        dg2pf_tf.run(make.model(), train, val, seed=3, backup_dir=directory, **settings)
+    settings["schedule_power"] = 1.0
     resumed = dg2pf_tf.run(make.model(), train, val, seed=3, backup_dir=directory, **settings)
     assert resumed.history[make.INTERRUPTED_AT - 1]["epoch"] == make.INTERRUPTED_AT
     whole = dg2pf_tf.run(make.model(), train, val, seed=3, **settings)

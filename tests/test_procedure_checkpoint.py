@@ -95,7 +95,7 @@ CHANGED = {
     "finetune": False, "recovery": False, "mask_update_steps": 2, "recalibrate_bn": False,
     "bn_batches": 10, "steps_per_epoch": 4, "task": "binary", "structure": "channel",
     "budget": "params", "runtime": "litert", "latency_batch_size": 2, "latency_threads": 1,
-    "distill_while_pruning": False,
+    "distill_while_pruning": False, "schedule_power": 1.0,
 }
 # Settings that take others along: a budget other than channels needs channel structure,
 # the latency fields a latency budget (and threads the LiteRT runtime), at a share of the

@@ -247,14 +247,14 @@ def test_masks_are_recomputed_only_every_mask_update_steps_steps(separable, ever
     watch = Watch()
     _short_run(models["mlp"], data, watch, mask_update_steps=every)
     gradual = watch.steps[0]  # 2 epochs of 64 / 8 = 8 steps
-    schedule = dg2pf_tf.schedules.Linear(0.8, 2)
+    schedule = dg2pf_tf.RunConfig(sparsity=0.8, pruning_epochs=2).schedule()
     n = 16 * 32 + 32 * 4
     expected, level = [], None
     for epoch in range(2):
         for step in range(8):
             if step % (every or 8) == 0:  # None: the first step of each epoch only
                 level = schedule(epoch + step / 8)
-            expected.append(round(level * n))  # 256 * (1 + t), whole; 512 all of epoch 2
+            expected.append(round(level * n))  # 512 all of epoch 2
     zeros = [sum(int(np.count_nonzero(m == 0)) for m in masks) for masks, _ in gradual]
     assert zeros == expected
     for k in range(1, 16):

@@ -24,7 +24,7 @@ STATE_FILE = "state.npz"
 # Settings added to the fingerprint after checkpoints were written without them, with the
 # value every earlier run had: such a checkpoint still resumes.
 ADDED_SINCE = {"budget": "channels", "runtime": None, "latency_batch_size": None, "latency_threads": None,
-               "distill_while_pruning": True}
+               "distill_while_pruning": True, "schedule_power": 1.0}
 DONE_FILE = "done.json"
 
 

@@ -9,6 +9,7 @@ import dataclasses
 import typing
 
 from dg2pf_tf import checks, settings
+from dg2pf_tf.core import schedules
 from dg2pf_tf.procedure import tasks
 
 
@@ -35,7 +36,12 @@ class RunConfig:
         None, "The target, in [0, 1): the share of prunable weights set to 0, or with structure "
               "'channel' of channels (or of the budget). Default 0.9; 1 - N/M, its only value, "
               "for an N:M pattern.")
-    pruning_epochs: int = _setting(10, "Epochs of the linear schedule (s_e in DG2PF).")
+    pruning_epochs: int = _setting(10, "Epochs of the gradual schedule (s_e in DG2PF).")
+    schedule_power: float = _setting(
+        3.0, "Shape of the gradual schedule: after a share p of the pruning epochs the level is "
+             "sparsity * (1 - (1 - p) ** power). 1 is DG2PF's linear schedule; 3 (Zhu and Gupta's, "
+             "tfmot's, the default) prunes fastest early, while the network has the most to spare, "
+             "and slowly near the target, which matters most at 98-99% (docs/pruning.md).")
     scope: str = _setting("global", "'global' (one magnitude ranking over every pruned weight) or "
                                     "'layer' (each weight pruned to the same level).")
     floor: float | None = _setting(
@@ -111,7 +117,8 @@ class RunConfig:
             raise ValueError(f"`recalibrate_bn` must be 'auto', True or False, got {self.recalibrate_bn!r}.")
         if self.task != "auto":
             tasks.get(self.task)
-        for name in ("learning_rate", "finetune_learning_rate") + (("clipnorm",) if self.clipnorm is not None else ()):
+        for name in ("learning_rate", "finetune_learning_rate", "schedule_power") + (
+                ("clipnorm",) if self.clipnorm is not None else ()):
             checks.positive_number(name, getattr(self, name))
         checks.positive_number("weight_decay", self.weight_decay, zero_ok=True)
 
@@ -126,6 +133,13 @@ class RunConfig:
         if batchnorm is not None and self.recalibrate_bn == "auto":
             filled["recalibrate_bn"] = bool(batchnorm)
         return dataclasses.replace(self, **filled)
+
+    def schedule(self):
+        """The gradual phase's `schedules.Schedule`: `Linear` at `schedule_power` 1 (DG2PF's),
+        else `Polynomial` of that power. Needs a resolved config (`sparsity` set)."""
+        if self.schedule_power == 1.0:
+            return schedules.Linear(self.sparsity, self.pruning_epochs)
+        return schedules.Polynomial(self.sparsity, self.pruning_epochs, power=self.schedule_power)
 
     @classmethod
     def help(cls, name):

@@ -62,7 +62,7 @@ class Models:
         """Prunes a copy of `model` as `config` says and copies the teacher (default
         `model`), under `strategy`. Raises what `prune` raises."""
         with strategy.scope():
-            student = prune(model, schedule=schedules.Linear(config.sparsity, config.pruning_epochs),
+            student = prune(model, schedule=config.schedule(),
                             scope=config.scope, exclude=exclude, recovery=config.recovery, floor=config.floor,
                             structure=config.structure, budget=config.budget)
             # A frozen copy: the user's teacher keeps its `trainable` (Distiller freezes what it gets).
