@@ -25,7 +25,7 @@ measured speed-up), writes JSON.
 
 Run: python benchmarks/latency_accuracy.py [--seeds 3] [--speedup 2.0] [--threads 1]
          [--widths 16,32,64] [--dense_epochs 15] [--runs 30] [--pruning_epochs 10]
-         [--max_epochs 30] [--batch_size 32] [--out FILE]
+         [--max_epochs 30] [--batch_size 32] [--methods latency,macs,uniform] [--out FILE]
 """
 
 import argparse
@@ -88,8 +88,12 @@ def main():
     parser.add_argument("--pruning_epochs", type=int, default=10, help="run()'s (its default)")
     parser.add_argument("--max_epochs", type=int, default=30, help="run()'s (its default)")
     parser.add_argument("--batch_size", type=int, default=32, help="run()'s (its default)")
+    parser.add_argument("--methods", default="latency,macs,uniform", help="a comma-separated subset")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "latency_accuracy.json"))
     args = parser.parse_args()
+    chosen = [m for m in args.methods.split(",") if m]
+    if not chosen or set(chosen) - {"latency", "macs", "uniform"}:
+        parser.error(f"--methods must name some of latency, macs, uniform; got {args.methods!r}")
     import keras
     import numpy as np
 
@@ -122,6 +126,7 @@ def main():
         latency = dg2pf_tf.Latency(runtime="litert", threads=args.threads, cache_dir=cache)
         methods = {"latency": ({"budget": latency}, 1 - 1 / args.speedup),
                    "macs": ({"budget": "macs"}, None), "uniform": ({"floor": 1.0}, None)}
+        methods = {name: methods[name] for name in chosen}
         for name, (settings, level) in methods.items():
             if level is None:
                 level = level_for(dense_models[0], args.speedup, settings, args.threads, args.runs)
