@@ -110,7 +110,12 @@ def channel_floor_keeps(sizes, sparsity, floor, least=None, round_to=1):
     keep = 1.0 - float(sparsity)
     least = [1] * len(sizes) if least is None else least
     keeps = [max(low, int(np.ceil(floor * keep * n))) for n, low in zip(sizes, least)]
-    return [n - sum(len(c) for c in channel_chunks(np.zeros(n), k, round_to)) for n, k in zip(sizes, keeps)]
+    return [n - _chunked(n - k, n % round_to or round_to, round_to) for n, k in zip(sizes, keeps)]
+
+
+def _chunked(removable, first, round_to):
+    """The most of `removable` channels whole chunks take: `first`, then `round_to` at a time."""
+    return 0 if removable < first else first + (removable - first) // round_to * round_to
 
 
 def channel_chunks(values, keep, round_to=1):
