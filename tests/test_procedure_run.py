@@ -100,6 +100,25 @@ def test_reestimate_batchnorm_matches_the_data_statistics(digits):
     np.testing.assert_allclose(bn.moving_variance.numpy(), activations.var(0), rtol=1e-2, atol=1e-5)
 
 
+def test_reestimate_batchnorm_averages_the_batch_statistics_and_restores_the_layers(digits):
+    (xtr, _), _ = digits
+    model = small_cnn()
+    model(xtr[:2])
+    bn = model.get_layer("bn1")
+    momentum = bn.momentum
+    batches = [xtr[:200], (xtr[200:300], None), xtr[300:450], xtr[450:600]]  # sizes differ
+    assert dg2pf_tf.reestimate_batchnorm(model, batches, max_batches=3) == 3
+    conv = keras.Model(model.input, model.get_layer("conv1").output)
+    stats = [conv(b[0] if isinstance(b, tuple) else b).numpy().reshape(-1, 32) for b in batches[:3]]
+    np.testing.assert_allclose(bn.moving_mean.numpy(), np.mean([a.mean(0) for a in stats], 0),
+                               rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(bn.moving_variance.numpy(), np.mean([a.var(0) for a in stats], 0),
+                               rtol=1e-2, atol=1e-5)
+    assert (bn.momentum, bn.synchronized) == (momentum, False)
+    with pytest.raises(ValueError, match="yielded no batch"):
+        dg2pf_tf.reestimate_batchnorm(model, [])
+
+
 MIRRORED_RUN = TWO_CPUS + r"""
 import json
 import keras, numpy as np, dg2pf_tf

@@ -1,6 +1,8 @@
 """Re-estimating BatchNorm statistics after the weights under them changed."""
 
 import keras
+import numpy as np
+import tensorflow as tf
 
 from dg2pf_tf.model import walk
 
@@ -8,6 +10,55 @@ from dg2pf_tf.model import walk
 def batchnorm_layers(model):
     """Every BatchNormalization layer inside `model`, nested models included."""
     return walk.layers_of(model, keras.layers.BatchNormalization)
+
+
+class BatchNormEstimator:
+    """Re-estimates the moving statistics of `model`'s BatchNorm layers; the
+    forward pass is compiled once and reused by every call, as a run re-estimates
+    after each epoch (eagerly that took longer than the epoch's training)."""
+
+    def __init__(self, model):
+        self.model, self.layers = model, batchnorm_layers(model)
+        self._forward = tf.function(self._train_forward, reduce_retracing=True)
+
+    def _train_forward(self, x):
+        self.model(x, training=True)
+
+    def __call__(self, data, max_batches=50):
+        """Sets each moving mean and variance to the plain average of the batch
+        statistics over up to `max_batches` batches of `data` (`x` or `(x, y, ...)`
+        batches). Returns the number of batches used (0 without BatchNorm layers).
+
+        Raises:
+            ValueError: `data` yields no batch.
+        """
+        if not self.layers:
+            return 0
+        saved = [(layer.momentum, layer.synchronized) for layer in self.layers]
+        sums = [np.zeros((2, *layer.moving_mean.shape)) for layer in self.layers]
+        used = 0
+        try:
+            # Momentum 0 leaves each batch's own statistics in the moving
+            # variables; they are averaged here. The trace reads these
+            # attributes, so every call sets them alike.
+            for layer in self.layers:
+                layer.momentum, layer.synchronized = 0.0, False  # a whole local batch
+            for batch in data:
+                if used >= max_batches:
+                    break
+                self._forward(batch[0] if isinstance(batch, (tuple, list)) else batch)
+                for total, layer in zip(sums, self.layers):
+                    total += (layer.moving_mean.numpy(), layer.moving_variance.numpy())
+                used += 1
+        finally:
+            for layer, (momentum, synchronized) in zip(self.layers, saved):
+                layer.momentum, layer.synchronized = momentum, synchronized
+        if used == 0:
+            raise ValueError("reestimate_batchnorm(): `data` yielded no batch.")
+        for total, layer in zip(sums, self.layers):
+            layer.moving_mean.assign(total[0] / used)
+            layer.moving_variance.assign(total[1] / used)
+        return used
 
 
 def reestimate_batchnorm(model, data, max_batches=50):
@@ -23,26 +74,4 @@ def reestimate_batchnorm(model, data, max_batches=50):
     Raises:
         ValueError: `data` yields no batch.
     """
-    layers = batchnorm_layers(model)
-    if not layers:
-        return 0
-    saved = [(layer.momentum, layer.synchronized) for layer in layers]
-    used = 0
-    try:
-        for batch in data:
-            if used >= max_batches:
-                break
-            x = batch[0] if isinstance(batch, (tuple, list)) else batch
-            # momentum k/(k+1) at batch k makes the moving value the running
-            # mean of the batch statistics seen so far.
-            for layer in layers:
-                layer.momentum = used / (used + 1.0)
-                layer.synchronized = False  # a whole local batch, no replica context
-            model(x, training=True)
-            used += 1
-    finally:
-        for layer, (momentum, synchronized) in zip(layers, saved):
-            layer.momentum, layer.synchronized = momentum, synchronized
-    if used == 0:
-        raise ValueError("reestimate_batchnorm(): `data` yielded no batch.")
-    return used
+    return BatchNormEstimator(model)(data, max_batches)

@@ -17,7 +17,7 @@ import numpy as np
 from dg2pf_tf.core import masking, schedules
 from dg2pf_tf.core.prune import prune, strip
 from dg2pf_tf.procedure import checkpoint, report, tasks
-from dg2pf_tf.procedure.batchnorm import batchnorm_layers, reestimate_batchnorm
+from dg2pf_tf.procedure.batchnorm import BatchNormEstimator, batchnorm_layers
 from dg2pf_tf.procedure.distill import Distiller
 from dg2pf_tf.procedure.evaluation import Evaluator
 from dg2pf_tf.procedure.loop import EpochLoop, MaskUpdates, is_chief, steps_in
@@ -120,6 +120,7 @@ class Procedure:
                               jit_compile=execution.jit_compile)
         self.masks = masking.MaskSet(models.student)
         self.norms = batchnorm_layers(models.student)
+        self.reestimate_batchnorm = BatchNormEstimator(models.student)
         self.evaluator = Evaluator(models.student, data.output.task, data.output.probabilities)
         self.state, self.best, self.checkpoint = RunState(), checkpoint.BestState(), None
         self._distillers = {}
@@ -232,7 +233,7 @@ class Procedure:
         logs = self.loop.run_epoch(distiller, data, state.epoch, calls, updates=updates,
                                    steps_per_epoch=config.steps_per_epoch)
         if config.recalibrate_bn:
-            reestimate_batchnorm(self.models.student, data, config.bn_batches)
+            self.reestimate_batchnorm(data, config.bn_batches)
         metric, loss = self.evaluator(self.data.val)
         logs.update({f"val_{self.data.output.task.metric}": metric, "val_loss": loss,
                      "sparsity": self.masks.sparsity()})
@@ -275,5 +276,5 @@ class Procedure:
         student, config = self.models.student, self.config
         self.best.restore(student)
         if config.recalibrate_bn:
-            reestimate_batchnorm(student, self.data.train.for_epoch(self.state.epoch), config.bn_batches)
+            self.reestimate_batchnorm(self.data.train.for_epoch(self.state.epoch), config.bn_batches)
         masking.check_invariant(student, config.sparsity, source="the pruned model")
