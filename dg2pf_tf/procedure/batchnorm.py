@@ -13,9 +13,10 @@ def batchnorm_layers(model):
 
 
 class BatchNormEstimator:
-    """Re-estimates the moving statistics of `model`'s BatchNorm layers; the
-    forward pass is compiled once and reused by every call, as a run re-estimates
-    after each epoch (eagerly that took longer than the epoch's training)."""
+    """Re-estimates the moving statistics of `model`'s BatchNorm layers. From
+    the second batch on the forward pass is compiled, once for every call: a run
+    re-estimates after each epoch, and eagerly that took longer than the epoch's
+    training. A single batch stays eager, where tracing would cost more."""
 
     def __init__(self, model):
         self.model, self.layers = model, batchnorm_layers(model)
@@ -46,7 +47,8 @@ class BatchNormEstimator:
             for batch in data:
                 if used >= max_batches:
                     break
-                self._forward(batch[0] if isinstance(batch, (tuple, list)) else batch)
+                forward = self._forward if used else self._train_forward
+                forward(batch[0] if isinstance(batch, (tuple, list)) else batch)
                 for total, layer in zip(sums, self.layers):
                     total += (layer.moving_mean.numpy(), layer.moving_variance.numpy())
                 used += 1
