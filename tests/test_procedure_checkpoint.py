@@ -92,7 +92,7 @@ CHANGED = {
     "sparsity": 0.8, "pruning_epochs": 3, "scope": "layer", "floor": 0.5, "temperature": 2.0,
     "alpha": 0.5, "patience": 2, "max_epochs": 3, "seed": 1, "batch_size": 32,
     "learning_rate": 1e-3, "weight_decay": 0.0, "clipnorm": None, "finetune_learning_rate": 1e-4,
-    "finetune": False, "recovery": False, "mask_update_steps": 2, "recalibrate_bn": False,
+    "finetune": True, "recovery": False, "mask_update_steps": 2, "recalibrate_bn": False,
     "bn_batches": 10, "steps_per_epoch": 4, "task": "binary", "structure": "channel",
     "budget": "params", "runtime": "litert", "latency_batch_size": 2, "latency_threads": 1,
     "distill_while_pruning": False, "schedule_power": 1.0,

@@ -42,12 +42,23 @@ def test_floor_keeps_every_kernel_alive_where_global_magnitude_kills_one():
     assert kept[0] >= expected[0] > 0
 
 
+def test_pruned_fine_tuning_is_a_phase_only_when_asked_for():
+    from dg2pf_tf.procedure.phases import phase_table
+
+    def names(**settings):
+        return [phase.name for phase in phase_table(dg2pf_tf.RunConfig(sparsity=0.9, **settings).resolved())]
+
+    assert names() == ["gradual", "distill", "detached"]
+    assert names(finetune=True) == ["gradual", "distill", "detached", "finetune"]
+    assert names(alpha=0.0, finetune=True) == ["gradual", "detached", "finetune"]
+
+
 @pytest.mark.slow
 def test_run_reaches_the_exact_sparsity_and_leaves_the_input_model_alone(digits):
     (xtr, ytr), (xte, yte) = digits
     model = _trained(digits)
     before = [w.copy() for w in model.get_weights()]
-    result = dg2pf_tf.run(model, (xtr, ytr), (xte, yte), sparsity=0.9,
+    result = dg2pf_tf.run(model, (xtr, ytr), (xte, yte), sparsity=0.9, finetune=True,
                           pruning_epochs=2, patience=1, max_epochs=2, seed=0, verbose=0)
     assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
     assert not dg2pf_tf.core.masking.pruned_models(result.model)
@@ -286,7 +297,7 @@ def test_steps_per_epoch_caps_the_optimizer_steps_of_every_epoch(separable):
     models, data = separable
     watch = Watch()
     result = dg2pf_tf.run(models["mlp"], data, data, sparsity=0.8, pruning_epochs=2, max_epochs=2,
-                          patience=1, batch_size=8, steps_per_epoch=3, seed=0, verbose=0,
+                          patience=1, batch_size=8, steps_per_epoch=3, finetune=True, seed=0, verbose=0,
                           callbacks=[watch])
     epochs = result.report["epochs"]
     phases = [phase for phase in ("gradual", "distill", "detached", "finetune") if phase in epochs]
@@ -373,7 +384,7 @@ def test_each_phase_ends_after_patience_epochs_without_a_better_score_and_the_be
     seen = scripted(scores)
     watch = Watch()
     result = dg2pf_tf.run(models["mlp"], data, data, sparsity=0.5, pruning_epochs=2, patience=2,
-                          max_epochs=5, batch_size=32, seed=0, verbose=0, callbacks=[watch])
+                          max_epochs=5, batch_size=32, finetune=True, seed=0, verbose=0, callbacks=[watch])
     phases = [row["phase"] for row in result.history]
     assert phases == ["gradual"] * 2 + ["distill"] * 4 + ["detached"] * 2 + ["finetune"] * 3
     assert [row["val_accuracy"] for row in result.history] == scores
@@ -394,7 +405,7 @@ def test_without_a_plateau_in_distillation_the_detached_phase_is_skipped(separab
                      0.6, 0.7])               # finetune: nothing above 0.7 (a tie is not better)
     watch = Watch()
     result = dg2pf_tf.run(models["mlp"], data, data, sparsity=0.5, pruning_epochs=2, patience=2,
-                          max_epochs=3, batch_size=32, seed=0, verbose=0, callbacks=[watch])
+                          max_epochs=3, batch_size=32, finetune=True, seed=0, verbose=0, callbacks=[watch])
     assert [row["phase"] for row in result.history] == ["gradual"] * 2 + ["distill"] * 3 + ["finetune"] * 2
     assert (result.report["best_epoch"], result.report["best_phase"]) == (5, "distill")
     assert len(watch.starts) == 3 and _same(watch.starts[2], seen[4])

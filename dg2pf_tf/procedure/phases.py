@@ -7,9 +7,9 @@
    score stops improving;
 3. detached: the teacher is dropped, AdamW on cross-entropy until the next
    plateau;
-4. finetune: pruned fine-tuning from the best state, cross-entropy, SGD with
-   momentum, pruned weights exactly 0, until the validation score stops
-   improving.
+4. finetune (only with `finetune=True`): pruned fine-tuning from the best
+   state, cross-entropy, SGD with momentum, pruned weights exactly 0, until the
+   validation score stops improving.
 The best weights (and their masks) seen at the target sparsity win. The
 runner (`runner.Procedure`) does what a row says and nothing by phase name.
 """

@@ -20,7 +20,7 @@ def run(model, train_data, validation_data, config=None, *, teacher=None, exclud
 
     Distilled gradual pruning to the target sparsity, distillation until the
     validation score plateaus (twice: with, then without the teacher), then
-    pruned fine-tuning until it plateaus again; the best state at the target
+    with `finetune=True` pruned fine-tuning until it plateaus again; the best state at the target
     sparsity wins (`procedure.phases`). `model` is never modified. Training
     runs in a loop of dg2pf_tf's own under `strategy` (multi-worker included).
 
