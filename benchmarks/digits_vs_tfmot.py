@@ -249,7 +249,7 @@ def main():
         results.append(row)
         print(json.dumps(row), flush=True)
 
-    for sparsity in [float(s) for s in args.sparsities.split(",")]:
+    for sparsity in [float(s) for s in args.sparsities.split(",") if s]:
         for seed in range(args.seeds):
             row, small = ours("dg2pf", sparsity, seed)
             record(row)
