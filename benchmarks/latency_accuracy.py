@@ -15,6 +15,8 @@ batch 1 (a digit recogniser on a phone):
 - uniform: the channel budget with floor=1.0 (every group loses the same
   share of its channels), its level found the same way.
 
+--floor sets the floor of the first two (default: the channel structure's).
+
 The levels of macs and uniform are found by bisection on the first seed's
 dense model (dense and one-shot shrunk `export` files timed interleaved in
 one process, `invoke()` alone): the lowest level measured at --speedup or
@@ -25,7 +27,8 @@ measured speed-up), writes JSON.
 
 Run: python benchmarks/latency_accuracy.py [--seeds 3] [--speedup 2.0] [--threads 1]
          [--widths 16,32,64] [--dense_epochs 15] [--runs 30] [--pruning_epochs 10]
-         [--max_epochs 30] [--batch_size 32] [--methods latency,macs,uniform] [--out FILE]
+         [--max_epochs 30] [--batch_size 32] [--methods latency,macs,uniform] [--floor F]
+         [--out FILE]
 """
 
 import argparse
@@ -89,6 +92,8 @@ def main():
     parser.add_argument("--max_epochs", type=int, default=30, help="run()'s (its default)")
     parser.add_argument("--batch_size", type=int, default=32, help="run()'s (its default)")
     parser.add_argument("--methods", default="latency,macs,uniform", help="a comma-separated subset")
+    parser.add_argument("--floor", type=float, default=None,
+                        help="the latency and MAC budgets' floor (default: the channel structure's, 0.5)")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "latency_accuracy.json"))
     args = parser.parse_args()
     chosen = [m for m in args.methods.split(",") if m]
@@ -124,8 +129,9 @@ def main():
     print(f"dense test accuracy {np.mean(dense_acc):.4f} ({', '.join(f'{a:.4f}' for a in dense_acc)})", flush=True)
     with tempfile.TemporaryDirectory() as cache:
         latency = dg2pf_tf.Latency(runtime="litert", threads=args.threads, cache_dir=cache)
-        methods = {"latency": ({"budget": latency}, 1 - 1 / args.speedup),
-                   "macs": ({"budget": "macs"}, None), "uniform": ({"floor": 1.0}, None)}
+        floor = {} if args.floor is None else {"floor": args.floor}
+        methods = {"latency": ({"budget": latency, **floor}, 1 - 1 / args.speedup),
+                   "macs": ({"budget": "macs", **floor}, None), "uniform": ({"floor": 1.0}, None)}
         methods = {name: methods[name] for name in chosen}
         for name, (settings, level) in methods.items():
             if level is None:
@@ -160,7 +166,7 @@ def main():
                          "speedup": float(np.mean(fast))}
         print(f"{name:<9} {level:>6.3f} {np.mean(acc):>12.4f} ({min(acc):.4f}-{max(acc):.4f}) {loss * 100:>6.2f}pt "
               f"{np.mean(fast):>12.2f}x ({min(fast):.2f}-{max(fast):.2f})")
-    write_json(args.out, {"dense_accuracy": dense_acc, "summary": summary, "rows": rows})
+    write_json(args.out, {"floor": args.floor, "dense_accuracy": dense_acc, "summary": summary, "rows": rows})
 
 
 if __name__ == "__main__":
