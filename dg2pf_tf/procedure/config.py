@@ -83,7 +83,7 @@ class RunConfig:
     finetune: bool = _setting(
         False, "Pruned fine-tuning after distillation (DG2PF's last phase; SGD on the survivors). "
                "Off by default: at 98-99% on digits and MNIST it moved accuracy by less than a "
-               "tenth of a point and cost a third of the epochs (docs/pruning.md).")
+               "tenth of a point and took a quarter to a third of the epochs (docs/pruning.md).")
     distill_while_pruning: bool = _setting(
         True, "Distil at every step of the gradual phase, DG2PF's multi-step distillation (False: the "
               "teacher only once the target is reached, prune then distil).")
