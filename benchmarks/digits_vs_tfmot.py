@@ -32,7 +32,7 @@ Run: python benchmarks/digits_vs_tfmot.py [--dataset digits|mnist] [--sparsities
          [--seeds 4] [--ablations ...] [--ablation_sparsities 0.95,0.98] [--ablation_seeds 3]
          [--tfmot_seeds 4]
          [--structure unstructured] [--then_sparsity 0.9 (with --structure channel)]
-         [--budget channels|macs|params] [--widths 16,32,64] [--pruning_epochs 10] [--max_epochs 30]
+         [--budget channels|macs|params] [--widths 16,32,64] [--pruning_epochs 20] [--max_epochs 30]
          [--batch_size 32] [--tfmot_learning_rates 1e-3] [--out FILE]
 """
 
@@ -165,7 +165,7 @@ def main():
                         help="digits: the small_cnn on 8x8 digits; mnist: the residual_cnn on 28x28 MNIST")
     parser.add_argument("--widths", default="16,32,64", help="with --dataset mnist: the residual_cnn's stages")
     parser.add_argument("--dense_epochs", type=int, default=None, help="default 40 (digits), 20 (mnist)")
-    parser.add_argument("--pruning_epochs", type=int, default=10, help="run()'s")
+    parser.add_argument("--pruning_epochs", type=int, default=20, help="run()'s")
     parser.add_argument("--max_epochs", type=int, default=30, help="run()'s (its default)")
     parser.add_argument("--batch_size", type=int, default=32, help="run()'s and tfmot's (run()'s default)")
     parser.add_argument("--tfmot_learning_rates", default="1e-3",

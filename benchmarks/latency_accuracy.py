@@ -26,7 +26,7 @@ Prints a table (test accuracy mean, min, max over seeds; loss against dense;
 measured speed-up), writes JSON.
 
 Run: python benchmarks/latency_accuracy.py [--seeds 3] [--speedup 2.0] [--threads 1]
-         [--widths 16,32,64] [--dense_epochs 15] [--runs 30] [--pruning_epochs 10]
+         [--widths 16,32,64] [--dense_epochs 15] [--runs 30] [--pruning_epochs 20]
          [--max_epochs 30] [--batch_size 32] [--methods latency,macs,uniform] [--floor F]
          [--out FILE]
 """
@@ -88,7 +88,7 @@ def main():
     parser.add_argument("--widths", default="16,32,64")
     parser.add_argument("--dense_epochs", type=int, default=15)
     parser.add_argument("--runs", type=int, default=30, help="timing rounds (medians)")
-    parser.add_argument("--pruning_epochs", type=int, default=10, help="run()'s (its default)")
+    parser.add_argument("--pruning_epochs", type=int, default=20, help="run()'s (its default)")
     parser.add_argument("--max_epochs", type=int, default=30, help="run()'s (its default)")
     parser.add_argument("--batch_size", type=int, default=32, help="run()'s (its default)")
     parser.add_argument("--methods", default="latency,macs,uniform", help="a comma-separated subset")
