@@ -43,10 +43,14 @@ def test_a_checkpoint_of_an_earlier_version_resumes_to_the_uninterrupted_result(
     directory = tmp_path / "backup"
     shutil.copytree(os.path.join(LEGACY, f"checkpoint_{name}"), directory)
     train, val = make.data()
-    # Written with the linear schedule of its time: today's default is refused, by name.
-    with pytest.raises(checkpoint.CheckpointError, match="schedule_power: 1.0 there, 3.0 now"):
+    # Written with the linear schedule and the fine-tuning of its time: today's defaults are
+    # refused, by name.
+    with pytest.raises(checkpoint.CheckpointError,
+                       match="finetune: True there, False now, schedule_power: 1.0 there, 3.0 now"):
         dg2pf_tf.run(make.model(), train, val, seed=3, backup_dir=directory, **settings)
-    settings["schedule_power"] = 1.0
+    with pytest.raises(checkpoint.CheckpointError, match=r"different run \(finetune: True there, False now\)"):
+        dg2pf_tf.run(make.model(), train, val, seed=3, backup_dir=directory, **settings, schedule_power=1.0)
+    settings.update(schedule_power=1.0, finetune=True)
     resumed = dg2pf_tf.run(make.model(), train, val, seed=3, backup_dir=directory, **settings)
     assert resumed.history[make.INTERRUPTED_AT - 1]["epoch"] == make.INTERRUPTED_AT
     whole = dg2pf_tf.run(make.model(), train, val, seed=3, **settings)
