@@ -17,7 +17,7 @@ import numpy as np
 from dg2pf_tf.core import masking, schedules
 from dg2pf_tf.core.prune import prune, strip
 from dg2pf_tf.procedure import checkpoint, report, tasks
-from dg2pf_tf.procedure.batchnorm import BatchNormEstimator, batchnorm_layers
+from dg2pf_tf.procedure.batchnorm import BatchNormEstimator
 from dg2pf_tf.procedure.distill import Distiller
 from dg2pf_tf.procedure.evaluation import Evaluator
 from dg2pf_tf.procedure.loop import EpochLoop, MaskUpdates, is_chief, steps_in
@@ -119,8 +119,8 @@ class Procedure:
         self.loop = EpochLoop(execution.strategy, steps_per_execution=execution.steps_per_execution,
                               jit_compile=execution.jit_compile)
         self.masks = masking.MaskSet(models.student)
-        self.norms = batchnorm_layers(models.student)
         self.reestimate_batchnorm = BatchNormEstimator(models.student)
+        self.norms = self.reestimate_batchnorm.layers
         self.evaluator = Evaluator(models.student, data.output.task, data.output.probabilities)
         self.state, self.best, self.checkpoint = RunState(), checkpoint.BestState(), None
         self._distillers = {}
