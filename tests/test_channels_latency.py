@@ -6,10 +6,11 @@ import os
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import dg2pf_tf
 from dg2pf_tf import _compat, settings
-from dg2pf_tf.channels import costs, latency, timing
+from dg2pf_tf.channels import costs, latency, latency_cache, latency_tables, timing
 from dg2pf_tf.core import masking
 from dg2pf_tf.model import clone
 
@@ -159,13 +160,31 @@ def test_a_pruned_model_with_a_latency_budget_saves_and_loads(fake_timer, tmp_pa
     assert loaded.budget == budget
 
 
-def test_nonnegative_fit_recovers_a_bilinear_time_and_never_goes_negative():
-    x, y = np.array([64, 64, 32, 32, 16.0]), np.array([64, 32, 64, 32, 16.0])
-    columns = np.stack([np.ones(5), x, y, x * y], 1)
-    assert latency.nonnegative_fit(columns, columns @ [2e-5, 1e-7, 3e-7, 4e-9]) == pytest.approx(
-        [2e-5, 1e-7, 3e-7, 4e-9], rel=1e-6)
-    falling = 1e-3 - 1e-6 * x  # time that falls with width: no negative coefficient
-    assert np.all(latency.nonnegative_fit(columns, falling) >= 0)
+def test_a_table_gives_its_timings_back_and_interpolates_between_them():
+    # A 1x1 convolution bound by its output: reading 8 channels costs what 16 do.
+    xs, ys = [8, 8, 8, 16, 16, 16, 32, 32, 32], [16, 32, 64] * 3
+    times = [4.0, 8.0, 16.0, 4.0, 8.0, 16.0, 6.0, 12.0, 24.0]
+    x_nodes, y_nodes, table = latency_tables.table(xs, ys, times)
+    axis = lambda group, nodes: latency_tables.Axis([0.0], [(0, group, 1)], [nodes])  # noqa: E731
+    tables = latency_tables.LatencyCosts(table[None] * 1e12, axis(0, x_nodes), axis(1, y_nodes),
+                                         [32, 64], 0.0, settings.Latency())
+    removed = lambda a, b: np.concatenate([np.arange(32) < a, np.arange(64) < b])  # noqa: E731
+    assert tables.seconds(removed(0, 0)) == 24.0
+    assert tables.seconds(removed(24, 0)) == 16.0  # a timing given back, where a formula fits through it
+    # 24 channels in, 48 out: half way between the timings at (16, 32), (16, 64), (32, 32), (32, 64).
+    assert tables.seconds(removed(8, 16)) == pytest.approx((8 + 16 + 12 + 24) / 4)
+    cut = removed(20, 40)
+    assert tables.cost(tf.constant(cut)).numpy() == tables.cost_numpy(cut)
+    assert tables.first_order[0] == pytest.approx((24 - 16) / 16 * 1e12)  # the last step of the input
+
+
+def test_a_table_never_makes_a_wider_layer_faster_and_takes_one_or_two_widths():
+    _, _, table = latency_tables.table([8] * 3 + [16] * 3 + [32] * 3, [8, 16, 32] * 3,
+                                       [3.0, 2.0, 5.0, 1.0, 4.0, 6.0, 7.0, 7.0, 7.0])
+    assert table.tolist() == [[3.0, 3.0, 5.0], [3.0, 4.0, 6.0], [7.0, 7.0, 7.0]]
+    x_nodes, y_nodes, table = latency_tables.table([0, 0], [8, 16], [1.0, 3.0])
+    assert x_nodes == [-2, -1, 0] and y_nodes == [8, 12.0, 16]
+    assert table[0].tolist() == [1.0, 2.0, 3.0] and np.all(table == table[0])
 
 
 def test_calibration_counts_one_call_overhead_and_scales_the_layers_to_the_whole():
@@ -207,4 +226,4 @@ def test_channel_structure_gives_each_layer_its_widths():
     assert output.parts[0][0].size == 24
     head_inputs, head_output = found.widths["head"]
     assert head_output.fixed == 10 and not head_output.parts
-    assert os.path.basename(latency.cache_dir(settings.Latency(cache_dir="/x/y"))) == "y"
+    assert os.path.basename(latency_cache.cache_dir(settings.Latency(cache_dir="/x/y"))) == "y"

@@ -9,7 +9,7 @@ def _counted(model, prunable, total, budget):
 
 
 def _measured(model, prunable, total, budget):
-    return latency.latency_costs(model, prunable, total, budget)
+    return latency.latency_costs(model, prunable, budget)
 
 
 _BUILDERS = {settings.MACs: _counted, settings.Params: _counted, settings.Latency: _measured}

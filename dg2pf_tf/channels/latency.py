@@ -3,58 +3,50 @@
 The model is timed as it will run: BatchNorm folded into the layer before it
 (as `shrink(fold_batchnorm=True)` and the LiteRT converter do). Each layer
 call is rebuilt alone, at the model's own input size and the budget's batch
-size, at a few widths of the channels it reads and writes, and timed by the
-`timing` timer of the runtime:
+size, with the weightless per-channel calls a runtime fuses into it
+(activations, the `Add` of a residual stream), at a few widths of the
+channels of prunable groups it reads and writes, and timed by the `timing`
+timer of the runtime:
 
-- a layer whose input and output widths are one and the same (activations,
-  padding, pooling, `Add`, depthwise convolutions) at 100%, 50% and 25% of its
-  channels, fitted as `a + c * width`;
-- a layer that makes new channels from others (convolutions, Dense) at five
-  points of (input, output) width from (25%, 25%) to (100%, 100%), fitted as
-  `a + b * in + c * out + d * in * out` with no negative coefficient: its
-  memory traffic per channel, and its compute per pair of channels;
-- a layer with only one width that changes: that one, as the first case;
+- a layer that makes new channels from others (convolutions, Dense) at
+  100%, 50% and 25% of its input's channels by the same of its output's:
+  nine timings;
+- a layer whose input and output are one width (activations, padding,
+  pooling, `Add`, depthwise convolutions), or with only one width that
+  changes, at 100%, 50% and 25% of it;
 - any other layer (several inputs of different groups, such as a
   `Concatenate` or an attention layer, or one that cannot be rebuilt at
   another width) at its own width only: its time then counts as fixed.
 
-Each group's width enters those fits through the `graph.Width` of the tensors,
-so the model's time is a sum of terms `constant * kept(g) * kept(h)`: a
-`costs.CostModel` (in picoseconds), exact for any set of removed channels, in
-numpy and inside the training step. Each probe's time includes the runtime's
-cost of one call (dispatch, the result handed back), which a model pays once,
-not once per layer: it is measured on a model that does next to nothing,
-taken off every probe before the fits and counted once. The whole model is
-timed as well, and the layers' terms are scaled so that their sum, plus that
-one call, is its time: what the layers alone miss (the caches one layer leaves
-to the next, work the runtime overlaps) in proportion.
-
-The measurements are kept on disk, keyed by the layers (class, config and input
-shape of each), the runtime, batch size, threads, the CPU model and the
-TensorFlow, Keras and LiteRT versions; any other file is measured anew, never used.
+Widths are whole multiples of the budget's `round_to`. The timings of each
+call make a table, interpolated between them (`latency_tables`): exact where
+the pruned widths land on a timing, in numpy and inside the training step.
+Each probe's time includes the runtime's cost of one call (dispatch, the
+result handed back), which a model pays once, not once per layer: it is
+measured on a model that does next to nothing, taken off every probe and
+counted once. The whole model is timed as well, and the layers' tables are
+scaled so that their sum, plus that one call, is its time: what the layers
+alone miss (the caches one layer leaves to the next, work the runtime
+overlaps) in proportion. The timings are cached (`latency_cache`).
 """
 
 import dataclasses
-import hashlib
 import json
-import os
-import platform
 import time
-import warnings
 
 import keras
 import numpy as np
 
 from dg2pf_tf import _compat
-from dg2pf_tf.channels import costs, timing
+from dg2pf_tf.channels import latency_cache, latency_tables, timing
+from dg2pf_tf.channels.latency_tables import PICOSECONDS
 from dg2pf_tf.model import clone, fold, layer_kinds
 from dg2pf_tf.model.layer_kinds import Flow
 
-PICOSECONDS = 1e12
-FORMAT = 1  # of the cache files
 _LINE = (1.0, 0.5, 0.25)
-_GRID = ((1.0, 1.0), (1.0, 0.5), (0.5, 1.0), (0.5, 0.5), (0.25, 0.25))
-WHOLE, OVERHEAD = "whole model", "one idle call"  # keys of the measurements beside the probes
+_GRID = tuple((x, y) for x in _LINE for y in _LINE)
+WHOLE = "whole model"  # key of its measurement beside the probes'
+IDLE = tuple(f"idle call {i}" for i in range(3))  # the median of three is one call's overhead
 
 
 @dataclasses.dataclass
@@ -70,44 +62,45 @@ class _Call:
     output: object
     points: tuple
     chain: list = dataclasses.field(default_factory=list)
-    probes: list = dataclasses.field(default_factory=list)  # (key, model, x, y) per point
+    probes: list = dataclasses.field(default_factory=list)  # (key, model) per point
 
     @property
     def name(self):
         return self.node.operation.name
 
 
-def _varies(width):
-    return width is not None and bool(width.parts)
+def _varies(width, axis_of):
+    """Whether `width` holds channels of a prunable group (`axis_of`: their ids)."""
+    return width is not None and any(id(group) in axis_of for group, _ in width.parts)
 
 
-def _points(inputs, output):
+def _points(inputs, output, axis_of):
     """The (input, output) fractions to time a call at: see the module docstring."""
-    varying = {w for w in inputs if _varies(w)}
+    varying = {w for w in inputs if _varies(w, axis_of)}
     if len(varying) > 1:
         return ((1.0, 1.0),)
-    if varying and _varies(output) and varying != {output}:
+    if varying and _varies(output, axis_of) and varying != {output}:
         return _GRID
-    if varying or _varies(output):
+    if varying or _varies(output, axis_of):
         return tuple((f, f) for f in _LINE)
     return ((1.0, 1.0),)
 
 
-def _kept(width, fraction, round_to=1):
-    """The channel count of `width` with `fraction` of each group's channels kept: a
-    multiple of `round_to` (at least one such), or the group's own size."""
+def _kept(width, fraction, round_to, axis_of):
+    """The channel count of `width` with `fraction` of each prunable group's channels
+    kept: a multiple of `round_to` (at least one such), or the group's own size."""
     def kept(group):
-        if fraction == 1.0 or group.size <= round_to:
+        if fraction == 1.0 or group.size <= round_to or id(group) not in axis_of:
             return group.size
         return max(round_to, round_to * round(fraction * group.size / round_to))
     return width.kept(kept)
 
 
-def _probe(call, fraction_in, fraction_out, batch, round_to=1):
-    """`(key, model, x, y)`: the calls of `call` alone at the given fractions of their
-    channels, its cache key, and the input and output widths it has."""
+def _probe(call, fraction_in, fraction_out, batch, round_to, axis_of):
+    """`(key, model)`: the calls of `call` alone at the given fractions of their
+    prunable channels, and its cache key."""
     layer = call.node.operation
-    y = None if call.output is None else _kept(call.output, fraction_out, round_to)
+    y = None if call.output is None else _kept(call.output, fraction_out, round_to, axis_of)
     if (fraction_in, fraction_out) == (1.0, 1.0):
         fresh = layer  # our own folded copy: calling it again changes no model the user holds
     else:
@@ -121,7 +114,7 @@ def _probe(call, fraction_in, fraction_out, batch, round_to=1):
 
     def new(tensor, width, fraction):
         if id(tensor) not in made:
-            size = tensor.shape[-1] if width is None else _kept(width, fraction, round_to)
+            size = tensor.shape[-1] if width is None else _kept(width, fraction, round_to, axis_of)
             made[id(tensor)] = keras.Input(batch_shape=(batch, *tensor.shape[1:-1], size), dtype=tensor.dtype)
             inputs.append(made[id(tensor)])
         return made[id(tensor)]
@@ -143,7 +136,7 @@ def _probe(call, fraction_in, fraction_out, batch, round_to=1):
                   {k: v for k, v in op.get_config().items() if k != "name"}]
                  for op in [fresh] + [n.operation for n in call.chain]]
     key = json.dumps([described, [list(t.shape) for t in inputs]], sort_keys=True, default=str)
-    return key, model, int(inputs[0].shape[-1] or 0), int(keras.tree.flatten(outputs)[0].shape[-1] or 0)
+    return key, model
 
 
 def _follows(node, chain_end, readers, widths, output):
@@ -155,10 +148,10 @@ def _follows(node, chain_end, readers, widths, output):
             and node.operation.name in widths and widths[node.operation.name][1] == output)
 
 
-def _plan(folded, widths, batch, round_to=1):
-    """The `_Call`s of `folded`, each with its probes (widths in multiples of
-    `round_to`), and the names of the calls that could not be rebuilt at other
-    widths (timed at their own)."""
+def _plan(folded, widths, batch, round_to, axis_of):
+    """The `_Call`s of `folded`, each with its probes (widths of the prunable groups,
+    `axis_of`, in multiples of `round_to`), and the names of the calls that could
+    not be rebuilt at other widths (timed at their own)."""
     nodes = [n for n in _compat.graph_nodes(folded) if n.inputs]
     readers = {}
     for node in nodes:
@@ -169,7 +162,7 @@ def _plan(folded, widths, batch, round_to=1):
         if id(node) in taken:
             continue
         inputs, output = widths.get(node.operation.name, ((None,) * len(node.inputs), None))
-        call = _Call(node, inputs, output, _points(inputs, output))
+        call = _Call(node, inputs, output, _points(inputs, output, axis_of))
         end = node.outputs[0] if len(node.outputs) == 1 and output is not None else None
         while end is not None and len(readers.get(id(end), ())) == 1:
             after = readers[id(end)][0]
@@ -179,153 +172,55 @@ def _plan(folded, widths, batch, round_to=1):
             taken.add(id(after))
             end = after.outputs[0]
         try:
-            call.probes = [_probe(call, fi, fo, batch, round_to) for fi, fo in call.points]
+            call.probes = [_probe(call, fi, fo, batch, round_to, axis_of) for fi, fo in call.points]
         except Exception:  # noqa: BLE001  (a layer that cannot be rebuilt at another width)
             call.points = ((1.0, 1.0),)
-            call.probes = [_probe(call, 1.0, 1.0, batch)]
+            call.probes = [_probe(call, 1.0, 1.0, batch, round_to, axis_of)]
             fixed.append(call.name)
         calls.append(call)
     return calls, fixed
 
 
-def nonnegative_fit(columns, target):
-    """Least-squares coefficients of `columns` ([n, p], p small) for `target` with none
-    below 0: the best over every subset of columns whose own fit is non-negative."""
-    best, error = np.zeros(columns.shape[1]), np.inf
-    scale = np.maximum(np.abs(columns).max(axis=0), 1e-30)
-    for subset in range(1, 2 ** columns.shape[1]):
-        use = [j for j in range(columns.shape[1]) if subset >> j & 1]
-        found = np.linalg.lstsq(columns[:, use] / scale[use], target, rcond=None)[0] / scale[use]
-        if np.all(found >= 0):
-            residual = float(np.sum((columns[:, use] @ found - target) ** 2))
-            if residual < error - 1e-30:
-                best, error = np.zeros(columns.shape[1]), residual
-                best[use] = found
-    return best
-
-
-def _fit(call, seconds):
-    """`(a, b, c, d)` of `a + b * in + c * out + d * in * out` for `call`'s timings,
-    the cost of a call to the runtime (`seconds[OVERHEAD]`) taken off."""
-    x = np.array([p[2] for p in call.probes], float)
-    y = np.array([p[3] for p in call.probes], float)
-    t = np.maximum(np.array([seconds[p[0]] for p in call.probes]) - seconds[OVERHEAD], 0.0)
-    if len(t) == 1:
-        return np.array([t[0], 0.0, 0.0, 0.0])
-    if call.points == _GRID:
-        return nonnegative_fit(np.stack([np.ones_like(x), x, y, x * y], 1), t)
-    along = y if _varies(call.output) else x
-    a, c = nonnegative_fit(np.stack([np.ones_like(along), along], 1), t)
-    return np.array([a, 0.0, c, 0.0]) if _varies(call.output) else np.array([a, c, 0.0, 0.0])
+def _axes(call, axis_of):
+    """`(x, y)`: the `graph.Width`s along `call`'s table, its input's and its
+    output's; None for one it is not timed along."""
+    if len(call.points) == 1:
+        return None, None
+    varying = [w for w in call.inputs if _varies(w, axis_of)]
+    y = call.output if _varies(call.output, axis_of) else None
+    return (varying[0] if varying and (y is None or call.points == _GRID) else None), y
 
 
 def _linear(width, axis_of):
-    """`width` as `(fixed, [(repeat, axis), ...])` over the prunable groups' axes."""
+    """`width` as `(fixed, [(group index, repeat), ...])` over the prunable groups."""
     if width is None:
         return 0, []
     fixed, parts = width.fixed, []
     for group, repeat in width.parts:
         if id(group) in axis_of:
-            parts.append((repeat, axis_of[id(group)]))
+            parts.append((axis_of[id(group)], repeat))
         else:
             fixed += repeat * group.size
     return fixed, parts
 
 
-def _terms(call, coefficients, axis_of, scale):
-    """`(constant, axes)` terms (picoseconds) of `call`'s fitted time."""
-    a, b, c, d = coefficients * scale * PICOSECONDS
-    inputs = [w for w in call.inputs if _varies(w)]
-    fx, px = _linear(inputs[0] if inputs else None, axis_of)
-    fy, py = _linear(call.output if _varies(call.output) else None, axis_of)
-    if not inputs:  # a constant or a time linear in the output only
-        fx = call.probes[0][2]
-    if not _varies(call.output):
-        fy = call.probes[0][3]
-    terms = [(a + b * fx + c * fy + d * fx * fy, ())]
-    terms += [((b + d * fy) * r, (g,)) for r, g in px]
-    terms += [((c + d * fx) * r, (g,)) for r, g in py]
-    terms += [(d * r * s, (g, h)) for r, g in px for s, h in py]
-    return [(int(round(k)), axes) for k, axes in terms if round(k)]
-
-
-def cpu_model():
-    """The CPU's model name (what the timings depend on most), or the platform's best guess."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _versions():
-    try:
-        from importlib.metadata import version
-        litert = version("ai-edge-litert")
-    except Exception:  # noqa: BLE001
-        litert = None
-    import tensorflow as tf
-    return {"tensorflow": tf.__version__, "keras": keras.__version__, "litert": litert}
-
-
-def cache_key(keys, budget):
-    """What a cache file must match: the layers timed, the runtime and this machine."""
-    layers = hashlib.sha256(json.dumps(sorted(keys)).encode()).hexdigest()
-    return {"format": FORMAT, "layers": layers, "runtime": budget.runtime, "batch_size": budget.batch_size,
-            "threads": budget.threads, "cpu": cpu_model(), "cpus": os.cpu_count(), **_versions()}
-
-
-def cache_dir(budget):
-    """Where `budget`'s measurements are kept."""
-    if budget.cache_dir:
-        return budget.cache_dir
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(root, "dg2pf_tf", "latency")
-
-
-def _cache_file(key, budget):
-    name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-    return os.path.join(cache_dir(budget), f"{name}.json")
-
-
-def load_cached(key, budget):
-    """The timings cached for `key`, or None: no file, or one made for anything else."""
-    try:
-        with open(_cache_file(key, budget)) as f:
-            found = json.load(f)
-    except (OSError, ValueError):
-        return None
-    if not isinstance(found, dict) or found.get("key") != key or not isinstance(found.get("seconds"), dict):
-        return None
-    return found["seconds"]
-
-
-def store(key, budget, seconds):
-    """Writes the timings for `key`; warns (and goes on) where the directory cannot be written."""
-    path = _cache_file(key, budget)
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        partial = f"{path}.{os.getpid()}.tmp"
-        with open(partial, "w") as f:
-            json.dump({"key": key, "seconds": seconds}, f)
-        os.replace(partial, path)
-    except OSError as error:
-        warnings.warn(f"The latency measurements could not be cached in {os.path.dirname(path)} ({error}); "
-                      f"they will be measured again next time. Set Latency(cache_dir=...) to a "
-                      f"writable directory to keep them.", stacklevel=2)
-
-
-class LatencyCosts(costs.CostModel):
-    """A `CostModel` of measured latency (picoseconds). Also holds `measured` (seconds
-    of the whole model), `layers` (the sum of its layers alone, before scaling),
-    `fixed_layers` (names timed at their own width only) and `cached` (read from disk)."""
-
-    def seconds(self, removed):
-        """The predicted latency (seconds) with the channels flagged in `removed` gone."""
-        return self.cost_numpy(removed) / PICOSECONDS
+def _tables(calls, seconds, overhead, axis_of, round_to):
+    """`(tables, x, y)` (seconds; `latency_tables.Axis` x and y) of every call, the
+    cost of a call to the runtime taken off each timing."""
+    tables, axes = [], {"x": ([], [], []), "y": ([], [], [])}
+    for c, call in enumerate(calls):
+        widths = dict(zip("xy", _axes(call, axis_of)))
+        along = {a: [_kept(w, f[i], round_to, axis_of) if w else 0 for f in call.points]
+                 for i, (a, w) in enumerate(widths.items())}
+        times = [max(seconds[key] - overhead, 0.0) for key, _ in call.probes]
+        x_nodes, y_nodes, table = latency_tables.table(along["x"], along["y"], times)
+        tables.append(table)
+        for a, nodes in (("x", x_nodes), ("y", y_nodes)):
+            fixed, parts = _linear(widths[a], axis_of) if widths[a] else (nodes[-1], [])
+            axes[a][0].append(fixed)
+            axes[a][1].extend((c, g, r) for g, r in parts)
+            axes[a][2].append(nodes)
+    return np.array(tables), *(latency_tables.Axis(*axes[a]) for a in "xy")
 
 
 def _progress(name, total):
@@ -357,20 +252,20 @@ def _idle(batch):
 
 
 def _measure(model, folded, calls, budget, timer):
-    """Seconds of every probe, of the whole model (`WHOLE`) and of a call that does
-    nothing (`OVERHEAD`): from the cache, or timed and cached."""
-    probes = {p[0]: p[1] for call in calls for p in call.probes}
-    key = cache_key([*probes, WHOLE, OVERHEAD], budget)
-    seconds = load_cached(key, budget)
+    """Seconds of every probe, of the whole model (`WHOLE`) and of three calls that
+    do nothing (`IDLE`): from the cache, or timed and cached."""
+    probes = {key: probe for call in calls for key, probe in call.probes}
+    key = latency_cache.cache_key([*probes, WHOLE, *IDLE], budget)
+    seconds = latency_cache.load_cached(key, budget)
     if seconds is not None:
         return seconds, True
     print(f"[dg2pf] measuring the latency of '{model.name}' in {budget}: {len(probes)} layer "
           f"variants and the whole model", flush=True)
     models = [*probes.values(), clone.copy(folded, inputs=_fixed_batch(folded, budget.batch_size)),
-              _idle(budget.batch_size)]
+              *(_idle(budget.batch_size) for _ in IDLE)]
     timed = (timer or timing.timer(budget)).seconds(models, _progress(model.name, len(models)))
-    seconds = dict(zip([*probes, WHOLE, OVERHEAD], timed))
-    store(key, budget, seconds)
+    seconds = dict(zip([*probes, WHOLE, *IDLE], timed))
+    latency_cache.store(key, budget, seconds)
     return seconds, False
 
 
@@ -385,10 +280,11 @@ def _calibration(whole, overhead, layers):
     return whole / layers, 0.0
 
 
-def latency_costs(model, prunable, total, budget, timer=None):
-    """The `LatencyCosts` of `model` under `budget` (a `settings.Latency`), with
-    `prunable` (`groups.Prunable`) channel groups numbered group after group
-    (`total` channels). Measures, or reads the cache; prints progress.
+def latency_costs(model, prunable, budget, timer=None):
+    """The `latency_tables.LatencyCosts` of `model` under `budget` (a
+    `settings.Latency`), over the channels of `prunable`'s groups (a
+    `groups.Prunable`), numbered group after group. Measures, or reads the
+    cache; prints progress.
 
     Raises ValueError for an input of unknown size; ImportError for runtime
     'litert' without ai-edge-litert.
@@ -396,24 +292,18 @@ def latency_costs(model, prunable, total, budget, timer=None):
     _check_input_size(model)
     start = time.perf_counter()
     folded = fold.fold_batchnorm(model)[0]
-    calls, fixed = _plan(folded, prunable.widths, budget.batch_size, budget.round_to)
-    seconds, cached = _measure(model, folded, calls, budget, timer)
-    fits = [_fit(call, seconds) for call in calls]
-    sizes = [g.size for g in prunable.groups]
-    starts = np.cumsum([0, *sizes[:-1]])
-    channels = [np.arange(s, s + n) for s, n in zip(starts, sizes)]
     axis_of = {id(g): i for i, g in enumerate(prunable.groups)}
-
-    def costs_at(scale, offset=0.0):
-        terms = [t for f, call in zip(fits, calls) for t in _terms(call, f, axis_of, scale)]
-        return LatencyCosts(channels, terms + [(int(round(offset * PICOSECONDS)), ())], total, budget)
-
-    layers = costs_at(1.0).total_cost / PICOSECONDS
-    scale, offset = _calibration(seconds[WHOLE], seconds[OVERHEAD], layers)
-    found = costs_at(scale, offset)
+    calls, fixed = _plan(folded, prunable.widths, budget.batch_size, budget.round_to, axis_of)
+    seconds, cached = _measure(model, folded, calls, budget, timer)
+    overhead = float(np.median([seconds[k] for k in IDLE]))
+    tables, x, y = _tables(calls, seconds, overhead, axis_of, budget.round_to)
+    layers = float(tables[:, -1, -1].sum())
+    scale, offset = _calibration(seconds[WHOLE], overhead, layers)
+    found = latency_tables.LatencyCosts(tables * scale * PICOSECONDS, x, y, [g.size for g in prunable.groups],
+                                        offset * PICOSECONDS, budget)
     found.measured, found.layers, found.fixed_layers, found.cached = seconds[WHOLE], layers, fixed, cached
     if not cached:
         print(f"[dg2pf] latency of '{model.name}': {seconds[WHOLE] * 1e3:.2f} ms whole, its layers "
-              f"alone {layers * 1e3:.2f} ms and {seconds[OVERHEAD] * 1e3:.3f} ms a call; "
+              f"alone {layers * 1e3:.2f} ms and {overhead * 1e3:.3f} ms a call; "
               f"measured in {time.perf_counter() - start:.0f} s", flush=True)
     return found
