@@ -33,9 +33,10 @@ from dg2pf_tf.channels.graph import ChannelStructure, channel_groups
 from dg2pf_tf.core import schedules
 from dg2pf_tf.core.callbacks import UpdateMasks
 from dg2pf_tf.core.masking import update_masks
-from dg2pf_tf.core.prune import finalize, prune, strip
+from dg2pf_tf.core.prune import finalize, prune
 from dg2pf_tf.core.pruned_model import PrunedModel
 from dg2pf_tf.core.shrink import shrink
+from dg2pf_tf.core.strip import strip
 from dg2pf_tf.core.summary import PatternReport, SparsitySummary, pattern_report, sparsity_summary
 from dg2pf_tf.deploy import presets
 from dg2pf_tf.deploy.export import export

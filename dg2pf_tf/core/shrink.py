@@ -7,7 +7,7 @@ import numpy as np
 
 from dg2pf_tf.channels import graph
 from dg2pf_tf.core import masking
-from dg2pf_tf.core.prune import strip
+from dg2pf_tf.core.strip import strip
 from dg2pf_tf.model import clone, fold
 
 

@@ -20,7 +20,7 @@ import tensorflow as tf
 
 from dg2pf_tf import _compat
 from dg2pf_tf.core import masking
-from dg2pf_tf.core.prune import strip
+from dg2pf_tf.core.strip import strip
 from dg2pf_tf.deploy import litert, padding, sparse_tensors
 from dg2pf_tf.model import clone
 

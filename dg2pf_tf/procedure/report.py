@@ -5,8 +5,8 @@ import time
 
 import keras
 
-from dg2pf_tf.core.prune import strip
 from dg2pf_tf.core.shrink import shrink
+from dg2pf_tf.core.strip import strip
 from dg2pf_tf.core.summary import report_counts
 from dg2pf_tf.procedure.evaluation import Evaluator
 

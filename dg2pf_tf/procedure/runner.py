@@ -15,7 +15,8 @@ import keras
 import numpy as np
 
 from dg2pf_tf.core import masking, schedules
-from dg2pf_tf.core.prune import prune, strip
+from dg2pf_tf.core.prune import prune
+from dg2pf_tf.core.strip import strip
 from dg2pf_tf.procedure import checkpoint, report, tasks
 from dg2pf_tf.procedure.batchnorm import BatchNormEstimator
 from dg2pf_tf.procedure.distill import Distiller
