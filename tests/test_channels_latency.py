@@ -11,7 +11,7 @@ import tensorflow as tf
 import dg2pf_tf
 from dg2pf_tf import _compat, settings
 from dg2pf_tf.channels import costs, latency, latency_cache, latency_tables, timing
-from dg2pf_tf.core import masking
+from dg2pf_tf.core import calibration, masking
 from dg2pf_tf.model import clone
 
 L = keras.layers
@@ -81,6 +81,33 @@ def test_latency_model_predicts_the_shrunk_models_time_on_a_fake_clock(fake_time
     assert all(w.shape[-1] % 8 == 0 for w in small.weights if len(w.shape) == 4)
 
 
+class UnevenTimer(FakeTimer):
+    """The fake clock, but whole models (more than 8 layers) take `fake_seconds ** 0.8`:
+    run together, layers take other than their sum, and a shrunk model more of the dense time."""
+
+    def seconds(self, models, progress=lambda done, total: None):
+        self.timed += len(models)
+        return [fake_seconds(m) ** (0.8 if len(m.layers) > 8 else 1.0) for m in models]
+
+
+@pytest.mark.parametrize("rounds", [0, calibration.ROUNDS])
+def test_prune_times_the_shrunk_model_it_selects_and_meets_the_budget_on_the_clock(rounds, monkeypatch, tmp_path):
+    monkeypatch.setattr(timing, "timer", lambda budget, runs=5: UnevenTimer())
+    monkeypatch.setattr(calibration, "ROUNDS", rounds)  # 0: the layers' timings alone
+    model = residual_net()
+    pruned, criterion = _latency_pruned(model, tmp_path, level=0.4, batch_size=4, round_to=1)
+    dg2pf_tf.update_masks(pruned, 0.4)
+    clock = lambda m: UnevenTimer().seconds([clone.copy(  # noqa: E731
+        dg2pf_tf.shrink(m, fold_batchnorm=True), inputs=keras.Input(batch_shape=(4, 16, 16, 3)))])[0]
+    share = clock(pruned) / clock(model)
+    predicted = criterion.costs.cost_numpy(criterion.removed_flags([m.numpy() for m in pruned.masks]))
+    if rounds:  # 40% of the time gone on the clock, as predicted
+        assert share <= 0.6 + calibration.TOLERANCE
+        assert predicted / criterion.costs.total_cost == pytest.approx(share, abs=calibration.TOLERANCE)
+    else:
+        assert share > 0.6 + calibration.TOLERANCE
+
+
 def test_latency_ranking_spends_the_budget_where_time_is(fake_timer, tmp_path):
     # 'late' runs at a quarter of the positions: per channel, the stream at full
     # resolution costs more time, so the latency budget takes more of it than of 'late'.
@@ -103,10 +130,11 @@ def test_latency_measurements_are_cached_and_a_foreign_cache_is_measured_anew(fa
     assert second.costs.total_cost == first.costs.total_cost
     _latency_pruned(model, tmp_path, batch_size=2)  # another batch size: its own file
     assert fake_timer.timed == 2 * timed
-    (path,) = [p for p in tmp_path.iterdir() if json.loads(p.read_text())["key"]["batch_size"] == 32]
-    stale = json.loads(path.read_text())
-    stale["key"]["cpu"] = "another machine"
-    path.write_text(json.dumps(stale))
+    for path in tmp_path.iterdir():  # the layers' timings, and the shrunk model's against the dense
+        stale = json.loads(path.read_text())
+        if stale["key"]["batch_size"] == 32:
+            stale["key"]["cpu"] = "another machine"
+            path.write_text(json.dumps(stale))
     _, again = _latency_pruned(model, tmp_path)
     assert not again.costs.cached and fake_timer.timed == 3 * timed
 
@@ -176,6 +204,15 @@ def test_a_table_gives_its_timings_back_and_interpolates_between_them():
     cut = removed(20, 40)
     assert tables.cost(tf.constant(cut)).numpy() == tables.cost_numpy(cut)
     assert tables.first_order[0] == pytest.approx((24 - 16) / 16 * 1e12)  # the last step of the input
+    # Measured: with those channels gone (8 in, 24 out) the model ran 40% of its time, not 25%.
+    assert tables.cost_numpy(cut) / tables.total_cost == pytest.approx(0.25)
+    calibrated = tables.calibrated(cut, 0.4)
+    assert calibrated.total_cost == pytest.approx(tables.total_cost, abs=2)
+    assert calibrated.cost_numpy(cut) / calibrated.total_cost == pytest.approx(0.4, abs=1e-9)
+    assert calibrated.first_order[0] == pytest.approx(0.8 * tables.first_order[0])
+    # 90% would halve what the layers cost and more: taken as noise, it moves them by half at most.
+    assert tables.calibrated(cut, 0.9).cost_numpy(cut) / tables.total_cost == pytest.approx(0.625, abs=1e-9)
+    assert tables.calibrated(removed(0, 0), 0.7) is tables  # nothing removed: nothing to learn
 
 
 def test_a_table_never_makes_a_wider_layer_faster_and_takes_one_or_two_widths():

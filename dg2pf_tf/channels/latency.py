@@ -131,12 +131,14 @@ def _probe(call, fraction_in, fraction_out, batch, round_to, axis_of):
     outputs = call_with(fresh, call.node, call.inputs, fraction_in)
     for node in call.chain:  # the others' inputs are of the output's width
         outputs = call_with(node.operation, node, [call.output] * len(node.inputs), fraction_out)
-    model = keras.Model(inputs, outputs)
+    return _described([fresh] + [n.operation for n in call.chain], inputs), keras.Model(inputs, outputs)
+
+
+def _described(operations, inputs):
+    """A cache key of `operations` (class and config, names aside) called on `inputs`."""
     described = [[type(op).__module__, type(op).__name__,
-                  {k: v for k, v in op.get_config().items() if k != "name"}]
-                 for op in [fresh] + [n.operation for n in call.chain]]
-    key = json.dumps([described, [list(t.shape) for t in inputs]], sort_keys=True, default=str)
-    return key, model
+                  {k: v for k, v in op.get_config().items() if k != "name"}] for op in operations]
+    return json.dumps([described, [list(t.shape) for t in inputs]], sort_keys=True, default=str)
 
 
 def _follows(node, chain_end, readers, widths, output):
@@ -267,6 +269,21 @@ def _measure(model, folded, calls, budget, timer):
     seconds = dict(zip([*probes, WHOLE, *IDLE], timed))
     latency_cache.store(key, budget, seconds)
     return seconds, False
+
+
+def measured_share(dense, shrunk, budget, timer=None, runs=7):
+    """The time of `shrunk` as a share of `dense`'s (built Keras models of one input
+    size) in `budget`'s runtime, the two timed interleaved (`runs` rounds, medians),
+    or read from the cache where the same pair was timed on this machine."""
+    models = [clone.copy(m, inputs=_fixed_batch(m, budget.batch_size)) for m in (dense, shrunk)]
+    names = [_described([n.operation for n in _compat.graph_nodes(m) if n.inputs], m.inputs) for m in models]
+    key = latency_cache.cache_key(["a shrunk model against the dense one", *names], budget)
+    seconds = latency_cache.load_cached(key, budget)
+    if seconds is None:
+        timed = (timer or timing.timer(budget, runs)).seconds(models)
+        seconds = dict(zip(("dense", "shrunk"), timed))
+        latency_cache.store(key, budget, seconds)
+    return seconds["shrunk"] / seconds["dense"]
 
 
 def _calibration(whole, overhead, layers):

@@ -110,6 +110,24 @@ class LatencyCosts:
         """The predicted latency (seconds) with the channels flagged in `removed` gone."""
         return self.cost_numpy(removed) / PICOSECONDS
 
+    def calibrated(self, removed, share):
+        """A copy whose prediction with the channels of `removed` gone is `share` (a
+        measured share, in (0, 1)) of the same dense total: the layers' tables
+        scaled, the rest of the total counted as time no channel saves. The scale
+        stays within [1/2, 2]: a measurement further off is taken as noise.
+        Returns self where `removed` saves nothing."""
+        layers = self.total_cost - self.offset
+        saved = self.total_cost - self.cost_numpy(removed)
+        if saved <= 0 or not 0.0 < share < 1.0:
+            return self
+        scale = float(np.clip((1.0 - share) * self.total_cost / saved, 0.5, 2.0))
+        found = LatencyCosts(self.tables * scale, self.x, self.y, self.sizes,
+                             self.total_cost - scale * layers, self.budget)
+        for name in ("measured", "layers", "fixed_layers", "cached"):
+            if hasattr(self, name):
+                setattr(found, name, getattr(self, name))
+        return found
+
     def _first_order(self):
         """What removing each channel alone saves (float64 [total], never below 1):
         each table's last step, along every width the channel's group is part of."""

@@ -70,6 +70,11 @@ class MaskSet:
             self._criteria[key] = _CRITERIA[type(pruned.structure)](pruned, *key)
         return self._criteria[key]
 
+    def settle(self, criterion):
+        """Uses `criterion` for the model's own scope and floor from now on (a
+        latency budget's, calibrated on the model it selects)."""
+        self._criteria[(self.scope, self.floor)] = criterion
+
     def assign(self, level, scope=None, floor=None):
         """Sets the masks to sparsity `level` (a float64 scalar tensor), in graph code."""
         masks = self.criterion(scope, floor).masks([v.value for v, _ in self.entries], level)

@@ -4,7 +4,7 @@ import warnings
 
 from dg2pf_tf import settings
 from dg2pf_tf.checks import check_model, check_schedule, check_scope
-from dg2pf_tf.core import masking, schedules
+from dg2pf_tf.core import calibration, masking, schedules
 from dg2pf_tf.core.pruned_model import PrunedModel
 from dg2pf_tf.model import clone, layer_kinds, walk
 from dg2pf_tf.model.walk import find_prunable
@@ -140,7 +140,12 @@ def prune(
             by score per unit of the cost their removal saves, and removed
             until that exact share of the cost is gone: 'macs' makes the
             model faster, where 'channels' ranks by magnitude alone and tends
-            to keep the costly high-resolution layers.
+            to keep the costly high-resolution layers. Or 'latency' (a
+            `dg2pf_tf.Latency`): the time the model takes in the runtime it
+            ships to, measured on this machine (each layer at a few widths,
+            cached); the channels selected at `sparsity` are then shrunk and
+            timed beside the dense model, and the model of time calibrated on
+            that measurement (`dg2pf_tf.channels.latency`, `core.calibration`).
 
     Raises:
         TypeError: not a Keras model, `exclude` or `schedule` of the wrong
@@ -180,9 +185,12 @@ def prune(
                          recovery=recovery, schedule=schedule, scope=scope, floor=floor,
                          structure=structure, budget=budget)
     # Refuses a structure the model cannot take, and a target the floors keep from going.
-    why = masking.mask_set(pruned, "prune()").criterion().unreachable(schedule.sparsity)
+    masks = masking.mask_set(pruned, "prune()")
+    why = masks.criterion().unreachable(schedule.sparsity)
     if why:
         raise ValueError(f"{why}.")
+    if isinstance(budget, settings.Latency):
+        masks.settle(calibration.calibrated(pruned, masks.criterion(), schedule.sparsity))
     return pruned
 
 

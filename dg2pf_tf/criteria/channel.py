@@ -11,6 +11,7 @@ training step; each channel's 0 or 1 is then spread
 over every kernel entry that belongs to it, producer columns and consumer rows.
 """
 
+import copy
 import dataclasses
 
 import numpy as np
@@ -74,6 +75,12 @@ class ChannelCriterion:
 
     unit = "channels"
     max_level = 1.0
+
+    def with_costs(self, costs):
+        """This criterion with `costs` in place of its cost model (of the same channels)."""
+        other = copy.copy(self)
+        other.costs, other._per_cost = costs, tf.constant(costs.first_order, tf.float64)
+        return other
 
     def _chunking(self, round_to, group_of, costs):
         """Each channel's chunk (numbered group after group, in each group's rank
