@@ -206,13 +206,18 @@ def test_a_table_gives_its_timings_back_and_interpolates_between_them():
     assert tables.first_order[0] == pytest.approx((24 - 16) / 16 * 1e12)  # the last step of the input
     # Measured: with those channels gone (8 in, 24 out) the model ran 40% of its time, not 25%.
     assert tables.cost_numpy(cut) / tables.total_cost == pytest.approx(0.25)
-    calibrated = tables.calibrated(cut, 0.4)
+    calibrated = tables.calibrated([(cut, 0.4)])
     assert calibrated.total_cost == pytest.approx(tables.total_cost, abs=2)
     assert calibrated.cost_numpy(cut) / calibrated.total_cost == pytest.approx(0.4, abs=1e-9)
     assert calibrated.first_order[0] == pytest.approx(0.8 * tables.first_order[0])
     # 90% would halve what the layers cost and more: taken as noise, it moves them by half at most.
-    assert tables.calibrated(cut, 0.9).cost_numpy(cut) / tables.total_cost == pytest.approx(0.625, abs=1e-9)
-    assert tables.calibrated(removed(0, 0), 0.7) is tables  # nothing removed: nothing to learn
+    assert tables.calibrated([(cut, 0.9)]).cost_numpy(cut) / tables.total_cost == pytest.approx(0.625, abs=1e-9)
+    assert tables.calibrated([(removed(0, 0), 0.7)]) is tables  # nothing removed: nothing to learn
+    # Two measurements, 40% and 65% where 25% and 50% were predicted: the scale fits both, in least squares.
+    both = tables.calibrated([(cut, 0.4), (removed(16, 16), 0.65)])
+    saved, wanted = np.array([0.75, 0.5]), np.array([0.6, 0.35])
+    assert tables.cost_numpy(removed(16, 16)) / tables.total_cost == pytest.approx(0.5)
+    assert both.cost_numpy(cut) / both.total_cost == pytest.approx(1 - 0.75 * (saved @ wanted) / (saved @ saved))
 
 
 def test_a_table_never_makes_a_wider_layer_faster_and_takes_one_or_two_widths():

@@ -110,19 +110,21 @@ class LatencyCosts:
         """The predicted latency (seconds) with the channels flagged in `removed` gone."""
         return self.cost_numpy(removed) / PICOSECONDS
 
-    def calibrated(self, removed, share):
-        """A copy whose prediction with the channels of `removed` gone is `share` (a
-        measured share, in (0, 1)) of the same dense total: the layers' tables
-        scaled, the rest of the total counted as time no channel saves. The scale
-        stays within [1/2, 2]: a measurement further off is taken as noise.
-        Returns self where `removed` saves nothing."""
-        layers = self.total_cost - self.offset
-        saved = self.total_cost - self.cost_numpy(removed)
-        if saved <= 0 or not 0.0 < share < 1.0:
+    def calibrated(self, measured):
+        """A copy fitted to `measured`, pairs `(removed, share)`: with the channels of
+        `removed` gone the model ran `share` of its dense time. The layers' tables
+        are scaled (least squares over the pairs) and the rest of the same dense
+        total counted as time no channel saves. The scale stays within [1/2, 2]: a
+        measurement further off is taken as noise. Returns self where no pair
+        removes anything."""
+        pairs = [(self.total_cost - self.cost_numpy(r), (1.0 - s) * self.total_cost)
+                 for r, s in measured if 0.0 < s < 1.0]
+        saved, wanted = np.array([p for p in pairs if p[0] > 0], np.float64).reshape(-1, 2).T
+        if not len(saved):
             return self
-        scale = float(np.clip((1.0 - share) * self.total_cost / saved, 0.5, 2.0))
+        scale = float(np.clip(np.dot(saved, wanted) / np.dot(saved, saved), 0.5, 2.0))
         found = LatencyCosts(self.tables * scale, self.x, self.y, self.sizes,
-                             self.total_cost - scale * layers, self.budget)
+                             self.total_cost - scale * (self.total_cost - self.offset), self.budget)
         for name in ("measured", "layers", "fixed_layers", "cached"):
             if hasattr(self, name):
                 setattr(found, name, getattr(self, name))

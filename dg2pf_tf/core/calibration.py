@@ -7,9 +7,10 @@ runtime overlaps): 1-3% on ResNet-50 here, up to 15% on MobileNetV2. So under
 a latency budget `prune()` selects the channels for its target sparsity,
 shrinks a copy to them (BatchNorm folded) and times it interleaved with the
 dense model, in the budget's runtime; where the prediction is off by more
-than `TOLERANCE` of the dense time, the latency model is made to agree with
-both measurements (`LatencyCosts.calibrated`) and selects again, `ROUNDS`
-times at most. The timings are cached like the layers', keyed by the two
+than `TOLERANCE` of the dense time, the latency model is fitted to every
+measurement so far (`LatencyCosts.calibrated`) and selects again,
+`ROUNDS` times at most; also where the shrunk model ran slower than asked by
+more than half that. The timings are cached like the layers', keyed by the two
 models, so a run resumed on the same machine selects alike.
 """
 
@@ -30,21 +31,27 @@ def _selected(pruned, criterion, level):
     return plain
 
 
+def _close(share, predicted, level):
+    """Whether a measured `share` agrees with the prediction, and is not slower than `level` asks."""
+    return abs(share - predicted) <= TOLERANCE and share <= 1.0 - level + TOLERANCE / 2
+
+
 def calibrated(pruned, criterion, level, timer=None):
     """`criterion` (a `ChannelCriterion` under a latency budget) with its latency model
-    calibrated on the shrunk models it selects at `level`; prints each check."""
+    fitted to the shrunk models it selects at `level`, measured; prints each check."""
     dense = shrink(strip(pruned), fold_batchnorm=True)
-    name = pruned.model.name
+    base, measured = criterion.costs, []
     for _ in range(ROUNDS):
         costs = criterion.costs
         removed = ~criterion.keep(criterion.scores(), level).numpy()
         predicted = costs.cost_numpy(removed) / costs.total_cost
         small = shrink(_selected(pruned, criterion, level), fold_batchnorm=True)
         share = latency.measured_share(dense, small, costs.budget, timer)
-        print(f"[dg2pf] latency of '{name}': the channels selected at {level:.1%} predicted "
-              f"{predicted:.1%} of the dense time, measured {share:.1%}", flush=True)
-        again = costs.calibrated(removed, share)
-        if abs(share - predicted) <= TOLERANCE or again is costs:
+        print(f"[dg2pf] latency of '{pruned.model.name}': the channels selected at {level:.1%} "
+              f"predicted {predicted:.1%} of the dense time, measured {share:.1%}", flush=True)
+        measured.append((removed, share))
+        again = base.calibrated(measured)
+        if _close(share, predicted, level) or again is base:
             break
         criterion = criterion.with_costs(again)
     return criterion
