@@ -20,6 +20,7 @@ from dg2pf_tf.core.strip import strip
 
 ROUNDS = 3
 TOLERANCE = 0.01  # of the dense time
+CHECK_SECONDS = 4.0  # the dense model's share of one check's timing: rounds of a fast model are cheap, and steadier
 
 
 def _selected(pruned, criterion, level):
@@ -41,12 +42,13 @@ def calibrated(pruned, criterion, level, timer=None):
     fitted to the shrunk models it selects at `level`, measured; prints each check."""
     dense = shrink(strip(pruned), fold_batchnorm=True)
     base, measured = criterion.costs, []
+    runs = int(min(31, max(7, CHECK_SECONDS / max(base.measured, 1e-9))))
     for _ in range(ROUNDS):
         costs = criterion.costs
         removed = ~criterion.keep(criterion.scores(), level).numpy()
         predicted = costs.cost_numpy(removed) / costs.total_cost
         small = shrink(_selected(pruned, criterion, level), fold_batchnorm=True)
-        share = latency.measured_share(dense, small, costs.budget, timer)
+        share = latency.measured_share(dense, small, costs.budget, timer, runs)
         print(f"[dg2pf] latency of '{pruned.model.name}': the channels selected at {level:.1%} "
               f"predicted {predicted:.1%} of the dense time, measured {share:.1%}", flush=True)
         measured.append((removed, share))
