@@ -1,8 +1,9 @@
 """The latency model's measurements on disk, keyed by what they depend on.
 
-A file holds the seconds of every probe of one model, keyed by the layers
-(class, config and input shape of each), the runtime, batch size, threads, the
-CPU model and the TensorFlow, Keras and LiteRT versions; any other file is
+A file holds the seconds of every probe of one model (or of a shrunk model
+and its dense one, `latency.measured_share`), keyed by the layers (class,
+config and input shape of each), the runtime, batch size, threads, the CPU
+model and the TensorFlow, Keras and LiteRT versions; any other file is
 measured anew, never used.
 """
 
