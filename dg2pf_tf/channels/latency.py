@@ -271,7 +271,7 @@ def _measure(model, folded, calls, budget, timer):
     return seconds, False
 
 
-def measured_share(dense, shrunk, budget, timer=None, runs=7):
+def measured_share(dense, shrunk, budget, runs=7):
     """The time of `shrunk` as a share of `dense`'s (built Keras models of one input
     size) in `budget`'s runtime, the two timed interleaved (`runs` rounds, medians),
     or read from the cache where the same pair was timed on this machine."""
@@ -280,7 +280,7 @@ def measured_share(dense, shrunk, budget, timer=None, runs=7):
     key = latency_cache.cache_key(["a shrunk model against the dense one", *names], budget)
     seconds = latency_cache.load_cached(key, budget)
     if seconds is None:
-        timed = (timer or timing.timer(budget, runs)).seconds(models)
+        timed = timing.timer(budget, runs).seconds(models)
         seconds = dict(zip(("dense", "shrunk"), timed))
         latency_cache.store(key, budget, seconds)
     return seconds["shrunk"] / seconds["dense"]

@@ -37,7 +37,7 @@ def _close(share, predicted, level):
     return abs(share - predicted) <= TOLERANCE and share <= 1.0 - level + TOLERANCE / 2
 
 
-def calibrated(pruned, criterion, level, timer=None):
+def calibrated(pruned, criterion, level):
     """`criterion` (a `ChannelCriterion` under a latency budget) with its latency model
     fitted to the shrunk models it selects at `level`, measured; prints each check."""
     dense = shrink(strip(pruned), fold_batchnorm=True)
@@ -48,7 +48,7 @@ def calibrated(pruned, criterion, level, timer=None):
         removed = ~criterion.keep(criterion.scores(), level).numpy()
         predicted = costs.cost_numpy(removed) / costs.total_cost
         small = shrink(_selected(pruned, criterion, level), fold_batchnorm=True)
-        share = latency.measured_share(dense, small, costs.budget, timer, runs)
+        share = latency.measured_share(dense, small, costs.budget, runs)
         print(f"[dg2pf] latency of '{pruned.model.name}': the channels selected at {level:.1%} "
               f"predicted {predicted:.1%} of the dense time, measured {share:.1%}", flush=True)
         measured.append((removed, share))
